@@ -1,0 +1,234 @@
+"""The five penalties of MATH.md, as functions of tensors.
+
+All are dimensionless (unchanged when the loss is scaled), zero exactly when their property
+holds, and guarded against zero norms with ``eps``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ode_reg._checks import check_gamma, check_int, check_range, check_square
+
+
+def _log_norm(x: Tensor, dims: tuple[int, ...], eps: float) -> Tensor:
+    # 0.5 * log(|x|^2 + eps): smooth at x = 0, equal to log|x| for |x|^2 >> eps.
+    return 0.5 * torch.log(x.pow(2).sum(dim=dims) + eps)
+
+
+def _check_reference(reference: int, n: int) -> int:
+    if isinstance(reference, bool) or not isinstance(reference, int) or not -n <= reference < n:
+        raise ValueError(f"`reference` must be an integer in [{-n}, {n - 1}], got {reference!r}")
+    return reference % n
+
+
+def _check_stack(name: str, x: Tensor, min_dim: int) -> None:
+    if not isinstance(x, Tensor) or x.dim() < min_dim or x.shape[0] < 2:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(
+            f"`{name}` must be a tensor of at least {min_dim} dims with K + 1 >= 2 checkpoints "
+            f"along dim 0, got {shape}"
+        )
+
+
+def adjoint_magnitude_penalty(adjoints: Tensor, reference: int = -1, eps: float = 1e-20) -> Tensor:
+    """``R_adj = mean_{k != ref, i} (log|a_{k,i}| - log|a_{ref,i}|)^2`` (constant adjoint norm).
+
+    Per sample, so a batch split over DDP ranks needs no communication.
+
+    Args:
+        adjoints: ``(K + 1, B, ...)`` adjoints; dimension 1 is the batch.
+        reference: checkpoint index of the reference adjoint (default the final time).
+        eps: added to squared norms before the log.
+
+    Returns:
+        Scalar tensor ``>= 0``.
+
+    Raises:
+        ValueError: on fewer than 2 checkpoints, a reference out of range or ``eps <= 0``.
+
+    Example::
+
+        >>> import torch
+        >>> a = torch.randn(1, 5, 3).expand(4, 5, 3)  # same adjoint at every checkpoint
+        >>> float(adjoint_magnitude_penalty(a))
+        0.0
+    """
+    _check_stack("adjoints", adjoints, 2)
+    check_range("eps", eps, 0.0, low_open=True)
+    ref = _check_reference(reference, adjoints.shape[0])
+    dims = tuple(range(2, adjoints.dim()))
+    logn = _log_norm(adjoints, dims, eps) if dims else 0.5 * torch.log(adjoints.pow(2) + eps)
+    diff = logn - logn[ref]
+    mask = torch.ones(adjoints.shape[0], dtype=torch.bool, device=adjoints.device)
+    mask[ref] = False
+    return diff[mask].pow(2).mean()
+
+
+def sensitivity_magnitude_penalty(sens: Tensor, reference: int = -1, eps: float = 1e-20) -> Tensor:
+    """``R_sens = mean_{k != ref} (log|y_k| - log|y_ref|)^2`` (constant sensitivity norm).
+
+    Args:
+        sens: ``(K + 1, P)`` sensitivity densities (under DDP: all-reduced mean of the ranks').
+        reference: checkpoint index of the reference (default the final time).
+        eps: added to squared norms before the log.
+
+    Returns:
+        Scalar tensor ``>= 0``.
+
+    Raises:
+        ValueError: on fewer than 2 checkpoints, a reference out of range or ``eps <= 0``.
+
+    Example::
+
+        >>> import torch
+        >>> y = torch.tensor([[3.0, 4.0], [0.0, 5.0], [5.0, 0.0]])  # all of norm 5
+        >>> float(sensitivity_magnitude_penalty(y))
+        0.0
+    """
+    _check_stack("sens", sens, 2)
+    check_range("eps", eps, 0.0, low_open=True)
+    ref = _check_reference(reference, sens.shape[0])
+    logn = _log_norm(sens.flatten(1), (1,), eps)
+    diff = logn - logn[ref]
+    mask = torch.ones(sens.shape[0], dtype=torch.bool, device=sens.device)
+    mask[ref] = False
+    return diff[mask].pow(2).mean()
+
+
+def directional_penalty(
+    sens: Tensor, gamma: float = 0.0, reference: int = -1, eps: float = 1e-20
+) -> Tensor:
+    """``R_dir = mean_k relu(gamma - y_k . y_* / |y_*|^2)^2`` (the note's eqs. 31-32).
+
+    Zero when ``y_k^T y_* >= gamma |y_*|^2`` at every checkpoint.
+
+    Args:
+        sens: ``(K + 1, P)`` sensitivity densities.
+        gamma: the constraint level in ``[-1, 1]``.
+        reference: checkpoint index ``k*`` of the reference direction (default the final time).
+        eps: added to ``|y_*|^2``.
+
+    Returns:
+        Scalar tensor ``>= 0``.
+
+    Raises:
+        ValueError: if ``gamma`` is outside ``[-1, 1]``, the reference is out of range, or
+            ``eps <= 0``.
+
+    Example::
+
+        >>> import torch
+        >>> y = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [1.0, 0.0]])  # y_1 opposes y_*
+        >>> float(directional_penalty(y, gamma=0.0))
+        0.3333333432674408
+    """
+    check_gamma(gamma)
+    _check_stack("sens", sens, 2)
+    check_range("eps", eps, 0.0, low_open=True)
+    ref = _check_reference(reference, sens.shape[0])
+    flat = sens.flatten(1)
+    star = flat[ref]
+    proj = flat @ star / (star.pow(2).sum() + eps)
+    return torch.relu(gamma - proj).pow(2).mean()
+
+
+def spectral_penalty(weights: Tensor, gamma: float = 0.0, reference: int = -1) -> Tensor:
+    """``R_spec = mean_k sum_i relu(gamma - lambda_i((Q_k + Q_k^T)/2))^2``, ``Q_k = W_k^T W_*``.
+
+    For orthogonal ``W_k`` the eigenvalues of the symmetric part are the real parts of the
+    eigenvalues of ``Q_k`` (eqs. 33-34); ``eigvalsh`` keeps this stable and differentiable.
+
+    Args:
+        weights: ``(K + 1, n, n)`` matrices ``W_k`` (orthogonal for the spectral reading).
+        gamma: the level in ``[-1, 1]`` that every ``Re lambda(Q_k)`` should reach.
+        reference: checkpoint index of ``W_*`` (default the final time).
+
+    Returns:
+        Scalar tensor ``>= 0``.
+
+    Raises:
+        ValueError: if ``weights`` is not a stack of square matrices, ``gamma`` is outside
+            ``[-1, 1]`` or the reference is out of range.
+
+    Example::
+
+        >>> import torch
+        >>> w = torch.eye(3).expand(4, 3, 3)  # Q_k = I, eigenvalues 1 >= gamma
+        >>> float(spectral_penalty(w, gamma=0.5))
+        0.0
+    """
+    check_gamma(gamma)
+    _check_stack("weights", weights, 3)
+    check_square("weights", weights)
+    ref = _check_reference(reference, weights.shape[0])
+    q = weights.mT @ weights[ref]
+    lam = torch.linalg.eigvalsh(0.5 * (q + q.mT))
+    return torch.relu(gamma - lam).pow(2).sum(-1).mean()
+
+
+def skew_jacobian_penalty(
+    func: Callable[[Tensor, Tensor], Tensor],
+    times: Tensor,
+    states: Tensor,
+    probes: int = 1,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """``R_skew = E_v |1/2 (J + J^T) v|^2`` with ``J = df/dz`` at the given states (Hutchinson).
+
+    ``d/dt |a|^2 = -a (J + J^T) a^T``: a Jacobian with zero symmetric part keeps every
+    adjoint's norm constant. One Jacobian-vector and one vector-Jacobian product per probe,
+    Rademacher ``v``; the field must act on each sample independently (row ``i`` of ``f``
+    depends only on row ``i`` of ``z``). The estimate is averaged over samples, checkpoints and
+    probes, and is unbiased for ``mean_{k,i} |S_{k,i}|_F^2``.
+
+    Args:
+        func: vector field ``f(t, z)``.
+        times: ``(K + 1,)`` times of the states.
+        states: ``(K + 1, B, ...)`` states (keep them attached to differentiate through them).
+        probes: number of Rademacher probes, ``>= 1``.
+        generator: random generator for the probes.
+
+    Returns:
+        Scalar tensor ``>= 0``, differentiable in the field's parameters.
+
+    Raises:
+        ValueError: if ``probes < 1`` or ``times`` and ``states`` disagree in length.
+
+    Example::
+
+        >>> import torch
+        >>> a = torch.randn(3, 3)
+        >>> f = lambda t, z: z @ (a - a.T).T  # skew Jacobian
+        >>> float(skew_jacobian_penalty(f, torch.zeros(2), torch.randn(2, 4, 3))) < 1e-10
+        True
+    """
+    check_int("probes", probes, 1)
+    if not isinstance(states, Tensor) or states.dim() < 2:
+        raise ValueError("`states` must be a tensor (K + 1, B, ...)")
+    if times.numel() != states.shape[0]:
+        raise ValueError(
+            f"`times` must have one entry per checkpoint state ({states.shape[0]}), got {times.numel()}"
+        )
+    total = states.new_zeros(())
+    for k in range(states.shape[0]):
+        z = states[k]
+        if not z.requires_grad:
+            z = z.detach().requires_grad_(True)
+
+        def f(x: Tensor, _t: Tensor = times[k]) -> Tensor:
+            return func(_t, x)
+
+        for _ in range(probes):
+            v = (
+                torch.randint(0, 2, z.shape, generator=generator, device=z.device).to(z.dtype) * 2
+                - 1
+            )
+            out, jv = torch.func.jvp(f, (z,), (v,))
+            (jtv,) = torch.autograd.grad(out, z, v, create_graph=True)
+            sv = 0.5 * (jv + jtv)
+            total = total + sv.pow(2).flatten(1).sum(1).mean()
+    return total / (states.shape[0] * probes)

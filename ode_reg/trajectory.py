@@ -1,0 +1,251 @@
+"""Checkpointed trajectories: the solver is called once per checkpoint interval, chained.
+
+Each call starts from the previous call's end state, so every checkpoint state lies on the
+autograd path from ``y0`` to the loss and ``autograd.grad(loss, z_k)`` is the adjoint ``a_k``
+(MATH.md, Notation). One ``torchdiffeq.odeint`` call over all times would return interpolated
+side outputs instead, whose gradient is not the adjoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torchdiffeq
+from torchdiffeq._impl.odeint import SOLVERS
+from torch import Tensor, nn
+
+from ode_reg._checks import check_increasing, check_int
+
+#: Number of equal checkpoint intervals used when ``checkpoints`` is not given.
+DEFAULT_CHECKPOINTS = 8
+
+FIXED_GRID_METHODS = ("euler", "midpoint", "rk4", "explicit_adams", "implicit_adams")
+
+
+class IntegrationError(RuntimeError):
+    """An adaptive solver failed (step size underflow, too many steps) inside :func:`integrate`."""
+
+
+@dataclass
+class Trajectory:
+    """The result of :func:`integrate`.
+
+    Attributes:
+        func: the vector field ``f(t, z)``.
+        times: checkpoint times ``t_0 < ... < t_K`` (the requested times are among them).
+        states: the checkpoint states ``z_k``, each on the autograd path to the loss.
+        t: the requested output times.
+        t_index: index into ``times`` of each requested time.
+        weights: for orthogonal flows, ``W_k`` at the checkpoints (else ``None``).
+        method: the solver used.
+        adjoint_method: whether ``odeint_adjoint`` solved it (then no double backward).
+    """
+
+    func: Callable[..., Tensor]
+    times: Tensor
+    states: tuple[Tensor, ...]
+    t: Tensor
+    t_index: tuple[int, ...]
+    weights: tuple[Tensor, ...] | None = None
+    method: str = "rk4"
+    adjoint_method: bool = False
+    _field_at: Callable[[int, Tensor], Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def num_checkpoints(self) -> int:
+        """``K + 1``: the number of checkpoint states."""
+        return len(self.states)
+
+    @property
+    def checkpoint_states(self) -> Tensor:
+        """Checkpoint states stacked, shape ``(K + 1, *y0.shape)``."""
+        return torch.stack(self.states)
+
+    @property
+    def ys(self) -> Tensor:
+        """The solution at the requested times, shape ``(len(t), *y0.shape)``, as odeint returns."""
+        return torch.stack([self.states[i] for i in self.t_index])
+
+    @property
+    def weight_matrices(self) -> Tensor | None:
+        """``W_k`` stacked, shape ``(K + 1, d, d)``, or ``None`` for fields without a weight flow."""
+        return None if self.weights is None else torch.stack(self.weights)
+
+    def field_at(self, k: int, z: Tensor) -> Tensor:
+        """Evaluate the vector field at checkpoint ``k`` and state ``z``: ``f(t_k, z)``."""
+        if self._field_at is not None:
+            return self._field_at(k, z)
+        return self.func(self.times[k], z)
+
+    def parameters(self) -> list[Tensor]:
+        """Trainable parameters of the field (those the sensitivity density is taken over)."""
+        if isinstance(self.func, nn.Module):
+            return [p for p in self.func.parameters() if p.requires_grad]
+        return []
+
+
+def checkpoint_grid(t: Tensor, checkpoints: int | Tensor | Sequence[float] | None) -> Tensor:
+    """The sorted union of the requested times ``t`` and the checkpoint times.
+
+    Args:
+        t: strictly increasing 1-D tensor of requested times.
+        checkpoints: ``None`` (``DEFAULT_CHECKPOINTS`` equal intervals over ``[t[0], t[-1]]``),
+            an int ``n >= 1`` (``n`` equal intervals), or a 1-D tensor of times inside
+            ``[t[0], t[-1]]``.
+
+    Raises:
+        ValueError: on an int below 1 or checkpoint times outside ``[t[0], t[-1]]``.
+    """
+    check_increasing("t", t)
+    t0, t1 = t[0], t[-1]
+    if checkpoints is None:
+        checkpoints = DEFAULT_CHECKPOINTS
+    if isinstance(checkpoints, int) and not isinstance(checkpoints, bool):
+        check_int("checkpoints", checkpoints, 1)
+        extra = torch.linspace(0.0, 1.0, checkpoints + 1, dtype=t.dtype, device=t.device)
+        extra = t0 + (t1 - t0) * extra
+    else:
+        extra = torch.as_tensor(checkpoints, dtype=t.dtype, device=t.device)
+        if extra.dim() != 1 or not torch.isfinite(extra).all():
+            raise ValueError(
+                "`checkpoints` must be None, an int >= 1 or a finite 1-D tensor of times, "
+                f"got {checkpoints!r}"
+            )
+        if extra.numel() and (extra.min() < t0 or extra.max() > t1):
+            raise ValueError(
+                f"`checkpoints` times must lie in [t[0], t[-1]] = [{t0.item():g}, {t1.item():g}], "
+                f"got {extra.tolist()}"
+            )
+    grid = torch.cat([t, extra]).sort().values
+    # Merge times closer than a relative tolerance so that no interval is degenerate.
+    span = (t1 - t0).abs()
+    tol = span * (1e-6 if grid.dtype == torch.float32 else 1e-12)
+    keep = torch.ones_like(grid, dtype=torch.bool)
+    keep[1:] = (grid[1:] - grid[:-1]) > tol
+    # Requested times win over checkpoints they coincide with.
+    grid = grid[keep]
+    idx = torch.searchsorted(grid, t).clamp(max=grid.numel() - 1)
+    lower = (idx - 1).clamp(min=0)
+    pick = torch.where((grid[lower] - t).abs() < (grid[idx] - t).abs(), lower, idx)
+    grid[pick] = t
+    return grid
+
+
+def _requested_index(grid: Tensor, t: Tensor) -> tuple[int, ...]:
+    diff = (grid[None, :] - t[:, None]).abs()
+    return tuple(int(i) for i in diff.argmin(dim=1))
+
+
+def _solve_interval(
+    func: Callable[..., Tensor],
+    y: Tensor,
+    ta: Tensor,
+    tb: Tensor,
+    method: str,
+    options: dict[str, Any] | None,
+    rtol: float,
+    atol: float,
+    odeint: Callable[..., Tensor],
+) -> Tensor:
+    try:
+        return odeint(
+            func, y, torch.stack([ta, tb]), method=method, options=options, rtol=rtol, atol=atol
+        )[-1]
+    except AssertionError as exc:  # torchdiffeq reports step-size underflow / max steps this way
+        raise IntegrationError(
+            f"solver '{method}' failed on [{ta.item():g}, {tb.item():g}] for field "
+            f"{type(func).__name__}: {exc or 'assertion in solver'}; reached t = {ta.item():g}. "
+            "Try a fixed-step method, a larger `atol`/`rtol`, or regularize the field."
+        ) from exc
+
+
+def integrate(
+    func: Callable[..., Tensor],
+    y0: Tensor,
+    t: Tensor,
+    *,
+    checkpoints: int | Tensor | Sequence[float] | None = None,
+    method: str = "rk4",
+    options: dict[str, Any] | None = None,
+    rtol: float = 1e-7,
+    atol: float = 1e-9,
+    adjoint: bool = False,
+) -> Trajectory:
+    """Solve ``dz/dt = func(t, z)`` with every checkpoint state on the autograd path.
+
+    torchdiffeq solves each interval between consecutive checkpoint times; each call starts
+    from the previous call's end state. The requested times ``t`` are always checkpoints, so
+    the solution at ``t`` (``Trajectory.ys``) has the shape ``torchdiffeq.odeint`` returns.
+
+    Args:
+        func: vector field ``f(t, z)`` (an ``nn.Module`` for the sensitivity density). A field
+            that defines ``ode_reg_integrate(y0, grid, method=, options=)`` (such as
+            :class:`~ode_reg.OrthogonalFlow`) integrates itself on the checkpoint grid.
+        y0: initial state; its first dimension is the batch (a 1-D ``y0`` is one sample).
+        t: strictly increasing 1-D tensor of output times.
+        checkpoints: ``None`` (8 equal intervals, so the two-point call ``t = [0, 1]`` still
+            gives 9 checkpoints), an int (equal intervals) or a 1-D tensor of times in
+            ``[t[0], t[-1]]``.
+        method: a torchdiffeq method name (``"rk4"``, ``"dopri5"``, ...).
+        options: torchdiffeq solver options (e.g. ``{"step_size": 0.05}``).
+        rtol: relative tolerance of adaptive solvers.
+        atol: absolute tolerance of adaptive solvers.
+        adjoint: use ``torchdiffeq.odeint_adjoint`` per interval (memory-light, but its
+            backward is not differentiable: adjoint-based regularizers refuse it).
+
+    Returns:
+        A :class:`Trajectory`.
+
+    Raises:
+        ValueError: if ``t`` is not strictly increasing, ``checkpoints`` is out of range or
+            ``y0`` is not a floating-point tensor.
+        IntegrationError: if an adaptive solver underflows or exceeds its step budget.
+
+    Example::
+
+        >>> import torch
+        >>> from ode_reg import integrate
+        >>> traj = integrate(lambda t, z: -z, torch.ones(2, 3), torch.tensor([0.0, 1.0]))
+        >>> traj.ys.shape, traj.num_checkpoints
+        (torch.Size([2, 2, 3]), 9)
+    """
+    if not isinstance(y0, Tensor) or not y0.is_floating_point():
+        raise ValueError(f"`y0` must be a floating-point tensor, got {type(y0).__name__}")
+    if not isinstance(t, Tensor):
+        t = torch.as_tensor(t, dtype=y0.dtype, device=y0.device)
+    grid = checkpoint_grid(t, checkpoints)
+    t_index = _requested_index(grid, t)
+    if method not in SOLVERS:
+        raise ValueError(f"`method` must be one of {sorted(SOLVERS)}, got {method!r}")
+    if adjoint and not isinstance(func, nn.Module):
+        raise ValueError(
+            "`adjoint=True` needs `func` to be an nn.Module (odeint_adjoint requires it)"
+        )
+
+    if not y0.requires_grad and torch.is_grad_enabled():
+        # A leaf that requires grad, so that a_0 = dL/dz_0 exists; the caller's y0 is untouched.
+        y0 = y0.detach().requires_grad_(True)
+    custom = getattr(func, "ode_reg_integrate", None)
+    if custom is not None:
+        states, weights = custom(y0, grid, method=method, options=options)
+        states = tuple(states)
+        weights = None if weights is None else tuple(weights)
+        field_at = None
+        if weights is not None:
+            w = weights
+
+            def field_at(k: int, z: Tensor) -> Tensor:
+                return func.ode_reg_field_at(grid[k], z, w[k])
+
+        return Trajectory(func, grid, states, t, t_index, weights, method, False, field_at)
+
+    odeint = torchdiffeq.odeint_adjoint if adjoint else torchdiffeq.odeint
+    states = [y0]
+    y = y0
+    for k in range(1, grid.numel()):
+        y = _solve_interval(func, y, grid[k - 1], grid[k], method, options, rtol, atol, odeint)
+        states.append(y)
+    return Trajectory(func, grid, tuple(states), t, t_index, None, method, adjoint)
