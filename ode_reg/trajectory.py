@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 import torchdiffeq
-from torchdiffeq._impl.odeint import SOLVERS
 from torch import Tensor, nn
+from torchdiffeq._impl.odeint import SOLVERS
 
 from ode_reg._checks import check_increasing, check_int
 
