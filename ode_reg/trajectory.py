@@ -80,11 +80,17 @@ class Trajectory:
             return self._field_at(k, z)
         return self.func(self.times[k], z)
 
+    funcs: tuple[Callable[..., Tensor], ...] = ()
+
     def parameters(self) -> list[Tensor]:
-        """Trainable parameters of the field (those the sensitivity density is taken over)."""
-        if isinstance(self.func, nn.Module):
-            return [p for p in self.func.parameters() if p.requires_grad]
-        return []
+        """Trainable parameters of the field(s) (those the sensitivity density is taken over)."""
+        out: list[Tensor] = []
+        for f in self.funcs or (self.func,):
+            if isinstance(f, nn.Module):
+                out.extend(
+                    p for p in f.parameters() if p.requires_grad and all(p is not q for q in out)
+                )
+        return out
 
 
 def checkpoint_grid(t: Tensor, checkpoints: int | Tensor | Sequence[float] | None) -> Tensor:
@@ -243,9 +249,121 @@ def integrate(
         return Trajectory(func, grid, states, t, t_index, weights, method, False, field_at)
 
     odeint = torchdiffeq.odeint_adjoint if adjoint else torchdiffeq.odeint
+    field_at = _snapshot_field(func, grid)
     states = [y0]
     y = y0
     for k in range(1, grid.numel()):
         y = _solve_interval(func, y, grid[k - 1], grid[k], method, options, rtol, atol, odeint)
         states.append(y)
-    return Trajectory(func, grid, tuple(states), t, t_index, None, method, adjoint)
+    return Trajectory(func, grid, tuple(states), t, t_index, None, method, adjoint, field_at)
+
+
+def _snapshot_field(
+    func: Callable[..., Tensor], grid: Tensor
+) -> Callable[[int, Tensor], Tensor] | None:
+    """Field evaluation that restores state the field held while it was integrated.
+
+    A field with a held input (an ODE-RNN feeding one sequence step per solve) exposes
+    ``ode_reg_snapshot() -> dict`` of attribute values; evaluating ``f(t_k, z)`` later (for the
+    sensitivity density or the skew-Jacobian penalty) sets them back for the call.
+    """
+    snap = getattr(func, "ode_reg_snapshot", None)
+    if snap is None:
+        return None
+    saved = snap()
+
+    def field_at(k: int, z: Tensor) -> Tensor:
+        current = {name: getattr(func, name) for name in saved}
+        try:
+            for name, value in saved.items():
+                setattr(func, name, value)
+            return func(grid[k], z)
+        finally:
+            for name, value in current.items():
+                setattr(func, name, value)
+
+    return field_at
+
+
+def chain(trajectories: Sequence[Trajectory]) -> Trajectory:
+    """Join trajectories solved one after another (an ODE-RNN's steps) into one.
+
+    Times are shifted so that they keep increasing; a state shared by consecutive trajectories
+    (the end of one solve is the start of the next) appears once. Field evaluations are
+    delegated to the trajectory each checkpoint came from, so each keeps its own field and
+    held input.
+
+    Args:
+        trajectories: one or more trajectories whose states have the same shape.
+
+    Returns:
+        A :class:`Trajectory` over all checkpoints, in order.
+
+    Raises:
+        ValueError: if the sequence is empty or the state shapes differ.
+
+    Example::
+
+        >>> import torch
+        >>> from ode_reg import integrate
+        >>> from ode_reg.trajectory import chain
+        >>> t = torch.tensor([0.0, 1.0])
+        >>> a = integrate(lambda t, z: -z, torch.ones(2, 3), t, checkpoints=2)
+        >>> b = integrate(lambda t, z: -z, a.ys[-1], t, checkpoints=2)
+        >>> chain([a, b]).num_checkpoints
+        5
+    """
+    if len(trajectories) == 0:
+        raise ValueError("`trajectories` must hold at least one Trajectory")
+    if len(trajectories) == 1:
+        return trajectories[0]
+    shape = trajectories[0].states[0].shape
+    if any(tr.states[0].shape != shape for tr in trajectories):
+        raise ValueError(
+            "`trajectories` must have states of one shape, got "
+            f"{sorted({tuple(tr.states[0].shape) for tr in trajectories})}"
+        )
+    states: list[Tensor] = []
+    times: list[Tensor] = []
+    owner: list[tuple[Trajectory, int]] = []
+    weights: list[Tensor] = []
+    has_weights = all(tr.weights is not None for tr in trajectories)
+    offset = trajectories[0].times[0]
+    for tr in trajectories:
+        shift = offset - tr.times[0]
+        for k, z in enumerate(tr.states):
+            if states and k == 0 and z is states[-1]:
+                continue
+            if states and k == 0:
+                # A jump between solves (e.g. an RNN cell update): a new checkpoint at the same
+                # time would be degenerate for quadrature, so nudge it forward.
+                shift = shift + 1e-6 * (tr.times[-1] - tr.times[0])
+            states.append(z)
+            times.append(tr.times[k] + shift)
+            owner.append((tr, k))
+            if has_weights:
+                weights.append(tr.weights[k])
+        offset = tr.times[-1] + shift
+
+    def field_at(j: int, z: Tensor) -> Tensor:
+        tr, k = owner[j]
+        return tr.field_at(k, z)
+
+    funcs: list[Callable[..., Tensor]] = []
+    for tr in trajectories:
+        if all(tr.func is not f for f in funcs):
+            funcs.append(tr.func)
+    first = trajectories[0]
+    joined = Trajectory(
+        first.func,
+        torch.stack(times),
+        tuple(states),
+        torch.stack([times[0], times[-1]]),
+        (0, len(states) - 1),
+        tuple(weights) if has_weights else None,
+        first.method,
+        any(tr.adjoint_method for tr in trajectories),
+        field_at,
+    )
+    joined.funcs = tuple(funcs)
+    return joined

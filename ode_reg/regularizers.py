@@ -1,0 +1,335 @@
+"""Loss terms for :class:`~ode_reg.RegularizedODEModule`: thin shells over ``ode_reg.functional``.
+
+Each regularizer is an ``nn.Module`` (so its counters travel in the checkpoint) with a
+``weight``, a cadence ``every_n_steps`` and a linear weight warm-up ``warmup_steps``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ode_reg._checks import check_gamma, check_int, check_range
+from ode_reg.adjoint import adjoints as compute_adjoints
+from ode_reg.adjoint import sensitivities as compute_sensitivities
+from ode_reg.functional import (
+    adjoint_magnitude_penalty,
+    directional_penalty,
+    sensitivity_magnitude_penalty,
+    skew_jacobian_penalty,
+    spectral_penalty,
+)
+from ode_reg.trajectory import Trajectory
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_mean(x: Tensor) -> Tensor:
+    """Differentiable mean over DDP ranks (identity in one process).
+
+    The backward all-reduces the gradient, so each rank's contribution receives the gradient
+    of the whole-batch quantity and DDP's gradient averaging gives the one-process result.
+    """
+    if not _distributed():
+        return x
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(x, op=dist.ReduceOp.SUM) / dist.get_world_size()
+
+
+@dataclass
+class StepContext:
+    """What one training step offers the regularizers; adjoints and sensitivities are computed
+    lazily, once, and shared by every term that needs them.
+
+    Attributes:
+        loss: the task loss returned by ``training_step``.
+        trajectory: the step's trajectory (all ``odeint`` calls of the step, chained).
+        differentiable: whether the adjoints must be differentiable (some active term trains
+            on them).
+    """
+
+    loss: Tensor
+    trajectory: Trajectory
+    differentiable: bool = True
+    _adjoints: Tensor | None = field(default=None, repr=False)
+    _sens: dict[bool, Tensor] = field(default_factory=dict, repr=False)
+
+    def adjoints(self) -> Tensor:
+        """``a_k = dL/dz_k`` of the task loss, shape ``(K + 1, B, ...)``."""
+        if self._adjoints is None:
+            self._adjoints = compute_adjoints(
+                self.loss, self.trajectory, create_graph=self.differentiable
+            )
+        return self._adjoints
+
+    def sensitivities(self, detach_states: bool = False) -> Tensor:
+        """``y_k`` of the whole batch (all-reduced mean over DDP ranks), shape ``(K + 1, P)``."""
+        if detach_states not in self._sens:
+            y = compute_sensitivities(
+                self.trajectory,
+                self.adjoints(),
+                create_graph=self.differentiable,
+                detach_states=detach_states,
+            )
+            self._sens[detach_states] = all_reduce_mean(y)
+        return self._sens[detach_states]
+
+
+class Regularizer(nn.Module):
+    """Base class of the loss terms.
+
+    Args:
+        weight: multiplier of the term, ``>= 0``.
+        every_n_steps: apply the term on every n-th training step (``>= 1``).
+        warmup_steps: ramp the weight linearly from 0 over this many steps (``>= 0``).
+        name: key of the term in the logs (``reg/<name>``).
+
+    Raises:
+        ValueError: on a negative weight, ``every_n_steps < 1`` or ``warmup_steps < 0``.
+    """
+
+    #: Needs ``a_k`` as a differentiable function of the parameters (no ``odeint_adjoint``).
+    needs_adjoints: bool = False
+    default_name: str = "regularizer"
+
+    def __init__(
+        self,
+        weight: float = 0.1,
+        every_n_steps: int = 1,
+        warmup_steps: int = 0,
+        name: str | None = None,
+    ) -> None:
+        super().__init__()
+        check_range("weight", weight, 0.0)
+        check_int("every_n_steps", every_n_steps, 1)
+        check_int("warmup_steps", warmup_steps, 0)
+        self.weight = float(weight)
+        self.every_n_steps = every_n_steps
+        self.warmup_steps = warmup_steps
+        self.name = name or self.default_name
+        self.register_buffer("skipped", torch.zeros((), dtype=torch.long), persistent=True)
+
+    def active(self, step: int) -> bool:
+        """Whether the term is applied at global step ``step``."""
+        return self.weight > 0 and step % self.every_n_steps == 0
+
+    def scheduled_weight(self, step: int) -> float:
+        """The weight at global step ``step`` (after warm-up)."""
+        if self.warmup_steps == 0:
+            return self.weight
+        return self.weight * min(1.0, (step + 1) / self.warmup_steps)
+
+    def compute(self, ctx: StepContext) -> Tensor:  # pragma: no cover - abstract
+        """The unweighted term for this step."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight}, every_n_steps={self.every_n_steps}, warmup_steps={self.warmup_steps}"
+
+
+class AdjointMagnitude(Regularizer):
+    """Holds ``|a(t)|`` constant per sample: :func:`~ode_reg.functional.adjoint_magnitude_penalty`.
+
+    Args:
+        weight: multiplier, ``>= 0``.
+        reference: checkpoint index of the reference adjoint (default the final time).
+        **kwargs: ``every_n_steps``, ``warmup_steps``, ``name`` (see :class:`Regularizer`).
+
+    Raises:
+        ValueError: on a negative weight or bad cadence.
+
+    Example::
+
+        >>> from ode_reg import AdjointMagnitude
+        >>> AdjointMagnitude(weight=0.1)
+        AdjointMagnitude(weight=0.1, every_n_steps=1, warmup_steps=0)
+    """
+
+    needs_adjoints = True
+    default_name = "adjoint_magnitude"
+
+    def __init__(self, weight: float = 0.1, reference: int = -1, **kwargs) -> None:
+        super().__init__(weight, **kwargs)
+        self.reference = reference
+
+    def compute(self, ctx: StepContext) -> Tensor:
+        return adjoint_magnitude_penalty(ctx.adjoints(), reference=self.reference)
+
+
+class SensitivityMagnitude(Regularizer):
+    """Holds ``|y(t)|`` constant: :func:`~ode_reg.functional.sensitivity_magnitude_penalty`.
+
+    Args:
+        weight: multiplier, ``>= 0``.
+        reference: checkpoint index of the reference (default the final time).
+        detach_states: treat ``z_k`` as constants inside ``y_k`` (cheaper, an approximation
+            of the full derivative; off by default).
+        **kwargs: ``every_n_steps``, ``warmup_steps``, ``name``.
+
+    Raises:
+        ValueError: on a negative weight or bad cadence.
+
+    Example::
+
+        >>> from ode_reg import SensitivityMagnitude
+        >>> SensitivityMagnitude(weight=0.1).name
+        'sensitivity_magnitude'
+    """
+
+    needs_adjoints = True
+    default_name = "sensitivity_magnitude"
+
+    def __init__(
+        self, weight: float = 0.1, reference: int = -1, detach_states: bool = False, **kwargs
+    ) -> None:
+        super().__init__(weight, **kwargs)
+        self.reference = reference
+        self.detach_states = detach_states
+
+    def compute(self, ctx: StepContext) -> Tensor:
+        return sensitivity_magnitude_penalty(
+            ctx.sensitivities(self.detach_states), reference=self.reference
+        )
+
+
+class DirectionalConstraint(Regularizer):
+    """Keeps ``y_k . y_* >= gamma |y_*|^2``: :func:`~ode_reg.functional.directional_penalty`.
+
+    Args:
+        gamma: constraint level in ``[-1, 1]``.
+        weight: multiplier, ``>= 0``.
+        reference: checkpoint index ``k*`` (default the final time).
+        detach_states: as for :class:`SensitivityMagnitude`.
+        **kwargs: ``every_n_steps``, ``warmup_steps``, ``name``.
+
+    Raises:
+        ValueError: if ``gamma`` is outside ``[-1, 1]``, on a negative weight or bad cadence.
+
+    Example::
+
+        >>> from ode_reg import DirectionalConstraint
+        >>> DirectionalConstraint(gamma=0.5, weight=0.1).gamma
+        0.5
+    """
+
+    needs_adjoints = True
+    default_name = "directional"
+
+    def __init__(
+        self,
+        gamma: float = 0.0,
+        weight: float = 0.1,
+        reference: int = -1,
+        detach_states: bool = False,
+        **kwargs,
+    ) -> None:
+        check_gamma(gamma)
+        super().__init__(weight, **kwargs)
+        self.gamma = float(gamma)
+        self.reference = reference
+        self.detach_states = detach_states
+
+    def compute(self, ctx: StepContext) -> Tensor:
+        return directional_penalty(
+            ctx.sensitivities(self.detach_states), gamma=self.gamma, reference=self.reference
+        )
+
+
+class SpectralConstraint(Regularizer):
+    """Keeps ``Re lambda(W_k^T W_*) >= gamma`` along an orthogonal flow (eqs. 33-34).
+
+    Needs a trajectory that carries orthogonal weights (an
+    :class:`~ode_reg.OrthogonalFlow`).
+
+    Args:
+        gamma: level in ``[-1, 1]``.
+        weight: multiplier, ``>= 0``.
+        reference: checkpoint index of ``W_*`` (default the final time).
+        **kwargs: ``every_n_steps``, ``warmup_steps``, ``name``.
+
+    Raises:
+        ValueError: if ``gamma`` is outside ``[-1, 1]``, on a negative weight or bad cadence;
+            at the first step, if no trajectory carries orthogonal weights.
+
+    Example::
+
+        >>> from ode_reg import SpectralConstraint
+        >>> SpectralConstraint(gamma=0.0, weight=0.1).name
+        'spectral'
+    """
+
+    default_name = "spectral"
+
+    def __init__(self, gamma: float = 0.0, weight: float = 0.1, reference: int = -1, **kwargs):
+        check_gamma(gamma)
+        super().__init__(weight, **kwargs)
+        self.gamma = float(gamma)
+        self.reference = reference
+
+    def compute(self, ctx: StepContext) -> Tensor:
+        w = ctx.trajectory.weight_matrices
+        if w is None or not getattr(ctx.trajectory.func, "weights_orthogonal", False):
+            raise ValueError(
+                "SpectralConstraint needs a trajectory with orthogonal weights W_k "
+                "(integrate an OrthogonalFlow); this step's field "
+                f"{type(ctx.trajectory.func).__name__} carries none"
+            )
+        return spectral_penalty(w, gamma=self.gamma, reference=self.reference)
+
+
+class SkewJacobianPenalty(Regularizer):
+    """Penalizes the symmetric part of ``df/dz`` at the checkpoint states (Hutchinson).
+
+    The cheap stand-in for :class:`AdjointMagnitude`: no adjoint and no second backward
+    through the trajectory.
+
+    Args:
+        weight: multiplier, ``>= 0``.
+        probes: Rademacher probes per state, ``>= 1``.
+        max_states: evaluate at most this many checkpoint states, evenly spaced (``None``: all).
+        **kwargs: ``every_n_steps``, ``warmup_steps``, ``name``.
+
+    Raises:
+        ValueError: if ``probes < 1``, ``max_states < 1``, on a negative weight or bad cadence.
+
+    Example::
+
+        >>> from ode_reg import SkewJacobianPenalty
+        >>> SkewJacobianPenalty(weight=0.01, probes=1).probes
+        1
+    """
+
+    default_name = "skew_jacobian"
+
+    def __init__(
+        self, weight: float = 0.01, probes: int = 1, max_states: int | None = None, **kwargs
+    ) -> None:
+        check_int("probes", probes, 1)
+        if max_states is not None:
+            check_int("max_states", max_states, 1)
+        super().__init__(weight, **kwargs)
+        self.probes = probes
+        self.max_states = max_states
+
+    def compute(self, ctx: StepContext) -> Tensor:
+        traj = ctx.trajectory
+        n = traj.num_checkpoints
+        ks = range(n)
+        if self.max_states is not None and self.max_states < n:
+            ks = torch.linspace(0, n - 1, self.max_states).round().long().tolist()
+        terms = [
+            skew_jacobian_penalty(
+                lambda _t, z, _k=k: traj.field_at(_k, z),
+                traj.times[k : k + 1],
+                traj.states[k].unsqueeze(0),
+                probes=self.probes,
+            )
+            for k in ks
+        ]
+        return torch.stack(terms).mean()
