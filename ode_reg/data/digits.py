@@ -1,0 +1,158 @@
+"""Sequential 8×8 digits from ``sklearn.datasets.load_digits`` (shipped inside scikit-learn)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch import Tensor
+
+from ode_reg._checks import check_int
+from ode_reg.data._base import SplitDataModule, check_fraction, split_rng
+
+#: The accepted values of ``DigitsDataModule(order=...)``.
+ORDERS = ("pixel", "permuted", "noise_padded")
+
+_N_DIGITS = 1797  # images in load_digits
+_N_CLASSES = 10
+_SIDE = 8  # image side; 64 pixels
+
+
+class DigitsDataModule(SplitDataModule):
+    """The 1797 8×8 handwritten digits of ``load_digits`` read as sequences (no download).
+
+    Pixels (0 .. 16) are scaled to [0, 1] and then standardized with one mean and one standard
+    deviation, both computed over all pixels of the training split (:attr:`mean`, :attr:`std`,
+    set by :meth:`setup`), so the training pixels have mean 0 and standard deviation 1.
+
+    Orders (``B`` the batch size):
+
+    * ``"pixel"``: 64 steps of one pixel in row-major order; ``x`` is ``(B, 64, 1)``.
+    * ``"permuted"``: the same 64 pixels in a fixed random order, :attr:`permutation`, which
+      depends only on ``permutation_seed`` (not on ``seed``); ``x`` is ``(B, 64, 1)`` with
+      ``x[:, i, 0] == pixel_x[:, permutation[i], 0]``.
+    * ``"noise_padded"``: 8 steps of one image row (8 pixels) each, then ``seq_len - 8``
+      steps of N(0, 1) noise, as in noise-padded CIFAR-10 (Chang et al. 2019); the noise is
+      drawn once per sample in :meth:`setup`, from ``seed``. ``x`` is ``(B, seq_len, 8)``.
+
+    Splits: ``test_fraction`` of the images is held out for testing and ``val_fraction`` of
+    the rest for validation, both stratified by class with
+    ``sklearn.model_selection.train_test_split(random_state=seed)``; the defaults give
+    1293 / 144 / 360 images (train / val / test; train + val is 80 %). The indices into
+    ``load_digits()`` of each split are in :attr:`split_indices` after :meth:`setup`.
+    ``x`` is float32 and ``y`` long ``(B,)`` in ``0 .. 9``.
+
+    Attributes:
+        input_dim: 1 for ``"pixel"`` and ``"permuted"``, 8 for ``"noise_padded"``.
+        seq_len: 64 for ``"pixel"`` and ``"permuted"``, ``seq_len`` for ``"noise_padded"``.
+        num_classes: 10.
+        permutation: long ``(64,)``, the pixel order of ``"permuted"`` (``None`` otherwise).
+
+    Args:
+        order: ``"pixel"``, ``"permuted"`` or ``"noise_padded"``.
+        seq_len: ``None`` or 64 for ``"pixel"`` and ``"permuted"``; for ``"noise_padded"`` an
+            integer >= 8, default 200.
+        permutation_seed: seed of the ``"permuted"`` pixel order, an integer >= 0.
+        test_fraction: share of all images held out for testing, in (0, 1), leaving at least
+            10 images on each side.
+        val_fraction: share of the remaining images held out for validation, in (0, 1),
+            leaving at least 10 images on each side.
+        batch_size: samples per batch, an integer >= 1.
+        num_workers: ``DataLoader`` worker processes, an integer >= 0.
+        seed: seed of the splits, of the padding noise and of the training-set shuffling,
+            an integer >= 0.
+
+    Raises:
+        ValueError: if an argument lies outside the range above (the message names it).
+
+    Example::
+
+        >>> dm = DigitsDataModule(order="noise_padded", seq_len=32, batch_size=16)
+        >>> dm.input_dim, dm.seq_len, dm.num_classes
+        (8, 32, 10)
+        >>> dm.setup()
+        >>> x, y = next(iter(dm.train_dataloader()))
+        >>> tuple(x.shape), tuple(y.shape), y.dtype
+        ((16, 32, 8), (16,), torch.int64)
+    """
+
+    num_classes = _N_CLASSES
+
+    def __init__(
+        self,
+        order: str = "pixel",
+        seq_len: int | None = None,
+        permutation_seed: int = 0,
+        test_fraction: float = 0.2,
+        val_fraction: float = 0.1,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        if order not in ORDERS:
+            raise ValueError(f"`order` must be one of {ORDERS}, got {order!r}")
+        if order == "noise_padded":
+            if seq_len is None:
+                seq_len = 200
+            check_int("seq_len", seq_len, _SIDE)
+        elif seq_len is not None and seq_len != _SIDE * _SIDE:
+            raise ValueError(
+                f"`seq_len` must be None or 64 for order={order!r} (64 pixels), got {seq_len!r}"
+            )
+        check_int("permutation_seed", permutation_seed, 0)
+        check_fraction("test_fraction", test_fraction, _N_DIGITS, _N_CLASSES, 2 * _N_CLASSES)
+        n_rest = _N_DIGITS - int(np.ceil(test_fraction * _N_DIGITS))
+        check_fraction("val_fraction", val_fraction, n_rest, _N_CLASSES, _N_CLASSES)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
+        self.save_hyperparameters()
+        self.order = order
+        self.permutation_seed = permutation_seed
+        self.test_fraction = test_fraction
+        self.val_fraction = val_fraction
+        if order == "noise_padded":
+            self.seq_len = seq_len
+            self.input_dim = _SIDE
+        else:
+            self.seq_len = _SIDE * _SIDE
+            self.input_dim = 1
+        self.permutation: Tensor | None = None
+        if order == "permuted":
+            perm = np.random.default_rng(permutation_seed).permutation(_SIDE * _SIDE)
+            self.permutation = torch.from_numpy(perm)
+        self.mean: float | None = None
+        self.std: float | None = None
+        self.split_indices: dict[str, np.ndarray] | None = None
+
+    def _generate(self) -> dict[str, tuple[Tensor, Tensor]]:
+        digits = load_digits()
+        images = digits.data.astype(np.float64) / 16.0  # (1797, 64) in [0, 1]
+        labels = digits.target.astype(np.int64)
+        index = np.arange(len(labels))
+        rest, test = train_test_split(
+            index, test_size=self.test_fraction, stratify=labels, random_state=self.seed
+        )
+        train, val = train_test_split(
+            rest, test_size=self.val_fraction, stratify=labels[rest], random_state=self.seed
+        )
+        self.split_indices = {"train": train, "val": val, "test": test}
+        self.mean = float(images[train].mean())
+        self.std = float(images[train].std())
+        standardized = ((images - self.mean) / self.std).astype(np.float32)
+
+        out = {}
+        for split, idx in self.split_indices.items():
+            pixels = standardized[idx]  # (n, 64)
+            n = len(idx)
+            if self.order == "pixel":
+                x = pixels[:, :, None]
+            elif self.order == "permuted":
+                x = pixels[:, self.permutation.numpy(), None]
+            else:
+                rows = pixels.reshape(n, _SIDE, _SIDE)
+                noise = split_rng(self.seed, split).standard_normal(
+                    (n, self.seq_len - _SIDE, _SIDE), dtype=np.float32
+                )
+                x = np.concatenate([rows, noise], axis=1)
+            out[split] = (torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(labels[idx]))
+        return out
