@@ -70,6 +70,9 @@ def sensitivities(
     """Sensitivity densities ``y_k = sum_i a_{k,i} df(t_k, z_{k,i})/dtheta``, shape ``(K + 1, P)``.
 
     For a loss read at ``t_K``, ``dL/dtheta = integral of y(t) dt`` (the note's eq. 23).
+    ``df/dtheta`` is the partial derivative at fixed ``z_k`` (``z_k`` depends on ``theta`` too,
+    through the trajectory; that path is not part of ``y_k``); with ``create_graph`` the
+    gradient of ``y_k`` itself is the full one, through ``a_k``, ``z_k`` and ``theta``.
 
     Args:
         traj: the trajectory.
@@ -105,18 +108,52 @@ def sensitivities(
         raise ValueError(f"`adjoints` must have shape {expected}, got {tuple(adjoints.shape)}")
     rows = []
     for k, z in enumerate(traj.states):
-        if detach_states:
-            z = z.detach()
-        fk = traj.field_at(k, z)
-        grads = torch.autograd.grad(
-            fk, params, grad_outputs=adjoints[k], create_graph=create_graph, allow_unused=True
-        )
-        rows.append(
-            torch.cat(
-                [
-                    (torch.zeros_like(p) if g is None else g).reshape(-1)
-                    for g, p in zip(grads, params)
-                ]
+        # y_k is the PARTIAL derivative in theta at fixed z_k. z_k itself depends on theta
+        # through the trajectory, so f is evaluated at a detached leaf copy: differentiating
+        # f(t_k, z_k) directly would add the path through the whole trajectory (a wrong value,
+        # and a freed graph on the next checkpoint when create_graph is False).
+        z_leaf = z.detach().requires_grad_(create_graph and not detach_states and z.requires_grad)
+        fk = traj.field_at(k, z_leaf)
+        grads: Sequence[Tensor | None] = [None] * len(params)
+        if fk.requires_grad:  # else f(t_k, .) does not depend on the parameters: y_k = 0
+            # retain_graph: f may reach theta through tensors shared across checkpoints (the
+            # recorded W_k of an orthogonal flow), and the caller's graph must survive.
+            grads = torch.autograd.grad(
+                fk,
+                params,
+                grad_outputs=adjoints[k],
+                create_graph=create_graph,
+                retain_graph=True,
+                allow_unused=True,
             )
+        row = torch.cat(
+            [(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)]
         )
+        if z_leaf.requires_grad and fk.requires_grad:
+            row = row + _through_state(fk, params, adjoints[k].detach(), z_leaf, z)
+        rows.append(row)
     return torch.stack(rows)
+
+
+def _through_state(
+    fk: Tensor, params: list[Tensor], a: Tensor, z_leaf: Tensor, z: Tensor
+) -> Tensor:
+    """A zero-valued term whose derivative in ``z`` is ``d y_k / d z_k`` (the full derivative).
+
+    ``(d y / d z_leaf) u`` with ``u = z - z.detach()`` (value 0, carrying ``z``'s graph), as a
+    Jacobian-vector product by the double-vjp trick. Since ``u = 0``, its first derivatives in
+    ``a`` and ``theta`` vanish, so ``a`` is taken detached: the backward passes here then never
+    walk the (large) graph of the adjoints.
+    """
+    grads = torch.autograd.grad(fk, params, a, create_graph=True, allow_unused=True)
+    row = torch.cat(
+        [(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)]
+    )
+    if not row.requires_grad:  # y_k does not depend on z_k
+        return torch.zeros_like(row)
+    w = torch.zeros_like(row, requires_grad=True)
+    (g,) = torch.autograd.grad(row, z_leaf, w, create_graph=True, allow_unused=True)
+    if g is None or not g.requires_grad:
+        return torch.zeros_like(row)
+    (jvp,) = torch.autograd.grad(g, w, z - z.detach(), create_graph=True, allow_unused=True)
+    return torch.zeros_like(row) if jvp is None else jvp
