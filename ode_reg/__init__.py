@@ -1,6 +1,13 @@
-"""ode_reg: keep neural ODEs and ODE-RNNs trainable over long horizons."""
+"""ode_reg: keep neural ODEs and ODE-RNNs trainable over long horizons.
+
+The functional core (``integrate``, ``adjoints``, ``sensitivities``, ``ode_reg.functional``)
+works without Lightning; ``RegularizedODEModule``, the regularizer classes and the callbacks
+in ``ode_reg.callbacks`` are thin Lightning shells over it.
+"""
 
 from ode_reg.adjoint import adjoints, sensitivities
+from ode_reg.dynamics import AntisymmetricODEFunc, OrthogonalFlow, SkewLinearODEFunc
+from ode_reg.functional import cayley, orthogonality_defect, scaled_cayley
 from ode_reg.module import RegularizedODEModule, StepRecord
 from ode_reg.regularizers import (
     AdjointMagnitude,
@@ -10,23 +17,30 @@ from ode_reg.regularizers import (
     SkewJacobianPenalty,
     SpectralConstraint,
 )
-from ode_reg.trajectory import DEFAULT_CHECKPOINTS, IntegrationError, Trajectory, integrate
+from ode_reg.trajectory import DEFAULT_CHECKPOINTS, IntegrationError, Trajectory, chain, integrate
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_CHECKPOINTS",
     "AdjointMagnitude",
+    "AntisymmetricODEFunc",
     "DirectionalConstraint",
+    "IntegrationError",
+    "OrthogonalFlow",
     "Regularizer",
     "RegularizedODEModule",
     "SensitivityMagnitude",
     "SkewJacobianPenalty",
+    "SkewLinearODEFunc",
     "SpectralConstraint",
     "StepRecord",
-    "DEFAULT_CHECKPOINTS",
-    "IntegrationError",
     "Trajectory",
     "adjoints",
+    "cayley",
+    "chain",
     "integrate",
+    "orthogonality_defect",
+    "scaled_cayley",
     "sensitivities",
 ]

@@ -1,0 +1,7 @@
+"""Recipe models: ODE-RNNs and flow classifiers built on RegularizedODEModule."""
+
+from ode_reg.models.fields import UnstructuredODEFunc
+from ode_reg.models.flow_classifier import FLOWS, FlowClassifier
+from ode_reg.models.sequence import CELLS, TASKS, SequenceModel
+
+__all__ = ["CELLS", "FLOWS", "TASKS", "FlowClassifier", "SequenceModel", "UnstructuredODEFunc"]
