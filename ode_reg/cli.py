@@ -33,8 +33,51 @@ def configure_wandb_mode() -> str:
     return os.environ.get("WANDB_MODE", "online")
 
 
+def _fallback_logger(trainer: L.Trainer, reason: str) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    save_dir = trainer.default_root_dir
+    rank_zero_warn(
+        f"W&B is unavailable ({reason}). Falling back to CSVLogger in {save_dir}: scalars go to "
+        "metrics.csv, plots are saved as PNG files beside it. Set WANDB_MODE=offline to keep "
+        "W&B without an account, or configure one with `wandb login`.",
+        category=UserWarning,
+    )
+    trainer.loggers = [CSVLogger(save_dir)]
+
+
+def ensure_logger_available(trainer: L.Trainer) -> None:
+    """Replace an unusable WandbLogger by a CSVLogger, with a clear message, before training.
+
+    W&B is unusable when it should run online without an account, or when ``wandb.init``
+    fails. The run then goes on with local logging instead of stopping.
+
+    Args:
+        trainer: the trainer about to fit.
+    """
+    from lightning.pytorch.loggers import WandbLogger
+
+    if not any(isinstance(lg, WandbLogger) for lg in trainer.loggers):
+        return
+    mode = os.environ.get("WANDB_MODE", "online")
+    if mode not in ("offline", "disabled", "dryrun") and not wandb_account_configured():
+        _fallback_logger(trainer, f"WANDB_MODE={mode} but no W&B account is configured")
+        return
+    for lg in trainer.loggers:
+        if isinstance(lg, WandbLogger):
+            try:
+                lg.experiment  # noqa: B018 - starts wandb.init
+            except Exception as exc:  # wandb raises many error types on init failure
+                _fallback_logger(trainer, f"wandb.init failed: {type(exc).__name__}: {exc}")
+                return
+
+
 class ODERegCLI(LightningCLI):
-    """LightningCLI that tests after ``fit`` and prints the run's summary."""
+    """LightningCLI that checks the logger before ``fit``, tests after it and prints a summary."""
+
+    def before_fit(self) -> None:
+        ensure_logger_available(self.trainer)
 
     def after_fit(self) -> None:
         trainer, model = self.trainer, self.model
