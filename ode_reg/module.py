@@ -203,7 +203,13 @@ class RegularizedODEModule(L.LightningModule):
                 "regularizers are active but training_step made no self.odeint call: "
                 "replace torchdiffeq.odeint by self.odeint"
             )
-        contexts = [StepContext(loss, g, differentiable=True) for g in groups]
+        # A field that is not an nn.Module (a closure such as ``lambda t, h: cell(h, x)``) has no
+        # parameters of its own: take y_k over the module's, those it does not use give zeros.
+        own = [p for p in self.parameters() if p.requires_grad]
+        contexts = [
+            StepContext(loss, g, differentiable=True, params=None if g.parameters() else own)
+            for g in groups
+        ]
         values = []
         for r in active:
             terms = []
@@ -220,8 +226,14 @@ class RegularizedODEModule(L.LightningModule):
         for r, v, b in zip(active, values, bad):
             if b > 0:
                 if self.nonfinite == "raise":
+                    here = v.item()
+                    where = (
+                        f"value {here}"
+                        if not torch.isfinite(v.detach())
+                        else f"on another DDP rank; value here {here}"
+                    )
                     raise FloatingPointError(
-                        f"regularizer '{r.name}' is not finite at step {step} (value {v.item()})"
+                        f"regularizer '{r.name}' is not finite at step {step} ({where})"
                     )
                 r.skipped += 1
                 continue

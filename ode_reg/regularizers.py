@@ -52,11 +52,14 @@ class StepContext:
         trajectory: the step's trajectory (all ``odeint`` calls of the step, chained).
         differentiable: whether the adjoints must be differentiable (some active term trains
             on them).
+        params: the parameters ``y_k`` is taken over; ``None``: the field's own
+            (``trajectory.parameters()``).
     """
 
     loss: Tensor
     trajectory: Trajectory
     differentiable: bool = True
+    params: list[Tensor] | None = None
     _adjoints: Tensor | None = field(default=None, repr=False)
     _sens: dict[bool, Tensor] = field(default_factory=dict, repr=False)
 
@@ -75,6 +78,7 @@ class StepContext:
                 self.trajectory,
                 self.adjoints(),
                 create_graph=self.differentiable,
+                params=self.params,
                 detach_states=detach_states,
             )
             self._sens[detach_states] = all_reduce_mean(y)

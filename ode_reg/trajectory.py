@@ -161,11 +161,33 @@ def _solve_interval(
             func, y, torch.stack([ta, tb]), method=method, options=options, rtol=rtol, atol=atol
         )[-1]
     except AssertionError as exc:  # torchdiffeq reports step-size underflow / max steps this way
+        reached = _reached_time(exc, ta)
         raise IntegrationError(
             f"solver '{method}' failed on [{ta.item():g}, {tb.item():g}] for field "
-            f"{type(func).__name__}: {exc or 'assertion in solver'}; reached t = {ta.item():g}. "
+            f"{type(func).__name__}: {exc or 'assertion in solver'}; reached t = {reached:.10g}. "
             "Try a fixed-step method, a larger `atol`/`rtol`, or regularize the field."
         ) from exc
+
+
+def _reached_time(exc: BaseException, default: Tensor) -> float:
+    """The time an adaptive torchdiffeq solver had reached when it raised ``exc``.
+
+    torchdiffeq's messages ("underflow in dt ...", "max_num_steps exceeded ...") omit it; its
+    Runge-Kutta solvers hold it as ``rk_state.t1`` (``_RungeKuttaState``) in the failing frames.
+    Falls back to ``default`` (the interval start) when no such frame is found.
+    """
+    reached = None
+    tb = exc.__traceback__
+    while tb is not None:  # innermost frame last
+        local = tb.tb_frame.f_locals
+        state = local.get("rk_state")
+        if state is None and hasattr(local.get("self"), "rk_state"):
+            state = local["self"].rk_state
+        t1 = getattr(state, "t1", None)
+        if isinstance(t1, Tensor) and t1.numel() == 1:
+            reached = t1
+        tb = tb.tb_next
+    return float((default if reached is None else reached).detach())
 
 
 def integrate(

@@ -1,0 +1,600 @@
+"""Reliability: the non-finite guard, argument validation, resuming, solver failures, DDP skips."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import torchdiffeq
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+from torch.nn import functional as F
+
+from ode_reg import (
+    AdjointMagnitude,
+    DirectionalConstraint,
+    IntegrationError,
+    RegularizedODEModule,
+    SensitivityMagnitude,
+    SkewJacobianPenalty,
+    SpectralConstraint,
+    integrate,
+)
+from ode_reg.functional import (
+    adjoint_magnitude_penalty,
+    directional_penalty,
+    sensitivity_magnitude_penalty,
+    skew_jacobian_penalty,
+    spectral_penalty,
+)
+from ode_reg.regularizers import StepContext
+
+WORKER = Path(__file__).with_name("_ddp_worker.py")
+
+
+# --------------------------------------------------------------------------- models
+
+
+class TanhField(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(dim, dim)
+
+    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.lin(z))
+
+
+class LinearField(nn.Module):
+    """``f(t, z) = W z`` with ``W ~ 50 I``: growth ~1e33 over [0, 2] with rk4, h = 1/8."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(dim, dim, bias=False)
+        with torch.no_grad():
+            self.lin.weight.copy_(50.0 * torch.eye(dim) + 0.1 * torch.randn(dim, dim))
+
+    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.lin(z)
+
+
+class FlakyAdjointMagnitude(AdjointMagnitude):
+    """``AdjointMagnitude`` whose value is NaN on the global steps in ``bad_steps``."""
+
+    def __init__(self, weight: float, bad_steps: tuple[int, ...], **kwargs: Any) -> None:
+        super().__init__(weight, **kwargs)
+        self.bad_steps = bad_steps
+        self.current_step = -1
+
+    def compute(self, ctx: StepContext) -> torch.Tensor:
+        value = super().compute(ctx)
+        return value * math.nan if self.current_step in self.bad_steps else value
+
+
+class ODEModel(RegularizedODEModule):
+    """``z0 = scale * x``, solved over ``[0, span]`` (rk4, h = 1/8), loss ``mse(z_T, y)``."""
+
+    def __init__(
+        self,
+        field: str = "tanh",
+        scale: float = 1.0,
+        span: float = 1.0,
+        lr: float = 0.05,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        torch.manual_seed(0)
+        self.field = LinearField(3) if field == "linear" else TanhField(3)
+        self.scale, self.span, self.lr = scale, span, lr
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        for r in self.regularizers:
+            if isinstance(r, FlakyAdjointMagnitude):
+                r.current_step = self.global_step
+        x, y = batch
+        t = torch.tensor([0.0, self.span], dtype=x.dtype)
+        zs = self.odeint(self.field, x * self.scale, t, options={"step_size": 0.125})
+        loss = F.mse_loss(zs[-1], y)
+        self.log("task", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+def trainer(**kwargs: Any) -> L.Trainer:
+    defaults: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+    )
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)
+
+
+def data(n: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, generator=g), torch.randn(n, 3, generator=g)
+
+
+def loader(x: torch.Tensor, y: torch.Tensor, batch_size: int = 8) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=batch_size, shuffle=False
+    )
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+# --------------------------------------------------------------------------- non-finite guard
+
+
+def all_regularizers() -> list:
+    return [
+        AdjointMagnitude(0.1),
+        SensitivityMagnitude(0.1),
+        DirectionalConstraint(gamma=0.5, weight=0.1),
+        SkewJacobianPenalty(0.1),
+    ]
+
+
+def test_nan_batch_drops_every_term_and_counts_it() -> None:
+    model = ODEModel(regularizers=all_regularizers())
+    x, y = data(8)
+    x[3, 1] = math.nan
+    tr = trainer(max_steps=1)
+    tr.fit(model, loader(x, y))
+    assert [int(r.skipped) for r in model.regularizers] == [1, 1, 1, 1]
+    metrics = tr.callback_metrics
+    assert float(metrics["reg/skipped"]) == 4.0
+    assert float(metrics["reg/total"]) == 0.0
+    for r in model.regularizers:
+        assert f"reg/{r.name}" not in metrics  # a dropped term is not logged
+
+
+def test_nan_batch_raises_under_raise_policy() -> None:
+    model = ODEModel(regularizers=all_regularizers(), nonfinite="raise")
+    x, y = data(8)
+    x[0, 0] = math.nan
+    with pytest.raises(FloatingPointError, match=r"regularizer 'adjoint_magnitude' is not finite"):
+        trainer(max_steps=1).fit(model, loader(x, y))
+    assert int(model.regularizers[0].skipped) == 0
+
+
+def exploding(regs: list, **kwargs: Any) -> ODEModel:
+    # z0 ~ 1e-34 * x grows by ~1e33 to O(1): the task loss and its gradient are finite, but
+    # the adjoint a_0 ~ 1e33 squares to inf in float32, so log|a_0| and R_adj are infinite.
+    return ODEModel("linear", scale=1e-34, span=2.0, lr=1e-3, regularizers=regs, **kwargs)
+
+
+def test_exploding_field_drops_only_the_overflowing_term_and_task_still_trains() -> None:
+    x, y = data(16)
+    adj, sens = AdjointMagnitude(0.1), SensitivityMagnitude(0.1)
+    model = exploding([adj, sens])
+    before = snapshot(model)
+    tr = trainer(max_steps=2)
+    tr.fit(model, loader(x, y))
+    after = snapshot(model)
+    assert int(adj.skipped) == 2 and int(sens.skipped) == 0
+    assert float(tr.callback_metrics["reg/skipped"]) == 2.0
+    assert torch.isfinite(tr.callback_metrics["task"])
+    assert torch.isfinite(tr.callback_metrics["reg/sensitivity_magnitude"])
+    assert "reg/adjoint_magnitude" not in tr.callback_metrics
+    assert all(torch.isfinite(p).all() for p in after.values())
+    assert max_diff(before, after) > 1e-4  # it trained
+    # exactly as if the overflowing term had not been there
+    reference = exploding([SensitivityMagnitude(0.1)])
+    trainer(max_steps=2).fit(reference, loader(x, y))
+    assert max_diff(after, snapshot(reference)) < 1e-7
+
+
+def test_exploding_field_raises_under_raise_policy() -> None:
+    x, y = data(8)
+    model = exploding([AdjointMagnitude(0.1)], nonfinite="raise")
+    with pytest.raises(FloatingPointError, match=r"'adjoint_magnitude' is not finite at step 0"):
+        model.training_step((x, y), 0)
+    assert not model._recording
+
+
+# --------------------------------------------------------------------------- validation table
+
+
+def _adjoints(k: int = 3) -> torch.Tensor:
+    return torch.randn(k, 2, 3)
+
+
+def _run_step(reg: Any) -> None:
+    model = ODEModel(regularizers=[reg])
+    model.training_step(data(4), 0)
+
+
+INVALID = [
+    # (id, call, argument, accepted range as printed)
+    *[
+        (f"{cls.__name__}-weight", lambda c=cls: c(weight=-0.1), "weight", "[0.0, inf)")
+        for cls in (
+            AdjointMagnitude,
+            SensitivityMagnitude,
+            DirectionalConstraint,
+            SpectralConstraint,
+            SkewJacobianPenalty,
+        )
+    ],
+    ("weight-nan", lambda: AdjointMagnitude(weight=math.nan), "weight", "[0.0, inf)"),
+    *[
+        (f"{cls.__name__}-every_n", lambda c=cls: c(every_n_steps=0), "every_n_steps", ">= 1")
+        for cls in (AdjointMagnitude, SensitivityMagnitude, SkewJacobianPenalty)
+    ],
+    ("every_n-float", lambda: AdjointMagnitude(every_n_steps=1.5), "every_n_steps", ">= 1"),
+    *[
+        (f"{cls.__name__}-warmup", lambda c=cls: c(warmup_steps=-1), "warmup_steps", ">= 0")
+        for cls in (AdjointMagnitude, DirectionalConstraint, SkewJacobianPenalty)
+    ],
+    ("directional-gamma-high", lambda: DirectionalConstraint(gamma=1.5), "gamma", "[-1.0, 1.0]"),
+    ("directional-gamma-low", lambda: DirectionalConstraint(gamma=-1.01), "gamma", "[-1.0, 1.0]"),
+    ("spectral-gamma", lambda: SpectralConstraint(gamma=2.0), "gamma", "[-1.0, 1.0]"),
+    (
+        "functional-directional-gamma",
+        lambda: directional_penalty(torch.randn(3, 4), gamma=1.2),
+        "gamma",
+        "[-1.0, 1.0]",
+    ),
+    (
+        "functional-spectral-gamma",
+        lambda: spectral_penalty(torch.eye(3).expand(2, 3, 3), gamma=-2.0),
+        "gamma",
+        "[-1.0, 1.0]",
+    ),
+    ("probes", lambda: SkewJacobianPenalty(probes=0), "probes", ">= 1"),
+    (
+        "functional-probes",
+        lambda: skew_jacobian_penalty(lambda t, z: z, torch.zeros(1), torch.ones(1, 2, 2), 0),
+        "probes",
+        ">= 1",
+    ),
+    ("max_states", lambda: SkewJacobianPenalty(max_states=0), "max_states", ">= 1"),
+    (
+        "checkpoints-zero",
+        lambda: integrate(
+            lambda t, z: -z, torch.ones(2, 2), torch.tensor([0.0, 1.0]), checkpoints=0
+        ),
+        "checkpoints",
+        ">= 1",
+    ),
+    (
+        "checkpoints-outside",
+        lambda: integrate(
+            lambda t, z: -z, torch.ones(2, 2), torch.tensor([0.0, 1.0]), checkpoints=[0.5, 1.5]
+        ),
+        "checkpoints",
+        "[0, 1]",
+    ),
+    (
+        "module-odeint-checkpoints",
+        lambda: ODEModel().odeint(
+            lambda t, z: -z, torch.ones(2, 2), torch.tensor([0.0, 1.0]), checkpoints=-2
+        ),
+        "checkpoints",
+        ">= 1",
+    ),
+    (
+        "t-decreasing",
+        lambda: integrate(lambda t, z: -z, torch.ones(2, 2), torch.tensor([1.0, 0.0])),
+        "t",
+        "strictly increasing",
+    ),
+    (
+        "functional-adjoint-reference",
+        lambda: adjoint_magnitude_penalty(_adjoints(3), reference=3),
+        "reference",
+        "[-3, 2]",
+    ),
+    (
+        "functional-sensitivity-reference",
+        lambda: sensitivity_magnitude_penalty(torch.randn(3, 5), reference=-4),
+        "reference",
+        "[-3, 2]",
+    ),
+    (
+        "functional-directional-reference",
+        lambda: directional_penalty(torch.randn(3, 5), reference=7),
+        "reference",
+        "[-3, 2]",
+    ),
+    (
+        "functional-spectral-reference",
+        lambda: spectral_penalty(torch.eye(2).expand(3, 2, 2), reference=3),
+        "reference",
+        "[-3, 2]",
+    ),
+    (
+        "class-reference-at-first-step",
+        lambda: _run_step(AdjointMagnitude(reference=20)),
+        "reference",
+        "[-9, 8]",
+    ),
+    (
+        "functional-eps",
+        lambda: adjoint_magnitude_penalty(_adjoints(), eps=0.0),
+        "eps",
+        "(0.0, inf)",
+    ),
+    (
+        "nonfinite",
+        lambda: ODEModel(nonfinite="ignore"),
+        "nonfinite",
+        "('skip', 'raise')",
+    ),
+    (
+        "not-a-regularizer",
+        lambda: ODEModel(regularizers=[AdjointMagnitude(), nn.Linear(2, 2)]),
+        "regularizers",
+        "Regularizer instances",
+    ),
+    (
+        "duplicate-names",
+        lambda: ODEModel(regularizers=[AdjointMagnitude(0.1), AdjointMagnitude(0.2)]),
+        "regularizers",
+        "distinct names",
+    ),
+    (
+        "duplicate-explicit-names",
+        lambda: ODEModel(
+            regularizers=[SensitivityMagnitude(name="a"), DirectionalConstraint(name="a")]
+        ),
+        "regularizers",
+        "distinct names",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("call", "arg", "accepted"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID]
+)
+def test_invalid_option_raises_value_error_naming_argument_and_range(call, arg, accepted) -> None:
+    with pytest.raises(ValueError) as info:
+        call()
+    message = str(info.value)
+    assert f"`{arg}`" in message, message
+    assert accepted in message, message
+
+
+# --------------------------------------------------------------------------- resume
+
+
+class ResumableLoader:
+    """Mini-batches, reshuffled each epoch (seeded by the trainer's epoch), resumable mid-epoch.
+
+    Lightning restores a loader's position only through ``state_dict``/``load_state_dict``;
+    a plain ``DataLoader`` would restart the epoch from its first batch after a resume.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, epoch: Any) -> None:
+        self.x, self.y, self.batch_size, self.epoch = x, y, batch_size, epoch
+        self.pos = 0
+        self._resume = 0
+
+    def __len__(self) -> int:
+        return len(self.x) // self.batch_size
+
+    def __iter__(self):
+        perm = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(self.epoch()))
+        start, self._resume = self._resume, 0
+        for j in range(start, len(self)):
+            self.pos = j + 1
+            idx = perm[j * self.batch_size : (j + 1) * self.batch_size]
+            yield self.x[idx], self.y[idx]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = state["pos"]
+
+
+class ResumeModel(ODEModel):
+    def train_dataloader(self) -> ResumableLoader:
+        x, y = data(40, seed=5)
+        return ResumableLoader(x, y, 8, lambda: self.trainer.current_epoch)
+
+
+class Interrupt(Callback):
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.at_step:
+            raise RuntimeError(f"interrupted at step {self.at_step}")
+
+
+class SkippedAtStart(Callback):
+    def __init__(self) -> None:
+        self.skipped: list[int] | None = None
+        self.step: int | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.skipped = [int(r.skipped) for r in pl_module.regularizers]
+        self.step = trainer.global_step
+
+
+def resume_regularizers() -> list:
+    return [
+        SensitivityMagnitude(0.3),
+        DirectionalConstraint(gamma=1.0, weight=0.3),
+        FlakyAdjointMagnitude(0.3, bad_steps=(2, 9)),
+    ]
+
+
+def test_resume_mid_epoch_matches_uninterrupted_run(tmp_path: Path) -> None:
+    epochs = 3  # 5 steps an epoch
+    L.seed_everything(0)
+    full = ResumeModel(regularizers=resume_regularizers())
+    trainer(max_epochs=epochs).fit(full)
+    assert [int(r.skipped) for r in full.regularizers] == [0, 0, 2]
+
+    def checkpointing(*extra: Callback) -> L.Trainer:
+        ckpt = ModelCheckpoint(
+            dirpath=tmp_path, save_last=True, every_n_train_steps=1, save_top_k=0
+        )
+        return trainer(max_epochs=epochs, enable_checkpointing=True, callbacks=[ckpt, *extra])
+
+    L.seed_everything(0)
+    first = ResumeModel(regularizers=resume_regularizers())
+    with pytest.raises(RuntimeError, match="interrupted at step 7"):
+        checkpointing(Interrupt(7)).fit(first)
+    last = tmp_path / "last.ckpt"
+    state = torch.load(last, weights_only=False)
+    assert 0 < state["global_step"] < 10 and state["global_step"] % 5 != 0  # mid-epoch
+    assert int(state["state_dict"]["regularizers.2.skipped"]) == 1
+
+    L.seed_everything(0)
+    resumed = ResumeModel(regularizers=resume_regularizers())
+    start = SkippedAtStart()
+    checkpointing(start).fit(resumed, ckpt_path=last)
+    assert start.step == state["global_step"]
+    assert start.skipped == [0, 0, 1]  # the skipped buffers came back
+    assert [int(r.skipped) for r in resumed.regularizers] == [0, 0, 2]
+    assert max_diff(snapshot(full), snapshot(resumed)) < 1e-6
+
+
+# --------------------------------------------------------------------------- solver failure
+
+
+class Square(nn.Module):
+    """``dz/dt = z^2``: from ``z(0) = 1``, ``z = 1 / (1 - t)`` blows up at ``t = 1``."""
+
+    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return z * z
+
+
+def reached(message: str) -> float:
+    match = re.search(r"reached t = (-?\d+(?:\.\d+)?(?:e[-+]?\d+)?)", message)
+    assert match, message
+    return float(match.group(1))
+
+
+def test_adaptive_solver_blow_up_reports_time_reached_and_field() -> None:
+    y0 = torch.ones(2, 1, dtype=torch.float64)
+    t = torch.tensor([0.0, 2.0], dtype=torch.float64)
+    with pytest.raises(AssertionError) as raw:  # torchdiffeq alone: no time in the message
+        torchdiffeq.odeint(Square(), y0, t, method="dopri5")
+    assert "underflow" in str(raw.value) and "t =" not in str(raw.value)
+    with pytest.raises(IntegrationError) as info:
+        integrate(Square(), y0, t, method="dopri5", checkpoints=4)
+    message = str(info.value)
+    assert "Square" in message and "dopri5" in message and "underflow in dt" in message
+    assert 0.999 < reached(message) <= 1.0  # the blow-up time, not the interval start 0.5
+    assert isinstance(info.value.__cause__, AssertionError)
+
+
+def test_adaptive_solver_step_budget_reports_time_reached() -> None:
+    y0 = torch.ones(2, 2, dtype=torch.float64)
+    t = torch.tensor([0.0, 10.0], dtype=torch.float64)
+    field = TanhField(2).double()
+    with pytest.raises(IntegrationError) as info:
+        integrate(
+            field, y0, t, method="dopri5", checkpoints=1, options={"max_num_steps": 3}, rtol=1e-12
+        )
+    message = str(info.value)
+    assert "TanhField" in message and "max_num_steps" in message
+    assert 0.0 < reached(message) < 10.0
+
+
+def test_solver_failure_inside_training_step_propagates_and_resets_recording() -> None:
+    class BlowUp(ODEModel):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, _ = batch
+            zs = self.odeint(Square(), x.abs() + 1.0, torch.tensor([0.0, 2.0]), method="dopri5")
+            return zs[-1].sum()
+
+    model = BlowUp(regularizers=[AdjointMagnitude(0.1)])
+    with pytest.raises(IntegrationError, match="Square"):
+        model.training_step(data(4), 0)
+    assert not model._recording
+
+
+# --------------------------------------------------------------------------- DDP
+
+
+def run_worker(out: Path, scenarios: tuple[str, ...], timeout: float = 180.0) -> str:
+    proc = subprocess.Popen(
+        [sys.executable, str(WORKER), str(out), *scenarios],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"DDP worker hung (> {timeout} s):\n{proc.communicate()[0][-4000:]}")
+
+
+def load(out: Path, name: str) -> dict[str, Any]:
+    return torch.load(out / name, weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def ddp_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ddp_reliability")
+    log = run_worker(out, ("nonfinite", "step_skip", "step_raise"))
+    (out / "worker.log").write_text(log)
+    return out
+
+
+def status(out: Path, name: str) -> str:
+    path = out / f"{name}.status"
+    assert path.exists(), (out / "worker.log").read_text()[-4000:]
+    return path.read_text().partition("\n")[2].strip()
+
+
+def test_ddp_one_rank_nonfinite_collective_skip(ddp_out: Path) -> None:
+    """Only rank 1 meets a non-finite term (step 1): both ranks skip it, nobody hangs, and the
+    result is the one-process run that skipped the term on that step."""
+    assert status(ddp_out, "nonfinite-ddp") == "ok"
+    assert status(ddp_out, "nonfinite-single") == "ok"
+    single = load(ddp_out, "nonfinite-single-rank0.pt")
+    r0, r1 = load(ddp_out, "nonfinite-ddp-rank0.pt"), load(ddp_out, "nonfinite-ddp-rank1.pt")
+    for res in (single, r0, r1):
+        assert res["skipped"] == {"adjoint_magnitude": 1, "sensitivity_magnitude": 0}
+        assert res["steps"] == 4
+        logged = res["logged"]
+        assert "reg/adjoint_magnitude" not in logged[1] and "reg/adjoint_magnitude" in logged[2]
+        assert [row["reg/skipped"] for row in logged] == [0.0, 1.0, 1.0, 1.0]
+        assert all(torch.isfinite(p).all() for p in res["params"].values())
+    assert max_diff(r0["params"], r1["params"]) == 0.0
+    assert max_diff(single["params"], r0["params"]) < 1e-5
+
+
+def test_ddp_one_rank_nonfinite_bare_step(ddp_out: Path) -> None:
+    """One training step on a bare gloo group: under "skip" both ranks skip and return their
+    task loss plus the finite term; under "raise" both ranks raise (none waits forever)."""
+    assert status(ddp_out, "step_skip-ddp") == "ok"
+    assert status(ddp_out, "step_raise-ddp") == "ok"
+    for r in (0, 1):
+        res = load(ddp_out, f"step_skip-ddp-rank{r}.pt")
+        assert res["skipped"] == {"adjoint_magnitude": 1, "sensitivity_magnitude": 0}
+        assert math.isfinite(res["loss"]) and res["loss"] >= res["task"]
+        res = load(ddp_out, f"step_raise-ddp-rank{r}.pt")
+        assert res["raised"].startswith("FloatingPointError: regularizer 'adjoint_magnitude'")
+        assert res["skipped"] == {"adjoint_magnitude": 0, "sensitivity_magnitude": 0}
+    assert "another DDP rank" in load(ddp_out, "step_raise-ddp-rank0.pt")["raised"]
