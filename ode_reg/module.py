@@ -128,7 +128,7 @@ class RegularizedODEModule(L.LightningModule):
         t: Tensor,
         *,
         checkpoints: int | Tensor | Sequence[float] | None = None,
-        method: str = "rk4",
+        method: str | None = None,
         options: dict[str, Any] | None = None,
         rtol: float = 1e-7,
         atol: float = 1e-9,
@@ -141,7 +141,7 @@ class RegularizedODEModule(L.LightningModule):
             y0: initial state, batch first.
             t: strictly increasing output times.
             checkpoints: see :func:`ode_reg.integrate`.
-            method: torchdiffeq method.
+            method: torchdiffeq method (``None``: ``"dopri5"``, torchdiffeq's default).
             options: torchdiffeq solver options.
             rtol: relative tolerance (adaptive solvers).
             atol: absolute tolerance (adaptive solvers).
@@ -207,7 +207,9 @@ class RegularizedODEModule(L.LightningModule):
         # parameters of its own: take y_k over the module's, those it does not use give zeros.
         own = [p for p in self.parameters() if p.requires_grad]
         contexts = [
-            StepContext(loss, g, differentiable=True, params=None if g.parameters() else own)
+            StepContext(
+                loss, g, differentiable=True, params=None if g.parameters() else own, step=step
+            )
             for g in groups
         ]
         values = []

@@ -54,12 +54,14 @@ class StepContext:
             on them).
         params: the parameters ``y_k`` is taken over; ``None``: the field's own
             (``trajectory.parameters()``).
+        step: the global step (stochastic terms derive their random draws from it).
     """
 
     loss: Tensor
     trajectory: Trajectory
     differentiable: bool = True
     params: list[Tensor] | None = None
+    step: int = 0
     _adjoints: Tensor | None = field(default=None, repr=False)
     _sens: dict[bool, Tensor] = field(default_factory=dict, repr=False)
 
@@ -297,10 +299,16 @@ class SkewJacobianPenalty(Regularizer):
         weight: multiplier, ``>= 0``.
         probes: Rademacher probes per state, ``>= 1``.
         max_states: evaluate at most this many checkpoint states, evenly spaced (``None``: all).
+        seed: base seed of the probes (``None``: drawn from torch's global generator when the
+            term is built, so ``seed_everything`` fixes it). The probes of a step are drawn from
+            a generator seeded by (base seed, DDP rank, global step): ranks draw independent
+            probes (the all-rank mean is unbiased and less noisy), and a resumed run draws the
+            same probes as an uninterrupted one (the base seed is saved in the checkpoint).
         **kwargs: ``every_n_steps``, ``warmup_steps``, ``name``.
 
     Raises:
-        ValueError: if ``probes < 1``, ``max_states < 1``, on a negative weight or bad cadence.
+        ValueError: if ``probes < 1``, ``max_states < 1``, ``seed < 0``, on a negative weight or
+            bad cadence.
 
     Example::
 
@@ -312,14 +320,30 @@ class SkewJacobianPenalty(Regularizer):
     default_name = "skew_jacobian"
 
     def __init__(
-        self, weight: float = 0.01, probes: int = 1, max_states: int | None = None, **kwargs
+        self,
+        weight: float = 0.01,
+        probes: int = 1,
+        max_states: int | None = None,
+        seed: int | None = None,
+        **kwargs,
     ) -> None:
         check_int("probes", probes, 1)
         if max_states is not None:
             check_int("max_states", max_states, 1)
+        if seed is not None:
+            check_int("seed", seed, 0)
         super().__init__(weight, **kwargs)
         self.probes = probes
         self.max_states = max_states
+        base = int(torch.randint(0, 2**31 - 1, ())) if seed is None else seed
+        self.register_buffer("base_seed", torch.tensor(base, dtype=torch.long), persistent=True)
+
+    def generator(self, step: int, device: torch.device) -> torch.Generator:
+        """The probe generator of global step ``step`` on this DDP rank."""
+        rank = dist.get_rank() if _distributed() else 0
+        gen = torch.Generator(device=device)
+        gen.manual_seed((int(self.base_seed) * 1_000_003 + rank * 7_919 + step) % (2**63 - 1))
+        return gen
 
     def compute(self, ctx: StepContext) -> Tensor:
         traj = ctx.trajectory
@@ -327,12 +351,14 @@ class SkewJacobianPenalty(Regularizer):
         ks = range(n)
         if self.max_states is not None and self.max_states < n:
             ks = torch.linspace(0, n - 1, self.max_states).round().long().tolist()
+        gen = self.generator(ctx.step, traj.states[0].device)
         terms = [
             skew_jacobian_penalty(
                 lambda _t, z, _k=k: traj.field_at(_k, z),
                 traj.times[k : k + 1],
                 traj.states[k].unsqueeze(0),
                 probes=self.probes,
+                generator=gen,
             )
             for k in ks
         ]

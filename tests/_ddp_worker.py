@@ -132,7 +132,12 @@ class DDPModel(RegularizedODEModule):
             if isinstance(r, FlakyAdjointMagnitude):
                 r.current_step = self.global_step
         z = self.odeint(
-            self.field, x, torch.tensor([0.0, 1.0]), options={"step_size": 0.25}, checkpoints=4
+            self.field,
+            x,
+            torch.tensor([0.0, 1.0]),
+            method="rk4",
+            options={"step_size": 0.25},
+            checkpoints=4,
         )
         loss = F.mse_loss(self.head(z[-1]), y)
         self.log("task", loss, sync_dist=True)

@@ -418,7 +418,7 @@ def test_orthogonal_flow_forward_matches_field_at_and_sub_steps():
     for k in (0, 3, 8):
         torch.testing.assert_close(f(traj.times[k], z), traj.field_at(k, z), rtol=0, atol=1e-6)
     # options["step_size"] overrides; one sub-step per interval when it exceeds the interval.
-    coarse = integrate(f, traj.states[0], traj.t, options={"step_size": 10.0}).ys[-1]
+    coarse = integrate(f, traj.states[0], traj.t, method="rk4", options={"step_size": 10.0}).ys[-1]
     assert (coarse - traj.ys[-1]).abs().max() > 1e-8
 
 
@@ -440,9 +440,9 @@ def test_orthogonal_flow_argument_errors():
     with pytest.raises(ValueError, match="`method`"):
         integrate(f, z0, t, method="dopri5")
     with pytest.raises(ValueError, match="`options`"):
-        integrate(f, z0, t, options={"step_size": 0.1, "rtol": 1e-3})
+        integrate(f, z0, t, method="rk4", options={"step_size": 0.1, "rtol": 1e-3})
     with pytest.raises(ValueError, match="step_size"):
-        integrate(f, z0, t, options={"step_size": -0.1})
+        integrate(f, z0, t, method="rk4", options={"step_size": -0.1})
     assert OrthogonalFlow(3, step="rk4").weights_orthogonal is False
     w0 = OrthogonalFlow(5).orthogonal_weights()["initial_weight"]
     assert w0.dtype == F64 and orthogonality_defect(w0) < 1e-13

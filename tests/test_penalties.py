@@ -139,7 +139,9 @@ def test_adjoint_magnitude_of_linear_flows():
     y0 = rand(4, 3, seed=14)
     t = torch.tensor([0.0, 2.0], dtype=F64)
     for m, zero in ((a_m - a_m.T, True), (a_m, False)):
-        traj = integrate(lambda t, z, m=m: z @ m.T, y0, t, options={"step_size": 1 / 32})
+        traj = integrate(
+            lambda t, z, m=m: z @ m.T, y0, t, method="rk4", options={"step_size": 1 / 32}
+        )
         a = adjoints(traj.ys[-1].pow(3).sum(), traj)
         r = adjoint_magnitude_penalty(a)
         assert (r < 1e-12) if zero else (r > 1e-2), r
@@ -228,7 +230,9 @@ def test_penalties_unchanged_when_loss_scaled():
     torch.manual_seed(0)
     f = TanhField(d=3, seed=24, scale=1.5)
     y0 = rand(5, 3, seed=25)
-    traj = integrate(f, y0, torch.tensor([0.0, 1.0], dtype=F64), options={"step_size": 1 / 16})
+    traj = integrate(
+        f, y0, torch.tensor([0.0, 1.0], dtype=F64), method="rk4", options={"step_size": 1 / 16}
+    )
     loss = (traj.ys[-1] - 0.5).pow(2).sum(-1).mean()
     values = []
     for scale in (1.0, 1e3):
@@ -285,7 +289,12 @@ def _penalty_of_field(f: TanhField, which: str) -> torch.Tensor:
     y0 = rand(3, 2, seed=26)
     target = rand(3, 2, seed=27)
     traj = integrate(
-        f, y0, torch.tensor([0.0, 1.0], dtype=F64), checkpoints=4, options={"step_size": 1 / 16}
+        f,
+        y0,
+        torch.tensor([0.0, 1.0], dtype=F64),
+        checkpoints=4,
+        method="rk4",
+        options={"step_size": 1 / 16},
     )
     loss = (traj.ys[-1] - target).pow(2).sum(-1).mean()
     a = adjoints(loss, traj, create_graph=True)

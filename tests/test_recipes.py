@@ -23,7 +23,14 @@ def _offline_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_recipes_exist() -> None:
     names = {p.stem for p in RECIPES}
-    assert {"digits", "digits_permuted", "digits_noise_padded", "adding", "copying", "two_moons"} <= names
+    assert {
+        "digits",
+        "digits_permuted",
+        "digits_noise_padded",
+        "adding",
+        "copying",
+        "two_moons",
+    } <= names
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
@@ -39,10 +46,14 @@ def test_recipe_runs_two_steps(recipe: Path, tmp_path: Path) -> None:
     trainer, model = cli.trainer, cli.model
     assert trainer.global_step == 2
     assert all(p.isfinite().all() for p in model.parameters())
-    loss = trainer.callback_metrics.get("train/loss_step", trainer.callback_metrics.get("train/loss"))
+    loss = trainer.callback_metrics.get(
+        "train/loss_step", trainer.callback_metrics.get("train/loss")
+    )
     assert loss is not None and loss.isfinite()
     if getattr(model, "regularizers", None):
-        assert "reg/total_step" in trainer.callback_metrics or "reg/total" in trainer.callback_metrics
+        assert (
+            "reg/total_step" in trainer.callback_metrics or "reg/total" in trainer.callback_metrics
+        )
 
 
 def test_wandb_online_without_account_falls_back_to_csv(
@@ -74,7 +85,9 @@ def test_wandb_online_without_account_falls_back_to_csv(
     assert metrics and "train/loss" in metrics[0].read_text()
 
 
-def test_wandb_init_failure_falls_back_to_csv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wandb_init_failure_falls_back_to_csv(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import wandb
     from lightning.pytorch.loggers import CSVLogger
 

@@ -101,7 +101,7 @@ class ODEModel(RegularizedODEModule):
                 r.current_step = self.global_step
         x, y = batch
         t = torch.tensor([0.0, self.span], dtype=x.dtype)
-        zs = self.odeint(self.field, x * self.scale, t, options={"step_size": 0.125})
+        zs = self.odeint(self.field, x * self.scale, t, method="rk4", options={"step_size": 0.125})
         loss = F.mse_loss(zs[-1], y)
         self.log("task", loss)
         return loss
@@ -598,3 +598,24 @@ def test_ddp_one_rank_nonfinite_bare_step(ddp_out: Path) -> None:
         assert res["raised"].startswith("FloatingPointError: regularizer 'adjoint_magnitude'")
         assert res["skipped"] == {"adjoint_magnitude": 0, "sensitivity_magnitude": 0}
     assert "another DDP rank" in load(ddp_out, "step_raise-ddp-rank0.pt")["raised"]
+
+
+def test_skew_jacobian_probes_travel_in_the_checkpoint() -> None:
+    from ode_reg import SkewJacobianPenalty
+
+    torch.manual_seed(0)
+    a = SkewJacobianPenalty(0.01)
+    torch.manual_seed(1)
+    b = SkewJacobianPenalty(0.01)
+    assert int(a.base_seed) != int(b.base_seed)  # drawn from the global generator
+
+    def draw(r: SkewJacobianPenalty, step: int) -> torch.Tensor:
+        return torch.randint(0, 2, (64,), generator=r.generator(step, torch.device("cpu")))
+
+    assert not torch.equal(draw(a, 5), draw(b, 5))
+    b.load_state_dict(a.state_dict())  # a resumed run gets the same probes at each step
+    assert torch.equal(draw(a, 5), draw(b, 5))
+    assert not torch.equal(draw(a, 5), draw(a, 6))  # fresh probes each step
+    assert SkewJacobianPenalty(0.01, seed=7).base_seed.item() == 7
+    with pytest.raises(ValueError, match="`seed` must be an integer >= 0"):
+        SkewJacobianPenalty(0.01, seed=-1)

@@ -256,14 +256,14 @@ class OrthogonalFlow(nn.Module):
         return self._act(z @ weight.to(z.dtype).mT)
 
     def ode_reg_integrate(
-        self, y0: Tensor, grid: Tensor, *, method: str, options: dict[str, Any] | None
+        self, y0: Tensor, grid: Tensor, *, method: str | None, options: dict[str, Any] | None
     ) -> tuple[list[Tensor], list[Tensor]]:
         """Advance ``(z, W)`` over the checkpoint ``grid``; the protocol of :func:`ode_reg.integrate`.
 
         Args:
             y0: initial state ``(B, dim)``; ``states[0]`` is this very tensor.
             grid: increasing 1-D checkpoint times; ``grid[0]`` is the start.
-            method: must be ``"rk4"`` (the rule for ``z``).
+            method: ``"rk4"`` (the rule for ``z``) or ``None``.
             options: ``None`` or ``{"step_size": h}`` overriding ``step_size``.
 
         Returns:
@@ -273,7 +273,7 @@ class OrthogonalFlow(nn.Module):
         Raises:
             ValueError: on another ``method``, unknown ``options`` keys or a step size ``<= 0``.
         """
-        if method != "rk4":
+        if method not in (None, "rk4"):
             raise ValueError(
                 "`method` must be 'rk4' for OrthogonalFlow (z advances by RK4, W by the "
                 f"`step` rule {self.step!r}), got {method!r}"

@@ -216,7 +216,7 @@ class SkewLinearODEFunc(nn.Module):
         return None if self.g is None else self._integrate_jointly
 
     def _integrate_jointly(
-        self, y0: Tensor, grid: Tensor, *, method: str, options: dict[str, Any] | None
+        self, y0: Tensor, grid: Tensor, *, method: str | None, options: dict[str, Any] | None
     ) -> tuple[list[Tensor], list[Tensor]]:
         opts = dict(options or {})
         rtol = opts.pop("rtol", 1e-7)
@@ -231,7 +231,7 @@ class SkewLinearODEFunc(nn.Module):
                     self,
                     (z, a.to(z.dtype)),
                     torch.stack([ta, tb]),
-                    method=method,
+                    method=method or "dopri5",
                     options=opts or None,
                     rtol=rtol,
                     atol=atol,
