@@ -6,8 +6,10 @@ in ``ode_reg.callbacks`` are thin Lightning shells over it.
 """
 
 from ode_reg.adjoint import adjoints, sensitivities
+from ode_reg.callbacks import GradientNormMonitor, OrthogonalityMonitor, SpectrumMonitor
 from ode_reg.dynamics import AntisymmetricODEFunc, OrthogonalFlow, SkewLinearODEFunc
 from ode_reg.functional import cayley, orthogonality_defect, scaled_cayley
+from ode_reg.metrics import MaxOrthogonalityDefect, MeanAdjointRatio, MeanSpectralAbscissa
 from ode_reg.module import RegularizedODEModule, StepRecord
 from ode_reg.regularizers import (
     AdjointMagnitude,
@@ -26,6 +28,12 @@ __all__ = [
     "AdjointMagnitude",
     "AntisymmetricODEFunc",
     "DirectionalConstraint",
+    "GradientNormMonitor",
+    "MaxOrthogonalityDefect",
+    "MeanAdjointRatio",
+    "MeanSpectralAbscissa",
+    "OrthogonalityMonitor",
+    "SpectrumMonitor",
     "IntegrationError",
     "OrthogonalFlow",
     "Regularizer",

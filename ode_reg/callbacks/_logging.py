@@ -1,0 +1,244 @@
+"""What the monitors share: cadence, cross-rank reduction, and delivery to the trainer's loggers.
+
+Scalars. Each value is logged with ``pl_module.log(..., on_step=True, logger=False)`` (so it is
+in ``trainer.callback_metrics``, usable by ``ModelCheckpoint``/``EarlyStopping`` and the
+progress bar, with or without a logger) and handed to every logger with
+``logger.log_metrics(..., step=...)`` on rank zero, at the monitor's own cadence. Going
+through Lightning's ``self.log(logger=True)`` instead would deliver the value only on
+Lightning's ``log_every_n_steps`` grid and re-send a stale value at every later grid step
+until the next update; Lightning's own monitors (``LearningRateMonitor``,
+``DeviceStatsMonitor``) log to the loggers directly for the same reason. Rank-local values
+are reduced first with ``trainer.strategy.reduce`` (one collective per reduction kind, run on
+every rank at the same steps), so every rank logs the same number.
+
+Images and histograms (rank zero only):
+
+- ``WandbLogger``: ``log_image`` / a ``wandb.Histogram`` (at most 512 bins);
+- ``TensorBoardLogger``: ``add_figure`` / ``add_histogram``, and the figure also as a PNG;
+- any other logger with a ``log_dir`` (``CSVLogger``, ...): PNG files
+  ``<log_dir>/plots/<key>/step_<step>.png`` (a histogram is drawn as a bar chart);
+- no logger: skipped (scalars still reach ``callback_metrics``).
+
+The step is Lightning's logger step (``trainer.fit_loop.epoch_loop._batches_that_stepped``),
+the one Lightning itself passes to the loggers, so the monitors' points line up with the
+model's own logged metrics.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Collection, Mapping
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_warn
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from ode_reg.plotting import figure_to_array, histogram_figure, save_figure
+
+#: W&B refuses histograms with more bins than this.
+WANDB_MAX_BINS = 512
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-/]")
+
+
+def resolve_every_n(trainer: pl.Trainer, every_n_steps: int | None) -> int:
+    """``every_n_steps`` or, when ``None``, ``trainer.log_every_n_steps`` (0 means never)."""
+    return int(trainer.log_every_n_steps) if every_n_steps is None else every_n_steps
+
+
+def logger_step(trainer: pl.Trainer) -> int:
+    """The step Lightning passes to the loggers for the current training batch."""
+    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+
+def is_due(trainer: pl.Trainer, every_n: int) -> bool:
+    """Whether a cadence of ``every_n`` steps fires on the current training batch.
+
+    Lightning's convention (``should_update_logs``): the batch with logger step ``s`` fires
+    when ``(s + 1) % every_n == 0``. The counter only advances after ``on_train_batch_end``,
+    so ``on_before_backward``, ``on_before_optimizer_step`` and ``on_train_batch_end`` of one
+    batch agree. Under gradient accumulation only the micro-batch that steps the optimizer
+    fires (as Lightning logs step metrics only then).
+    """
+    if every_n <= 0 or (logger_step(trainer) + 1) % every_n != 0:
+        return False
+    module = trainer.lightning_module
+    if module is not None and module.automatic_optimization:
+        should_accumulate = getattr(trainer.fit_loop, "_should_accumulate", None)
+        if should_accumulate is not None and should_accumulate():
+            return False
+    return True
+
+
+def reduce_values(
+    trainer: pl.Trainer, values: Mapping[str, Tensor], ops: Mapping[str, str]
+) -> dict[str, Tensor]:
+    """Reduce rank-local scalars across ranks, one collective per reduction kind.
+
+    Must be called on every rank with the same keys (it is a collective under DDP). Keys
+    missing from ``ops`` are returned unchanged (values equal on all ranks already).
+
+    Args:
+        trainer: the trainer (its strategy reduces).
+        values: scalar tensors.
+        ops: key -> ``"mean"``, ``"sum"``, ``"max"`` or ``"min"``.
+
+    Returns:
+        The reduced values, same keys.
+    """
+    out = dict(values)
+    if trainer.world_size <= 1:
+        return out
+    by_op: dict[str, list[str]] = {}
+    for key in sorted(values):
+        if key in ops:
+            by_op.setdefault(ops[key], []).append(key)
+    for op, keys in sorted(by_op.items()):
+        dtype = torch.float64 if any(values[k].dtype == torch.float64 for k in keys) else None
+        stacked = torch.stack(
+            [values[k].detach().reshape(()).to(dtype or torch.float32) for k in keys]
+        )
+        # strategy.reduce works in place: hand it a fresh tensor.
+        reduced = trainer.strategy.reduce(stacked.clone(), reduce_op=op)
+        for k, v in zip(keys, reduced):
+            out[k] = v
+    return out
+
+
+def log_scalars(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    metrics: Mapping[str, Tensor | float],
+    *,
+    prog_bar: Collection[str] = (),
+) -> None:
+    """Log scalars (already reduced across ranks) to ``callback_metrics`` and to the loggers.
+
+    See the module docstring for why the loggers are called directly. Keys in ``prog_bar``
+    are also shown in the progress bar.
+    """
+    if not metrics:
+        return
+    for key, value in metrics.items():
+        pl_module.log(
+            key,
+            value,
+            on_step=True,
+            on_epoch=False,
+            logger=False,
+            prog_bar=key in prog_bar,
+            batch_size=1,
+        )
+    if trainer.is_global_zero and trainer.loggers:
+        step = logger_step(trainer)
+        scalars = {k: float(v) for k, v in metrics.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(scalars, step=step)
+
+
+def _file_dir(logger: Logger) -> str | None:
+    try:
+        log_dir = getattr(logger, "log_dir", None)
+    except Exception:  # noqa: BLE001 - some loggers compute log_dir lazily and may fail
+        log_dir = None
+    return log_dir if isinstance(log_dir, str) else None
+
+
+def plot_path(log_dir: str, key: str, step: int) -> str:
+    """``<log_dir>/plots/<key>/step_<step:07d>.png`` with unsafe characters replaced."""
+    safe = _UNSAFE.sub("_", key).replace("..", "_").strip("/") or "plot"
+    return os.path.join(log_dir, "plots", *safe.split("/"), f"step_{step:07d}.png")
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        rank_zero_warn(message)
+
+
+def has_plot_sink(trainer: pl.Trainer) -> bool:
+    """Whether any of the trainer's loggers can take images (else plots are skipped)."""
+    return any(
+        isinstance(lg, (WandbLogger, TensorBoardLogger)) or _file_dir(lg) is not None
+        for lg in trainer.loggers
+    )
+
+
+def log_figure(trainer: pl.Trainer, key: str, fig: Figure, step: int | None = None) -> list[str]:
+    """Send a figure to every logger of the trainer (rank zero only).
+
+    Args:
+        trainer: the trainer.
+        key: the image's key, e.g. ``"spectrum/eigenvalues"``.
+        fig: a matplotlib figure (see :mod:`ode_reg.plotting`).
+        step: logger step (default: the current one).
+
+    Returns:
+        The PNG files written (for file-based loggers).
+    """
+    if not trainer.is_global_zero:
+        return []
+    step = logger_step(trainer) if step is None else step
+    written: list[str] = []
+    pixels: np.ndarray | None = None
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            if pixels is None:
+                pixels = figure_to_array(fig)
+            logger.log_image(key=key, images=[pixels], step=step)
+            continue
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_figure(key, fig, global_step=step, close=False)
+        log_dir = _file_dir(logger)
+        if log_dir is not None:
+            written.append(save_figure(fig, plot_path(log_dir, key, step)))
+        elif not isinstance(logger, TensorBoardLogger):
+            _warn_once(
+                f"ode_reg monitors: logger {type(logger).__name__} takes no images and has no "
+                "`log_dir`; plots are not saved for it"
+            )
+    return written
+
+
+def log_histogram(
+    trainer: pl.Trainer, key: str, values: Tensor, step: int | None = None, bins: int = 64
+) -> list[str]:
+    """Send a histogram of ``values`` to every logger of the trainer (rank zero only).
+
+    W&B gets a ``wandb.Histogram`` (``min(bins, 512)`` bins), TensorBoard ``add_histogram``,
+    other loggers with a ``log_dir`` a PNG bar chart. Non-finite values are dropped.
+
+    Returns:
+        The PNG files written.
+    """
+    if not trainer.is_global_zero:
+        return []
+    step = logger_step(trainer) if step is None else step
+    v = values.detach().reshape(-1).double().cpu()
+    v = v[torch.isfinite(v)]
+    if v.numel() == 0:
+        return []
+    written: list[str] = []
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            hist = wandb.Histogram(v.numpy(), num_bins=min(bins, WANDB_MAX_BINS))
+            logger.log_metrics({key: hist}, step=step)  # type: ignore[dict-item]
+            continue
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_histogram(key, v.numpy(), global_step=step)
+            continue
+        log_dir = _file_dir(logger)
+        if log_dir is not None:
+            fig = histogram_figure(v, bins=bins, title=f"{key} (step {step})")
+            written.append(save_figure(fig, plot_path(log_dir, key, step)))
+    return written
