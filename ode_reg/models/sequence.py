@@ -142,6 +142,11 @@ class SequenceModel(RegularizedODEModule):
                 options=self.options,
                 checkpoints=1,
             )[-1]
+            if self._recording and self._step_trajectories:
+                # The solve's own end state rather than a view of the stacked output: the next
+                # solve then starts from the very tensor this one ended at, so the chained
+                # trajectory shares it and has T + 1 checkpoints (not 2 T).
+                h = self._step_trajectories[-1].states[-1]
             out.append(h)
         return torch.stack(out, dim=1)
 

@@ -1,0 +1,99 @@
+"""Helpers shared by the result scripts in ``recipes/`` (not part of the library)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "results"
+
+
+def single_thread() -> None:
+    """One intra-op thread per run: faster for these small matrices when runs share 2 cores."""
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def offline_wandb(folder: Path) -> None:
+    """Keep W&B offline and its files under ``folder`` (unless the user configured it)."""
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        os.environ.setdefault(var, str(folder))
+    folder.mkdir(parents=True, exist_ok=True)
+
+
+def machine() -> str:
+    """A one-line description of where the figures were measured."""
+    return (
+        f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+        "1 torch thread per run"
+    )
+
+
+def adjoint_profile(model: Any, x: Tensor, y: Tensor) -> Tensor:
+    """``p_k = mean_i |a_{k,i}|`` of the task loss on a held-out batch, for a recipe model.
+
+    Runs the model's forward pass with trajectory recording on (as in a training step), chains
+    the per-step trajectories and takes ``a_k = dL/dz_k`` with :func:`ode_reg.adjoints`.
+    Needs a model whose hidden state is integrated by ``self.odeint`` (not ``cell="gru"``).
+    """
+    from ode_reg import adjoints
+    from ode_reg.trajectory import chain
+
+    was_training = model.training
+    model.eval()
+    model._recording, model._step_trajectories = True, []
+    try:
+        with torch.enable_grad():
+            out = model(x)
+            loss = model._loss(out, y) if hasattr(model, "_loss") else torch.nn.functional.cross_entropy(out, y)
+            trajectories = model._step_trajectories
+            traj = chain(trajectories) if len(trajectories) > 1 else trajectories[0]
+            a = adjoints(loss, traj)
+    finally:
+        model._recording, model._step_trajectories = False, []
+        model.train(was_training)
+    return a.flatten(2).norm(dim=-1).mean(dim=1).detach()
+
+
+def profile_ratio(profile: Tensor) -> float:
+    """``max_k p_k / min_k p_k`` (1 for a constant adjoint norm)."""
+    return float(profile.max() / profile.min().clamp_min(1e-30))
+
+
+class Timer:
+    """``with Timer() as t: ...``; ``t.seconds`` afterwards."""
+
+    def __enter__(self) -> Timer:
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.start
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=float))
+
+
+def md_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A GitHub markdown table."""
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
