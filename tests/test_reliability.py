@@ -619,3 +619,95 @@ def test_skew_jacobian_probes_travel_in_the_checkpoint() -> None:
     assert SkewJacobianPenalty(0.01, seed=7).base_seed.item() == 7
     with pytest.raises(ValueError, match="`seed` must be an integer >= 0"):
         SkewJacobianPenalty(0.01, seed=-1)
+
+
+def _logged(folder: Path) -> dict[int, dict[str, float]]:
+    """``metrics.csv`` rows of a CSVLogger run, merged by step: {step: {key: value}}."""
+    import csv
+
+    rows: dict[int, dict[str, float]] = {}
+    for path in folder.rglob("metrics.csv"):
+        with open(path) as fh:
+            for row in csv.DictReader(fh):
+                step = int(row["step"])
+                for key, value in row.items():
+                    if key != "step" and value not in ("", None):
+                        rows.setdefault(step, {})[key] = float(value)
+    return rows
+
+
+class InterruptBefore(Callback):
+    """Raise before the batch of ``at_step`` runs (the previous step is complete and logged)."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.at_step:
+            raise RuntimeError(f"interrupted before step {self.at_step}")
+
+
+def test_resumed_run_logs_the_same_sequence_as_an_uninterrupted_one(tmp_path: Path) -> None:
+    """Monitors, the stochastic skew-Jacobian term and the task loss: interrupted at step 7,
+    resumed from the last checkpoint, the logged sequence equals the uninterrupted run's."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from ode_reg.callbacks import GradientNormMonitor, OrthogonalityMonitor, SpectrumMonitor
+
+    def regs() -> list:
+        return [AdjointMagnitude(0.1), SkewJacobianPenalty(0.05, seed=3)]
+
+    def monitors() -> list:
+        return [
+            GradientNormMonitor(every_n_steps=1),
+            SpectrumMonitor(every_n_steps=2),
+            OrthogonalityMonitor(every_n_steps=1),
+        ]
+
+    def run(root: Path, *extra: Callback, ckpt: Path | None = None) -> None:
+        L.seed_everything(0)
+        model = ResumeModel(regularizers=regs())
+        t = trainer(
+            max_epochs=3,
+            logger=CSVLogger(root),
+            log_every_n_steps=1,
+            enable_checkpointing=True,
+            callbacks=[
+                ModelCheckpoint(
+                    dirpath=root / "ckpt", save_last=True, every_n_train_steps=1, save_top_k=0
+                ),
+                *monitors(),
+                *extra,
+            ],
+        )
+        t.fit(model, ckpt_path=ckpt)
+
+    run(tmp_path / "full")
+    with pytest.raises(RuntimeError, match="interrupted before step 7"):
+        run(tmp_path / "first", InterruptBefore(7))
+    last = tmp_path / "first" / "ckpt" / "last.ckpt"
+    resume_step = torch.load(last, weights_only=False)["global_step"]
+    run(tmp_path / "resumed", ckpt=last)
+
+    full = _logged(tmp_path / "full")
+    first, resumed = _logged(tmp_path / "first"), _logged(tmp_path / "resumed")
+    joined = {s: r for s, r in first.items() if s < resume_step}
+    for s, r in resumed.items():
+        joined.setdefault(s, {}).update(r)
+    keys = [
+        "task",
+        "reg/adjoint_magnitude_step",
+        "reg/skew_jacobian_step",
+        "grad/total_norm",
+        "adjoint/ratio_max_min",
+        "spectrum/abscissa",
+    ]
+    compared = 0
+    for step, row in full.items():
+        for key in keys:
+            if key in row:
+                assert key in joined.get(step, {}), (step, key)
+                assert joined[step][key] == pytest.approx(row[key], rel=1e-5, abs=1e-7), (step, key)
+                compared += 1
+    assert compared > 40
+    assert max(full) == max(joined)
