@@ -38,18 +38,25 @@ def _scalar(metrics: dict[str, Any], *keys: str) -> float | None:
     return None
 
 
-def print_summary(trainer: L.Trainer, model: L.LightningModule, test: dict[str, float]) -> dict:
+def print_summary(
+    trainer: L.Trainer,
+    model: L.LightningModule,
+    test: dict[str, float],
+    fit_metrics: dict[str, Any] | None = None,
+) -> dict:
     """Print and save (``summary.json`` beside the run) the run's key figures.
 
     Args:
         trainer: the trainer after ``fit`` (and ``test``).
         model: the trained module.
         test: the metrics ``trainer.test`` returned.
+        fit_metrics: ``trainer.callback_metrics`` as ``fit`` left them (``test`` resets them).
 
     Returns:
         The summary as a dict.
     """
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    metrics = {k: float(v) for k, v in (fit_metrics or {}).items()}
+    metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
     metrics.update(test)
     folder = run_dir(trainer)
     plots = sorted(str(p) for p in folder.rglob("*.png"))
@@ -59,11 +66,11 @@ def print_summary(trainer: L.Trainer, model: L.LightningModule, test: dict[str, 
         "test_acc": _scalar(metrics, "test/acc"),
         "test_mse": _scalar(metrics, "test/mse"),
         "val_acc": _scalar(metrics, "val/acc"),
-        "adjoint_ratio_max_min": _scalar(
-            metrics, "adjoint/ratio_max_min_epoch", "adjoint/ratio_max_min"
-        ),
-        "orthogonality_max": _scalar(metrics, "orthogonality/max"),
+        "adjoint_ratio_max_min": _scalar(metrics, "adjoint/ratio_max_min"),
+        "adjoint_ratio_epoch_geomean": _scalar(metrics, "adjoint/ratio_epoch_geomean"),
+        "orthogonality_max": _scalar(metrics, "orthogonality/max", "orthogonality/running_max"),
         "spectral_abscissa": _scalar(metrics, "spectrum/abscissa"),
+        "skew_real_max": _scalar(metrics, "spectrum/skew_real_max"),
         "reg_total": _scalar(metrics, "reg/total_epoch", "reg/total"),
         "run_dir": str(folder),
         "plots": plots,
@@ -75,12 +82,16 @@ def print_summary(trainer: L.Trainer, model: L.LightningModule, test: dict[str, 
         ("test_mse", "test MSE"),
         ("val_acc", "validation accuracy"),
         ("adjoint_ratio_max_min", "adjoint norm max/min over the sequence"),
+        ("adjoint_ratio_epoch_geomean", "  (geometric mean over the last epoch)"),
         ("orthogonality_max", "max orthogonality defect |W^T W - I|_F"),
         ("spectral_abscissa", "Jacobian spectral abscissa (max Re lambda)"),
+        ("skew_real_max", "max |Re lambda(W - W^T)| (0 for a skew matrix)"),
         ("reg_total", "regularizer total"),
     ]:
         if summary[key] is not None:
             lines.append(f"  {label:<44} {summary[key]:.4g}")
+    if summary["orthogonality_max"] is None:
+        lines.append(f"  {'orthogonality defect':<44} n/a (the model holds no orthogonal matrix)")
     lines.append(f"  {'epochs / steps':<44} {summary['epochs']} / {summary['steps']}")
     lines.append(f"  {'run folder':<44} {folder}")
     lines.append(f"  {'plots':<44} {len(plots)} PNG files under the run folder")

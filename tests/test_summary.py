@@ -1,0 +1,49 @@
+"""The end-of-run summary of the ``ode-reg`` command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ode_reg.cli import run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_summary_reports_fit_metrics_and_saves_json(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb"))
+    (tmp_path / "wandb").mkdir()
+    cli = run(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "recipes" / "two_moons.yaml"),
+            "--trainer.max_steps",
+            "4",
+            "--trainer.log_every_n_steps",
+            "1",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.logger",
+            "lightning.pytorch.loggers.CSVLogger",
+            "--trainer.logger.save_dir",
+            str(tmp_path),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert "ode_reg run summary" in out
+    files = list(tmp_path.rglob("summary.json"))
+    assert len(files) == 1
+    summary = json.loads(files[0].read_text())
+    # test accuracy from trainer.test, monitor figures from fit (test resets callback_metrics)
+    assert 0.0 <= summary["test_acc"] <= 1.0
+    assert summary["adjoint_ratio_max_min"] is not None and summary["adjoint_ratio_max_min"] >= 1.0
+    assert summary["spectral_abscissa"] is not None
+    assert summary["steps"] == 4 == cli.trainer.global_step
+    assert f"{summary['test_acc']:.4g}" in out
