@@ -239,6 +239,12 @@ class RegularizedODEModule(L.LightningModule):
                     )
                 r.skipped += 1
                 continue
+            if r.zero_value_has_zero_gradient and v.detach() == 0:
+                # A sum of squares at 0 has zero gradient: do not walk its graph (for the
+                # adjoint-based terms, a double backward through the trajectory). Under DDP the
+                # terms whose backward communicates (y_k is all-reduced) have the same value,
+                # hence the same decision, on every rank.
+                v = v.detach()
             total = total + r.scheduled_weight(step) * v
             self.log(f"reg/{r.name}", v.detach(), on_step=True, on_epoch=True, sync_dist=True)
         self.log("reg/total", total.detach(), on_step=True, on_epoch=True, sync_dist=True)

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ode_reg._batched import skew_jacobian_of_trajectory
 from ode_reg._checks import check_gamma, check_int, check_range
 from ode_reg.adjoint import adjoints as compute_adjoints
 from ode_reg.adjoint import sensitivities as compute_sensitivities
@@ -19,7 +20,6 @@ from ode_reg.functional import (
     adjoint_magnitude_penalty,
     directional_penalty,
     sensitivity_magnitude_penalty,
-    skew_jacobian_penalty,
     spectral_penalty,
 )
 from ode_reg.trajectory import Trajectory
@@ -102,6 +102,11 @@ class Regularizer(nn.Module):
 
     #: Needs ``a_k`` as a differentiable function of the parameters (no ``odeint_adjoint``).
     needs_adjoints: bool = False
+    #: The term is a sum of squares, so a value of exactly 0 has a gradient of exactly 0:
+    #: on such a step :class:`~ode_reg.RegularizedODEModule` adds the value without its graph
+    #: (an inactive hinge, such as a satisfied :class:`DirectionalConstraint`, then costs no
+    #: double backward). ``False`` for a subclass unless it sets it.
+    zero_value_has_zero_gradient: bool = False
     default_name: str = "regularizer"
 
     def __init__(
@@ -159,6 +164,7 @@ class AdjointMagnitude(Regularizer):
 
     needs_adjoints = True
     default_name = "adjoint_magnitude"
+    zero_value_has_zero_gradient = True
 
     def __init__(self, weight: float = 0.1, reference: int = -1, **kwargs) -> None:
         super().__init__(weight, **kwargs)
@@ -174,8 +180,11 @@ class SensitivityMagnitude(Regularizer):
     Args:
         weight: multiplier, ``>= 0``.
         reference: checkpoint index of the reference (default the final time).
-        detach_states: treat ``z_k`` as constants inside ``y_k`` (cheaper, an approximation
-            of the full derivative; off by default).
+        detach_states: treat ``z_k`` as constants inside ``y_k``: a stop-gradient, an
+            approximation of the full derivative, off by default. With the batched
+            sensitivities the path through ``z_k`` costs little (BENCHMARKS.md: the exact
+            terms and this option cost about the same, both dominated by the adjoints'
+            double backward), so there is rarely a reason to turn it on.
         **kwargs: ``every_n_steps``, ``warmup_steps``, ``name``.
 
     Raises:
@@ -190,6 +199,7 @@ class SensitivityMagnitude(Regularizer):
 
     needs_adjoints = True
     default_name = "sensitivity_magnitude"
+    zero_value_has_zero_gradient = True
 
     def __init__(
         self, weight: float = 0.1, reference: int = -1, detach_states: bool = False, **kwargs
@@ -226,6 +236,7 @@ class DirectionalConstraint(Regularizer):
 
     needs_adjoints = True
     default_name = "directional"
+    zero_value_has_zero_gradient = True
 
     def __init__(
         self,
@@ -271,6 +282,7 @@ class SpectralConstraint(Regularizer):
     """
 
     default_name = "spectral"
+    zero_value_has_zero_gradient = True
 
     def __init__(self, gamma: float = 0.0, weight: float = 0.1, reference: int = -1, **kwargs):
         check_gamma(gamma)
@@ -318,6 +330,7 @@ class SkewJacobianPenalty(Regularizer):
     """
 
     default_name = "skew_jacobian"
+    zero_value_has_zero_gradient = True
 
     def __init__(
         self,
@@ -352,14 +365,6 @@ class SkewJacobianPenalty(Regularizer):
         if self.max_states is not None and self.max_states < n:
             ks = torch.linspace(0, n - 1, self.max_states).round().long().tolist()
         gen = self.generator(ctx.step, traj.states[0].device)
-        terms = [
-            skew_jacobian_penalty(
-                lambda _t, z, _k=k: traj.field_at(_k, z),
-                traj.times[k : k + 1],
-                traj.states[k].unsqueeze(0),
-                probes=self.probes,
-                generator=gen,
-            )
-            for k in ks
-        ]
-        return torch.stack(terms).mean()
+        # All checkpoints in one vmap call where the field allows (the per-checkpoint loop
+        # of skew_jacobian_penalty otherwise); the same probes, the same value.
+        return skew_jacobian_of_trajectory(traj, ks, self.probes, gen)

@@ -55,7 +55,11 @@ def adjoint_profile(model: Any, x: Tensor, y: Tensor) -> Tensor:
     try:
         with torch.enable_grad():
             out = model(x)
-            loss = model._loss(out, y) if hasattr(model, "_loss") else torch.nn.functional.cross_entropy(out, y)
+            loss = (
+                model._loss(out, y)
+                if hasattr(model, "_loss")
+                else torch.nn.functional.cross_entropy(out, y)
+            )
             trajectories = model._step_trajectories
             traj = chain(trajectories) if len(trajectories) > 1 else trajectories[0]
             a = adjoints(loss, traj)

@@ -29,7 +29,16 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, Timer, adjoint_profile, machine, md_table, profile_ratio, single_thread, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS,
+    Timer,
+    adjoint_profile,
+    machine,
+    md_table,
+    profile_ratio,
+    single_thread,
+    write_json,
+)
 
 CELLS = ("unstructured", "antisymmetric")
 REGS = ("none", "adjoint", "sens_dir", "skew")
@@ -42,7 +51,12 @@ REG_TEXT = {
 
 
 def make_regularizers(name: str) -> list:
-    from ode_reg import AdjointMagnitude, DirectionalConstraint, SensitivityMagnitude, SkewJacobianPenalty
+    from ode_reg import (
+        AdjointMagnitude,
+        DirectionalConstraint,
+        SensitivityMagnitude,
+        SkewJacobianPenalty,
+    )
 
     if name == "none":
         return []
@@ -58,13 +72,14 @@ def make_regularizers(name: str) -> list:
 def train_one(job: dict[str, Any]) -> dict[str, Any]:
     single_thread()
     import lightning as L
-    import torch
 
     from ode_reg.data import DigitsDataModule
     from ode_reg.models import SequenceModel
 
     L.seed_everything(job["seed"], verbose=False)
-    dm = DigitsDataModule(order="noise_padded", seq_len=job["seq_len"], batch_size=64, seed=job["seed"])
+    dm = DigitsDataModule(
+        order="noise_padded", seq_len=job["seq_len"], batch_size=64, seed=job["seed"]
+    )
     model = SequenceModel(
         dm.input_dim,
         dm.num_classes,
@@ -116,7 +131,9 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
     for cell, ax in zip(CELLS, axes[:2]):
         for r in records:
             if r["cell"] == cell:
-                ax.semilogy(r["adjoint_profile"], label=f"{r['reg']} (acc {100 * r['test_acc']:.0f} %)")
+                ax.semilogy(
+                    r["adjoint_profile"], label=f"{r['reg']} (acc {100 * r['test_acc']:.0f} %)"
+                )
         ax.set_title(f"{cell}: adjoint norm along the sequence")
         ax.set_xlabel("k (state after input step k; k = 0 the initial state)")
         ax.set_ylabel("mean_i |dL/dz_k|")
@@ -150,7 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cells", nargs="*", default=list(CELLS))
     p.add_argument("--regs", nargs="*", default=list(REGS))
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--replot", action="store_true", help="only redraw the table and plot from the JSON")
+    p.add_argument(
+        "--replot", action="store_true", help="only redraw the table and plot from the JSON"
+    )
     args = p.parse_args(argv)
     out = args.out or (RESULTS / "fast" if args.fast else RESULTS)
     out.mkdir(parents=True, exist_ok=True)
@@ -159,8 +178,18 @@ def main(argv: list[str] | None = None) -> None:
         return
     seq_len, max_steps = (16, 2) if args.fast else (args.seq_len, -1)
     jobs = [
-        dict(cell=c, reg=g, seq_len=seq_len, hidden=args.hidden, epochs=1 if args.fast else args.epochs,
-             max_steps=max_steps, step=args.step, lr=args.lr, seed=args.seed, probe=64 if args.fast else 256)
+        dict(
+            cell=c,
+            reg=g,
+            seq_len=seq_len,
+            hidden=args.hidden,
+            epochs=1 if args.fast else args.epochs,
+            max_steps=max_steps,
+            step=args.step,
+            lr=args.lr,
+            seed=args.seed,
+            probe=64 if args.fast else 256,
+        )
         for c in args.cells
         for g in args.regs
     ]
@@ -180,25 +209,36 @@ def write_outputs(records: list[dict[str, Any]], meta: dict[str, Any], out: Path
     """``ablation.md`` and ``ablation.png`` from the run records."""
     a = meta["args"]
     rows = [
-        [r["cell"], r["regularizer"], r["epochs_done"], f"{100 * r['test_acc']:.1f} %",
-         f"{r['adjoint_ratio_max_min']:.3g}", f"{r['wall_s']:.0f} s"]
+        [
+            r["cell"],
+            r["regularizer"],
+            r["epochs_done"],
+            f"{100 * r['test_acc']:.1f} %",
+            f"{r['adjoint_ratio_max_min']:.3g}",
+            f"{r['wall_s']:.0f} s",
+        ]
         for r in records
     ]
     cmd = "python recipes/ablation.py" + (" --fast" if a["fast"] else "")
-    md = "\n".join([
-        "# Ablation: regularizers on a long task",
-        "",
-        f"Noise-padded digits, T = {meta['seq_len']} (8 image rows, then N(0, 1) rows), hidden {a['hidden']}, "
-        f"Euler step {a['step']}, Adam lr {a['lr']} (cosine), {records[0]['epochs']} epochs, seed {a['seed']}. "
-        "The adjoint ratio is max_k / min_k of mean_i |dL/dz_k| over the T + 1 states, on a held-out batch of "
-        f"{records[0]['probe']} test samples after training, computed with `ode_reg.adjoints`. "
-        f"Measured on {meta['machine']}. Command: `{cmd}`.",
-        "",
-        md_table(["cell", "regularizer", "epochs", "test acc", "adjoint max/min", "train wall time"], rows),
-        "",
-        "![ablation](ablation.png)",
-        "",
-    ])
+    md = "\n".join(
+        [
+            "# Ablation: regularizers on a long task",
+            "",
+            f"Noise-padded digits, T = {meta['seq_len']} (8 image rows, then N(0, 1) rows), hidden {a['hidden']}, "
+            f"Euler step {a['step']}, Adam lr {a['lr']} (cosine), {records[0]['epochs']} epochs, seed {a['seed']}. "
+            "The adjoint ratio is max_k / min_k of mean_i |dL/dz_k| over the T + 1 states, on a held-out batch of "
+            f"{records[0]['probe']} test samples after training, computed with `ode_reg.adjoints`. "
+            f"Measured on {meta['machine']}. Command: `{cmd}`.",
+            "",
+            md_table(
+                ["cell", "regularizer", "epochs", "test acc", "adjoint max/min", "train wall time"],
+                rows,
+            ),
+            "",
+            "![ablation](ablation.png)",
+            "",
+        ]
+    )
     (out / "ablation.md").write_text(md)
     plot(records, out / "ablation.png")
     return md

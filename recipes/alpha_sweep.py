@@ -31,7 +31,16 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, Timer, adjoint_profile, machine, md_table, profile_ratio, single_thread, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS,
+    Timer,
+    adjoint_profile,
+    machine,
+    md_table,
+    profile_ratio,
+    single_thread,
+    write_json,
+)
 
 ALPHAS = (0.1, 0.5, 1.0, 2.0, 5.0)
 SCALES = (0.1, 1.0, 10.0)
@@ -54,7 +63,9 @@ def train_one(job: dict[str, Any]) -> dict[str, Any]:
         kw = dict(alpha=alpha, horizon=HORIZON, step_size=STEP)
     else:
         kw = dict(horizon=alpha * HORIZON, step_size=alpha * STEP, gamma=0.0)
-    model = FlowClassifier(2, 2, flow=flow, hidden_dim=16, init_scale=job["init_scale"], lr=job["lr"], **kw)
+    model = FlowClassifier(
+        2, 2, flow=flow, hidden_dim=16, init_scale=job["init_scale"], lr=job["lr"], **kw
+    )
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -74,8 +85,14 @@ def train_one(job: dict[str, Any]) -> dict[str, Any]:
     model.eval()
     with torch.no_grad():
         z0 = model.hparams.init_scale * model.encoder(x)
-        zs = model.odeint(model.field, z0, model.span, method="rk4",
-                          options={"step_size": model.hparams.step_size}, checkpoints=model.hparams.checkpoints)
+        zs = model.odeint(
+            model.field,
+            z0,
+            model.span,
+            method="rk4",
+            options={"step_size": model.hparams.step_size},
+            checkpoints=model.hparams.checkpoints,
+        )
     n0, nt = z0.norm(dim=-1), zs[-1].norm(dim=-1)
     profile = adjoint_profile(model, x, y)
     return {
@@ -100,11 +117,16 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(len(flows), 3, figsize=(14, 3.6 * len(flows)), squeeze=False)
     for row, flow in zip(axes, flows):
         for s in sorted({r["init_scale"] for r in records}):
-            rs = sorted((r for r in records if r["flow"] == flow and r["init_scale"] == s), key=lambda r: r["alpha"])
+            rs = sorted(
+                (r for r in records if r["flow"] == flow and r["init_scale"] == s),
+                key=lambda r: r["alpha"],
+            )
             a = [r["alpha"] for r in rs]
             row[0].plot(a, [100 * r["test_acc"] for r in rs], "o-", label=f"init scale {s:g}")
             row[1].plot(a, [r["norm_ratio"] for r in rs], "o-", label=f"init scale {s:g}")
-            row[2].plot(a, [r["adjoint_ratio_max_min"] for r in rs], "o-", label=f"init scale {s:g}")
+            row[2].plot(
+                a, [r["adjoint_ratio_max_min"] for r in rs], "o-", label=f"init scale {s:g}"
+            )
         row[0].set_ylabel(f"{flow}\ntest accuracy (%)")
         row[1].set_ylabel("mean |z(T)| / |z(0)|")
         row[2].set_ylabel("adjoint norm max/min")
@@ -120,7 +142,9 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--fast", action="store_true", help="2 steps per run on a 2 x 2 grid, into results/fast/")
+    p.add_argument(
+        "--fast", action="store_true", help="2 steps per run on a 2 x 2 grid, into results/fast/"
+    )
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
@@ -132,8 +156,15 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     alphas, scales = ((0.5, 2.0), (0.1, 10.0)) if args.fast else (ALPHAS, SCALES)
     jobs = [
-        dict(flow=f, alpha=a, init_scale=s, epochs=1 if args.fast else args.epochs,
-             max_steps=2 if args.fast else -1, lr=args.lr, seed=args.seed)
+        dict(
+            flow=f,
+            alpha=a,
+            init_scale=s,
+            epochs=1 if args.fast else args.epochs,
+            max_steps=2 if args.fast else -1,
+            lr=args.lr,
+            seed=args.seed,
+        )
         for f in args.flows
         for s in scales
         for a in alphas
@@ -145,27 +176,51 @@ def main(argv: list[str] | None = None) -> None:
             records = list(pool.map(train_one, jobs))
     else:
         records = [train_one(j) for j in jobs]
-    write_json(out / "alpha_sweep.json", {"machine": machine(), "args": vars(args) | {"out": str(out)}, "runs": records})
+    write_json(
+        out / "alpha_sweep.json",
+        {"machine": machine(), "args": vars(args) | {"out": str(out)}, "runs": records},
+    )
     rows = [
-        [r["flow"], r["alpha"], r["init_scale"], f"{100 * r['test_acc']:.1f} %", f"{r['z0_norm']:.3g}",
-         f"{r['zT_norm']:.3g}", f"{r['adjoint_ratio_max_min']:.3g}", f"{r['wall_s']:.0f} s"]
+        [
+            r["flow"],
+            r["alpha"],
+            r["init_scale"],
+            f"{100 * r['test_acc']:.1f} %",
+            f"{r['z0_norm']:.3g}",
+            f"{r['zT_norm']:.3g}",
+            f"{r['adjoint_ratio_max_min']:.3g}",
+            f"{r['wall_s']:.0f} s",
+        ]
         for r in records
     ]
-    md = "\n".join([
-        "# Alpha sweep: field scale and initial-state scale (two moons)",
-        "",
-        f"FlowClassifier, hidden 16, horizon {HORIZON}, RK4 step {STEP} (scaled with alpha for the "
-        f"antisymmetric flow), Adam lr {args.lr}, {1 if args.fast else args.epochs} epochs, seed {args.seed}. "
-        "Norms are means over the test set; the adjoint ratio is max/min over the 9 checkpoints "
-        f"of mean_i |dL/dz_k| on the test set. Measured on {machine()}. Command: "
-        "`python recipes/alpha_sweep.py" + (" --fast" if args.fast else "") + "`.",
-        "",
-        md_table(["flow", "alpha", "init scale", "test acc", "mean |z(0)|", "mean |z(T)|",
-                  "adjoint max/min", "train wall time"], rows),
-        "",
-        "![alpha sweep](alpha_sweep.png)",
-        "",
-    ])
+    md = "\n".join(
+        [
+            "# Alpha sweep: field scale and initial-state scale (two moons)",
+            "",
+            f"FlowClassifier, hidden 16, horizon {HORIZON}, RK4 step {STEP} (scaled with alpha for the "
+            f"antisymmetric flow), Adam lr {args.lr}, {1 if args.fast else args.epochs} epochs, seed {args.seed}. "
+            "Norms are means over the test set; the adjoint ratio is max/min over the 9 checkpoints "
+            f"of mean_i |dL/dz_k| on the test set. Measured on {machine()}. Command: "
+            "`python recipes/alpha_sweep.py" + (" --fast" if args.fast else "") + "`.",
+            "",
+            md_table(
+                [
+                    "flow",
+                    "alpha",
+                    "init scale",
+                    "test acc",
+                    "mean |z(0)|",
+                    "mean |z(T)|",
+                    "adjoint max/min",
+                    "train wall time",
+                ],
+                rows,
+            ),
+            "",
+            "![alpha sweep](alpha_sweep.png)",
+            "",
+        ]
+    )
     (out / "alpha_sweep.md").write_text(md)
     plot(records, out / "alpha_sweep.png")
     print(md)

@@ -58,9 +58,12 @@ RUNS: dict[str, dict[str, Any]] = {
         recipe="digits.yaml",
         model="antisymmetric ODE-RNN, no reg., lr 0.01, batch 64 (tuning)",
         overrides=[
-            "--model.init_args.lr", "0.01",
-            "--data.init_args.batch_size", "64",
-            "--model.init_args.regularizers", "[]",
+            "--model.init_args.lr",
+            "0.01",
+            "--data.init_args.batch_size",
+            "64",
+            "--model.init_args.regularizers",
+            "[]",
         ],
         metric="test_acc",
         target=(">=", 0.97, "≥ 97 %"),
@@ -80,7 +83,12 @@ RUNS: dict[str, dict[str, Any]] = {
     "noise_padded_unstructured": dict(
         recipe="digits_noise_padded.yaml",
         model="unstructured ODE-RNN (baseline)",
-        overrides=["--model.init_args.cell", "unstructured", "--model.init_args.regularizers", "[]"],
+        overrides=[
+            "--model.init_args.cell",
+            "unstructured",
+            "--model.init_args.regularizers",
+            "[]",
+        ],
         metric="test_acc",
         target=None,
     ),
@@ -88,9 +96,12 @@ RUNS: dict[str, dict[str, Any]] = {
         recipe="digits_noise_padded.yaml",
         model="GRU (reference)",
         overrides=[
-            "--model.init_args.cell", "gru",
-            "--model.init_args.regularizers", "[]",
-            "--trainer.callbacks", "[]",
+            "--model.init_args.cell",
+            "gru",
+            "--model.init_args.regularizers",
+            "[]",
+            "--trainer.callbacks",
+            "[]",
         ],
         metric="test_acc",
         target=None,
@@ -105,7 +116,11 @@ RUNS: dict[str, dict[str, Any]] = {
         recipe="copying.yaml",
         model="gated antisymmetric ODE-RNN + adjoint reg. (every 4th step)",
         metric="test_loss",
-        target=("<=", 0.1 * COPY_BASELINE_T100, f"CE ≤ {0.1 * COPY_BASELINE_T100:.4f} (10 % of 0.173)"),
+        target=(
+            "<=",
+            0.1 * COPY_BASELINE_T100,
+            f"CE ≤ {0.1 * COPY_BASELINE_T100:.4f} (10 % of 0.173)",
+        ),
     ),
 }
 
@@ -113,13 +128,31 @@ RUNS: dict[str, dict[str, Any]] = {
 def command(key: str, fast: bool, root: Path, extra: list[str] | None = None) -> list[str]:
     """The ``ode-reg fit`` arguments of one run."""
     spec = RUNS[key]
-    args = ["fit", "--config", f"recipes/{spec['recipe']}", *spec.get("overrides", []), *(extra or [])]
+    args = [
+        "fit",
+        "--config",
+        f"recipes/{spec['recipe']}",
+        *spec.get("overrides", []),
+        *(extra or []),
+    ]
     run_dir = root / "runs" / key
     args += ["--trainer.default_root_dir", str(run_dir)]
-    args += ["--trainer.logger.init_args.save_dir", str(run_dir), "--trainer.logger.init_args.name", key]
+    args += [
+        "--trainer.logger.init_args.save_dir",
+        str(run_dir),
+        "--trainer.logger.init_args.name",
+        key,
+    ]
     args += ["--trainer.enable_progress_bar", "false"]
     if fast:
-        args += ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1"]
+        args += [
+            "--trainer.max_steps",
+            "2",
+            "--trainer.limit_val_batches",
+            "1",
+            "--trainer.limit_test_batches",
+            "1",
+        ]
         data = _data_args(spec["recipe"])
         for name, value in (("n_train", 128), ("n_val", 32), ("n_test", 32)):
             if name in data:
@@ -133,7 +166,9 @@ def _data_args(recipe: str) -> dict[str, Any]:
     return yaml.safe_load((ROOT / "recipes" / recipe).read_text())["data"]["init_args"]
 
 
-def worker(key: str, record_path: Path, fast: bool, root: Path, extra: list[str] | None = None) -> None:
+def worker(
+    key: str, record_path: Path, fast: bool, root: Path, extra: list[str] | None = None
+) -> None:
     """Run one recipe in this process and write its record."""
     import torch
 
@@ -270,7 +305,20 @@ def render(records: dict[str, dict[str, Any]], out: Path) -> str:
         if r is None:
             if spec is not None:
                 recipe = f"recipes/{spec['recipe']}"
-                rows.append([key, recipe, spec["model"], "-", "-", "-", "not run yet", "-", target, "not run"])
+                rows.append(
+                    [
+                        key,
+                        recipe,
+                        spec["model"],
+                        "-",
+                        "-",
+                        "-",
+                        "not run yet",
+                        "-",
+                        target,
+                        "not run",
+                    ]
+                )
             continue
         ratio = r.get("adjoint_ratio_held_out")
         rows.append(
@@ -287,8 +335,18 @@ def render(records: dict[str, dict[str, Any]], out: Path) -> str:
                 _met(r, logreg),
             ]
         )
-    header = ["run", "recipe", "model", "seed", "epochs", "wall time", "test metric",
-              "adjoint max/min (held-out batch)", "target", "met?"]
+    header = [
+        "run",
+        "recipe",
+        "model",
+        "seed",
+        "epochs",
+        "wall time",
+        "test metric",
+        "adjoint max/min (held-out batch)",
+        "target",
+        "met?",
+    ]
     text = [
         "# Results",
         "",
@@ -356,7 +414,16 @@ def main(argv: list[str] | None = None) -> None:
         def one(key: str) -> None:
             record_path = out / "records" / f"{key}.json"
             record_path.unlink(missing_ok=True)
-            cmd = [sys.executable, __file__, "--worker", key, "--record", str(record_path), "--out", str(out)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                key,
+                "--record",
+                str(record_path),
+                "--out",
+                str(out),
+            ]
             if args.fast:
                 cmd.append("--fast")
             if args.extra:
@@ -365,7 +432,9 @@ def main(argv: list[str] | None = None) -> None:
             log.parent.mkdir(parents=True, exist_ok=True)
             env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
             with log.open("w") as fh:
-                rc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
+                rc = subprocess.run(
+                    cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env
+                ).returncode
             if rc != 0 or not record_path.exists():
                 print(f"[results] {key} FAILED (rc={rc}), see {log}", flush=True)
                 return

@@ -1,0 +1,161 @@
+"""The field at many checkpoints in one vectorized call (``torch.func.vmap`` over checkpoints).
+
+A trajectory's checkpoints are grouped by how the field is evaluated there
+(:class:`~ode_reg.trajectory.FieldPoint`): same field, same kind of held attributes. Within a
+group the times, the states, the recorded weights ``W_k`` and the held tensors that differ
+between checkpoints (an ODE-RNN's input at each step) are stacked along a new leading
+dimension and mapped over; everything else is shared. The functions here only describe and
+evaluate groups; callers wrap them in ``torch.func`` transforms and fall back to a loop over
+checkpoints when a field cannot be vmapped (data-dependent Python control flow, ``.item()``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ode_reg.functional.penalties import rademacher_probes, skew_sum_loop, skew_sum_vmap
+from ode_reg.trajectory import FieldPoint, Trajectory
+
+
+@dataclass
+class PointGroup:
+    """Checkpoints whose field evaluations differ only in stacked tensors.
+
+    Attributes:
+        index: the checkpoint indices of the group, in order.
+        func: the field.
+        times: ``(n,)`` the field's own times at those checkpoints.
+        shared: held attributes common to the group (set as they are).
+        stacked: names of held attributes that differ, in :attr:`values` order.
+        values: those attributes stacked, each ``(n, ...)``.
+        weights: ``(n, ...)`` recorded ``W_k`` stacked, or ``None``.
+        weight_list: the recorded ``W_k`` themselves (for pulling gradients back through them).
+    """
+
+    index: list[int]
+    func: Callable[..., Tensor]
+    times: Tensor
+    shared: dict[str, object] = field(default_factory=dict)
+    stacked: list[str] = field(default_factory=list)
+    values: list[Tensor] = field(default_factory=list)
+    weights: Tensor | None = None
+    weight_list: list[Tensor] = field(default_factory=list)
+
+    def evaluate(
+        self, t: Tensor, z: Tensor, values: Sequence[Tensor] = (), weight: Tensor | None = None
+    ) -> Tensor:
+        """``f(t, z)`` at one checkpoint of the group (inside ``vmap``: all of them), with the
+        stacked attributes set to ``values`` and ``W = weight``."""
+        if weight is not None:
+            return self.func.ode_reg_field_at(t, z, weight)
+        attrs = {**self.shared, **dict(zip(self.stacked, values))}
+        if not attrs:
+            return self.func(t, z)
+        current = {name: getattr(self.func, name) for name in attrs}
+        try:
+            for name, value in attrs.items():
+                setattr(self.func, name, value)
+            return self.func(t, z)
+        finally:
+            for name, value in current.items():
+                setattr(self.func, name, value)
+
+
+def _key(pt: FieldPoint) -> tuple:
+    snap = pt.snapshot or {}
+    parts: list[object] = [id(pt.func), pt.weight is None]
+    if pt.weight is not None:
+        parts.append((tuple(pt.weight.shape), pt.weight.dtype))
+    for name in sorted(snap):
+        value = snap[name]
+        if isinstance(value, Tensor):
+            parts.append((name, tuple(value.shape), value.dtype, value.device))
+        else:
+            parts.append((name, id(value)))
+    return tuple(parts)
+
+
+def group_points(
+    points: Sequence[FieldPoint], index: Sequence[int] | None = None
+) -> list[PointGroup]:
+    """Group the checkpoints ``index`` (default all) of ``points`` for vectorized evaluation."""
+    index = range(len(points)) if index is None else index
+    by_key: dict[tuple, list[int]] = {}
+    for k in index:
+        by_key.setdefault(_key(points[k]), []).append(k)
+    groups = []
+    for ks in by_key.values():
+        first = points[ks[0]]
+        snap = first.snapshot or {}
+        shared: dict[str, object] = {}
+        stacked: list[str] = []
+        values: list[Tensor] = []
+        for name in sorted(snap):
+            vals = [points[k].snapshot[name] for k in ks]
+            if all(v is vals[0] for v in vals):
+                shared[name] = vals[0]
+            else:
+                stacked.append(name)
+                values.append(torch.stack(vals))
+        weights = None
+        weight_list: list[Tensor] = []
+        if first.weight is not None:
+            weight_list = [points[k].weight for k in ks]
+            weights = torch.stack(weight_list)
+        groups.append(
+            PointGroup(
+                list(ks),
+                first.func,
+                torch.stack([points[k].time for k in ks]),
+                shared,
+                stacked,
+                values,
+                weights,
+                weight_list,
+            )
+        )
+    return groups
+
+
+def skew_jacobian_of_trajectory(
+    traj: Trajectory, ks: Sequence[int], probes: int, generator: torch.Generator | None
+) -> Tensor:
+    """The skew-Jacobian penalty at the checkpoints ``ks`` of ``traj`` (the mean over them and
+    the probes), each group of checkpoints in one ``vmap`` call.
+
+    The probes are drawn as :func:`~ode_reg.functional.skew_jacobian_penalty` draws them,
+    checkpoint by checkpoint, so the value equals that of the per-checkpoint loop; a group
+    whose field ``vmap`` cannot trace (or a trajectory without field points) is done by that
+    loop.
+    """
+    ks = list(ks)
+    vs = rademacher_probes([traj.states[k] for k in ks], probes, generator)
+    slot = {k: i for i, k in enumerate(ks)}
+    if traj.points is None:
+        groups = [(ks, None)]
+    else:
+        groups = [(g.index, g) for g in group_points(traj.points, ks)]
+    total = traj.states[0].new_zeros(())
+    for index, g in groups:
+        states = torch.stack([traj.states[k] for k in index])
+        v = vs[[slot[k] for k in index]]
+        if g is not None:
+            values = list(g.values) if g.weights is None else [*g.values, g.weights]
+
+            def evaluate(t: Tensor, z: Tensor, vals: Sequence[Tensor], g: PointGroup = g):
+                if g.weights is None:
+                    return g.evaluate(t, z, vals)
+                return g.evaluate(t, z, vals[:-1], vals[-1])
+
+            try:
+                total = total + skew_sum_vmap(evaluate, g.times, states, v, values)
+                continue
+            except Exception:  # noqa: BLE001 - a field vmap cannot trace: one by one
+                pass
+        fields = [lambda x, _k=k: traj.field_at(_k, x) for k in index]
+        total = total + skew_sum_loop(fields, states, v)
+    return total / (len(ks) * probes)
