@@ -1,0 +1,1 @@
+"""Benchmarks of ode_reg: ``python -m benchmarks`` (see ``benchmarks/run.py``)."""
