@@ -23,7 +23,6 @@ from ode_reg._checks import check_increasing, check_int
 #: Number of equal checkpoint intervals used when ``checkpoints`` is not given.
 DEFAULT_CHECKPOINTS = 8
 
-FIXED_GRID_METHODS = ("euler", "midpoint", "rk4", "explicit_adams", "implicit_adams")
 
 #: Fixed-grid methods that :func:`integrate` steps itself (see :func:`_fixed_grid_states`).
 DIRECT_METHODS = ("euler", "midpoint", "rk4")

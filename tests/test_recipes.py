@@ -56,6 +56,24 @@ def test_recipe_runs_two_steps(recipe: Path, tmp_path: Path) -> None:
         )
 
 
+def _two_moons_two_steps(tmp_path: Path):
+    """Two training steps of the two-moons recipe (its W&B logger as configured)."""
+    recipe = ROOT / "recipes" / "two_moons.yaml"
+    return run(
+        [
+            "fit",
+            "--config",
+            str(recipe),
+            "--trainer.max_steps",
+            "2",
+            "--trainer.limit_val_batches",
+            "1",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ]
+    )
+
+
 def test_wandb_online_without_account_falls_back_to_csv(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -65,21 +83,8 @@ def test_wandb_online_without_account_falls_back_to_csv(
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     monkeypatch.setenv("NETRC", str(tmp_path / "none"))
-    recipe = ROOT / "recipes" / "two_moons.yaml"
     with pytest.warns(UserWarning, match="W&B is unavailable.*no W&B account"):
-        cli = run(
-            [
-                "fit",
-                "--config",
-                str(recipe),
-                "--trainer.max_steps",
-                "2",
-                "--trainer.limit_val_batches",
-                "1",
-                "--trainer.default_root_dir",
-                str(tmp_path),
-            ]
-        )
+        cli = _two_moons_two_steps(tmp_path)
     assert [type(lg) for lg in cli.trainer.loggers] == [CSVLogger]
     metrics = list(tmp_path.rglob("metrics.csv"))
     assert metrics and "train/loss" in metrics[0].read_text()
@@ -95,19 +100,6 @@ def test_wandb_init_failure_falls_back_to_csv(
         raise wandb.errors.CommError("network unreachable")
 
     monkeypatch.setattr(wandb, "init", broken_init)
-    recipe = ROOT / "recipes" / "two_moons.yaml"
     with pytest.warns(UserWarning, match="wandb.init failed: CommError"):
-        cli = run(
-            [
-                "fit",
-                "--config",
-                str(recipe),
-                "--trainer.max_steps",
-                "2",
-                "--trainer.limit_val_batches",
-                "1",
-                "--trainer.default_root_dir",
-                str(tmp_path),
-            ]
-        )
+        cli = _two_moons_two_steps(tmp_path)
     assert [type(lg) for lg in cli.trainer.loggers] == [CSVLogger]
