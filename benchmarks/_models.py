@@ -49,6 +49,12 @@ VARIANTS: dict[str, Callable[[], list[Regularizer]]] = {
         SensitivityMagnitude(0.1, detach_states=True),
         DirectionalConstraint(gamma=ACTIVE_GAMMA, weight=0.1, detach_states=True),
     ],
+    "sens+dir(stop-grad)": lambda: [
+        SensitivityMagnitude(0.1, detach_states=True, detach_adjoints=True),
+        DirectionalConstraint(
+            gamma=ACTIVE_GAMMA, weight=0.1, detach_states=True, detach_adjoints=True
+        ),
+    ],
     "exact(adj+sens+dir)": lambda: [
         AdjointMagnitude(0.1),
         SensitivityMagnitude(0.1),

@@ -71,7 +71,7 @@ TARGETS = {
     "exact(adj+sens+dir)": 3.0,
     "adjoint": 1.5,
     "skew": 1.25,
-    "sens+dir(detached)": 1.6,
+    "sens+dir(stop-grad)": 1.6,
     "monitors": 1.03,
     "integrate K=8": 1.10,
     "memory exact(adj+sens+dir)": 3.0,

@@ -48,16 +48,66 @@ def adjoints(loss: Tensor, traj: Trajectory, create_graph: bool = False) -> Tens
             "`create_graph=True` needs a differentiable backward, but the trajectory was solved "
             "with odeint_adjoint (`adjoint=True`), whose backward is not differentiable"
         )
-    if not loss.requires_grad or not any(s.requires_grad for s in traj.states):
-        raise ValueError("`loss` does not depend on the trajectory: no state requires grad")
+    (a,), _ = adjoints_and_grads(loss, [traj], (), create_graph=create_graph)
+    return a
+
+
+def adjoints_and_grads(
+    loss: Tensor,
+    trajs: Sequence[Trajectory],
+    inputs: Sequence[Tensor],
+    create_graph: bool = False,
+) -> tuple[list[Tensor], list[Tensor | None]]:
+    """The adjoints of several trajectories and ``dL/dx`` of other tensors, in one backward.
+
+    What :class:`~ode_reg.RegularizedODEModule` uses to take the task gradient of the
+    parameters from the same backward pass that gives the adjoints (one pass instead of two).
+
+    Args:
+        loss: scalar loss.
+        trajs: trajectories the loss was computed from.
+        inputs: further tensors (e.g. parameters) to differentiate the loss in.
+        create_graph: as for :func:`adjoints` (applies to every returned tensor).
+
+    Returns:
+        The adjoints ``(K + 1, *y0.shape)`` of each trajectory, as :func:`adjoints` gives them,
+        and ``dL/dx`` for each of ``inputs`` (``None`` where the loss does not depend on it).
+
+    Raises:
+        ValueError: as :func:`adjoints`, for each trajectory.
+    """
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(f"`loss` must be a scalar tensor, got {shape}")
+    for traj in trajs:
+        if create_graph and traj.adjoint_method:
+            raise ValueError(
+                "`create_graph=True` needs a differentiable backward, but the trajectory was "
+                "solved with odeint_adjoint (`adjoint=True`), whose backward is not "
+                "differentiable"
+            )
+        if not loss.requires_grad or not any(s.requires_grad for s in traj.states):
+            raise ValueError("`loss` does not depend on the trajectory: no state requires grad")
+    states = [s for traj in trajs for s in traj.states]
     grads = torch.autograd.grad(
-        loss, traj.states, create_graph=create_graph, retain_graph=True, allow_unused=True
+        loss,
+        [*states, *inputs],
+        create_graph=create_graph,
+        retain_graph=True,
+        allow_unused=True,
     )
-    if all(g is None for g in grads):
-        raise ValueError("`loss` does not depend on the trajectory's states")
-    return torch.stack(
-        [torch.zeros_like(s) if g is None else g for g, s in zip(grads, traj.states)]
-    )
+    out, start = [], 0
+    for traj in trajs:
+        part = grads[start : start + len(traj.states)]
+        start += len(traj.states)
+        if all(g is None for g in part):
+            raise ValueError("`loss` does not depend on the trajectory's states")
+        out.append(
+            torch.stack(
+                [torch.zeros_like(s) if g is None else g for g, s in zip(part, traj.states)]
+            )
+        )
+    return out, list(grads[start:])
 
 
 def sensitivities(

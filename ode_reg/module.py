@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ode_reg.adjoint import adjoints_and_grads
 from ode_reg.regularizers import Regularizer, StepContext, _distributed
 from ode_reg.trajectory import Trajectory, chain, integrate
 
@@ -58,6 +59,13 @@ class RegularizedODEModule(L.LightningModule):
         regularizers: the loss terms, e.g. ``[AdjointMagnitude(0.1), SkewJacobianPenalty(0.01)]``.
         nonfinite: ``"skip"`` drops a term that is NaN/Inf on a step (the decision is collective
             under DDP), counts it and logs ``reg/skipped``; ``"raise"`` raises instead.
+        shared_backward: when the active terms need adjoints but none differentiates them
+            (``detach_adjoints=True``), take the task gradient of the module's parameters from
+            the same plain backward pass that gives the adjoints, and return a loss whose
+            backward adds it as a constant, instead of differentiating the task loss again in
+            Lightning's backward (same value, same gradient, one backward pass less; automatic
+            optimization only). Set ``False`` if the task loss must also send gradients to
+            tensors that are not parameters of this module.
 
     Raises:
         ValueError: if ``nonfinite`` is not one of ``"skip"``, ``"raise"`` or an element of
@@ -79,11 +87,18 @@ class RegularizedODEModule(L.LightningModule):
     """
 
     def __init__(
-        self, regularizers: Sequence[Regularizer] = (), *, nonfinite: str = "skip", **kwargs: Any
+        self,
+        regularizers: Sequence[Regularizer] = (),
+        *,
+        nonfinite: str = "skip",
+        shared_backward: bool = True,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"`nonfinite` must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        if not isinstance(shared_backward, bool):
+            raise ValueError(f"`shared_backward` must be True or False, got {shared_backward!r}")
         regularizers = list(regularizers)
         for r in regularizers:
             if not isinstance(r, Regularizer):
@@ -95,6 +110,7 @@ class RegularizedODEModule(L.LightningModule):
             raise ValueError(f"`regularizers` must have distinct names, got {names}")
         self.regularizers = nn.ModuleList(regularizers)
         self.nonfinite = nonfinite
+        self.shared_backward = shared_backward
         self._recording = False
         self._step_trajectories: list[Trajectory] = []
         self.ode_step: StepRecord | None = None
@@ -156,7 +172,11 @@ class RegularizedODEModule(L.LightningModule):
                 with a regularizer that needs differentiable adjoints.
         """
         if adjoint and self._recording:
-            needing = [r.name for r in self.regularizers if r.needs_adjoints and r.weight > 0]
+            needing = [
+                r.name
+                for r in self.regularizers
+                if r.needs_differentiable_adjoints and r.weight > 0
+            ]
             if needing:
                 raise ValueError(
                     f"`adjoint=True` (odeint_adjoint) cannot be used with {needing}: their "
@@ -212,6 +232,27 @@ class RegularizedODEModule(L.LightningModule):
             )
             for g in groups
         ]
+        # The backward that gives the adjoints also gives the task gradient of the parameters:
+        # take both from it, and return a loss whose backward adds that gradient as a constant
+        # (a linear term), so the task part is not differentiated a second time.
+        # (Only when no term differentiates the adjoints: the double backward walks the
+        # forward graph anyway, so there the task gradient costs almost nothing extra in
+        # Lightning's backward, while recording the parameter gradients' graph would.)
+        differentiable = any(r.needs_differentiable_adjoints for r in active)
+        for ctx in contexts:
+            ctx.differentiable = differentiable
+        task_grads = None
+        if (
+            self.shared_backward
+            and self.automatic_optimization
+            and not differentiable
+            and any(r.needs_adjoints for r in active)
+        ):
+            adjs, task_grads = adjoints_and_grads(
+                loss, [c.trajectory for c in contexts], own, create_graph=False
+            )
+            for ctx, a in zip(contexts, adjs):
+                ctx._adjoints = a
         values = []
         for r in active:
             terms = []
@@ -255,7 +296,13 @@ class RegularizedODEModule(L.LightningModule):
                 record.adjoints[i] = ctx._adjoints.detach()
             if ctx._sens:
                 record.sensitivities[i] = next(iter(ctx._sens.values())).detach()
-        new_loss = loss + total
+        if task_grads is None or all(g is None for g in task_grads):
+            new_loss = loss + total
+        else:
+            # Value: loss + total (the shift is exactly 0). Gradient: the task gradient already
+            # computed, plus total's.
+            linear = sum((p * g.detach()).sum() for p, g in zip(own, task_grads) if g is not None)
+            new_loss = loss.detach() + total + (linear - linear.detach())
         if isinstance(out, dict):
             return {**out, "loss": new_loss}
         return new_loss

@@ -63,7 +63,7 @@ class StepContext:
     params: list[Tensor] | None = None
     step: int = 0
     _adjoints: Tensor | None = field(default=None, repr=False)
-    _sens: dict[bool, Tensor] = field(default_factory=dict, repr=False)
+    _sens: dict[tuple[bool, bool], Tensor] = field(default_factory=dict, repr=False)
 
     def adjoints(self) -> Tensor:
         """``a_k = dL/dz_k`` of the task loss, shape ``(K + 1, B, ...)``."""
@@ -73,18 +73,24 @@ class StepContext:
             )
         return self._adjoints
 
-    def sensitivities(self, detach_states: bool = False) -> Tensor:
-        """``y_k`` of the whole batch (all-reduced mean over DDP ranks), shape ``(K + 1, P)``."""
-        if detach_states not in self._sens:
+    def sensitivities(self, detach_states: bool = False, detach_adjoints: bool = False) -> Tensor:
+        """``y_k`` of the whole batch (all-reduced mean over DDP ranks), shape ``(K + 1, P)``.
+
+        Differentiable in the parameters; ``detach_states`` / ``detach_adjoints`` treat
+        ``z_k`` / ``a_k`` as constants inside ``y_k`` (stop-gradients).
+        """
+        key = (detach_states, detach_adjoints)
+        if key not in self._sens:
+            adj = self.adjoints()
             y = compute_sensitivities(
                 self.trajectory,
-                self.adjoints(),
-                create_graph=self.differentiable,
+                adj.detach() if detach_adjoints else adj,
+                create_graph=True,
                 params=self.params,
                 detach_states=detach_states,
             )
-            self._sens[detach_states] = all_reduce_mean(y)
-        return self._sens[detach_states]
+            self._sens[key] = all_reduce_mean(y)
+        return self._sens[key]
 
 
 class Regularizer(nn.Module):
@@ -100,7 +106,7 @@ class Regularizer(nn.Module):
         ValueError: on a negative weight, ``every_n_steps < 1`` or ``warmup_steps < 0``.
     """
 
-    #: Needs ``a_k`` as a differentiable function of the parameters (no ``odeint_adjoint``).
+    #: Needs the adjoints ``a_k`` of the step.
     needs_adjoints: bool = False
     #: The term is a sum of squares, so a value of exactly 0 has a gradient of exactly 0:
     #: on such a step :class:`~ode_reg.RegularizedODEModule` adds the value without its graph
@@ -125,6 +131,12 @@ class Regularizer(nn.Module):
         self.warmup_steps = warmup_steps
         self.name = name or self.default_name
         self.register_buffer("skipped", torch.zeros((), dtype=torch.long), persistent=True)
+
+    @property
+    def needs_differentiable_adjoints(self) -> bool:
+        """Trains on ``a_k`` as a differentiable function of the parameters: a double backward
+        through the trajectory, and no ``odeint_adjoint``."""
+        return self.needs_adjoints and not getattr(self, "detach_adjoints", False)
 
     def active(self, step: int) -> bool:
         """Whether the term is applied at global step ``step``."""
@@ -183,8 +195,15 @@ class SensitivityMagnitude(Regularizer):
         detach_states: treat ``z_k`` as constants inside ``y_k``: a stop-gradient, an
             approximation of the full derivative, off by default. With the batched
             sensitivities the path through ``z_k`` costs little (BENCHMARKS.md: the exact
-            terms and this option cost about the same, both dominated by the adjoints'
-            double backward), so there is rarely a reason to turn it on.
+            terms and this option alone cost about the same, both dominated by the adjoints'
+            double backward).
+        detach_adjoints: treat ``a_k`` as constants inside ``y_k`` too: the term then trains
+            only on how ``df/dtheta`` itself depends on the parameters, at the step's adjoints
+            and states. A stronger approximation, off by default, and the cheap one: with
+            ``detach_states`` as well, no second backward through the trajectory is needed
+            (the adjoints and the task gradient come from one plain backward; about 1.1-1.2x
+            the plain step instead of about 2.3x, BENCHMARKS.md). ``recipes/ablation.py``
+            reports its effect beside the exact term.
         **kwargs: ``every_n_steps``, ``warmup_steps``, ``name``.
 
     Raises:
@@ -202,15 +221,21 @@ class SensitivityMagnitude(Regularizer):
     zero_value_has_zero_gradient = True
 
     def __init__(
-        self, weight: float = 0.1, reference: int = -1, detach_states: bool = False, **kwargs
+        self,
+        weight: float = 0.1,
+        reference: int = -1,
+        detach_states: bool = False,
+        detach_adjoints: bool = False,
+        **kwargs,
     ) -> None:
         super().__init__(weight, **kwargs)
         self.reference = reference
         self.detach_states = detach_states
+        self.detach_adjoints = detach_adjoints
 
     def compute(self, ctx: StepContext) -> Tensor:
         return sensitivity_magnitude_penalty(
-            ctx.sensitivities(self.detach_states), reference=self.reference
+            ctx.sensitivities(self.detach_states, self.detach_adjoints), reference=self.reference
         )
 
 
@@ -222,6 +247,7 @@ class DirectionalConstraint(Regularizer):
         weight: multiplier, ``>= 0``.
         reference: checkpoint index ``k*`` (default the final time).
         detach_states: as for :class:`SensitivityMagnitude`.
+        detach_adjoints: as for :class:`SensitivityMagnitude`.
         **kwargs: ``every_n_steps``, ``warmup_steps``, ``name``.
 
     Raises:
@@ -244,6 +270,7 @@ class DirectionalConstraint(Regularizer):
         weight: float = 0.1,
         reference: int = -1,
         detach_states: bool = False,
+        detach_adjoints: bool = False,
         **kwargs,
     ) -> None:
         check_gamma(gamma)
@@ -251,10 +278,13 @@ class DirectionalConstraint(Regularizer):
         self.gamma = float(gamma)
         self.reference = reference
         self.detach_states = detach_states
+        self.detach_adjoints = detach_adjoints
 
     def compute(self, ctx: StepContext) -> Tensor:
         return directional_penalty(
-            ctx.sensitivities(self.detach_states), gamma=self.gamma, reference=self.reference
+            ctx.sensitivities(self.detach_states, self.detach_adjoints),
+            gamma=self.gamma,
+            reference=self.reference,
         )
 
 

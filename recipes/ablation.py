@@ -6,6 +6,8 @@ noise-padded digits (8 image rows, then N(0, 1) rows up to ``--seq-len``) with:
 * ``none``: no regularizer;
 * ``adjoint``: :class:`~ode_reg.AdjointMagnitude`;
 * ``sens_dir``: :class:`~ode_reg.SensitivityMagnitude` + :class:`~ode_reg.DirectionalConstraint`;
+* ``sens_dir_stopgrad``: the same two terms with ``detach_states=True, detach_adjoints=True``
+  (the cheap stop-gradient approximation, beside the exact terms);
 * ``skew``: :class:`~ode_reg.SkewJacobianPenalty` (the cheap surrogate).
 
 After training, the adjoint profile ``p_k = mean_i |dL/dz_k|`` of the task loss is computed
@@ -41,13 +43,18 @@ from _common import (  # noqa: E402
 )
 
 CELLS = ("unstructured", "antisymmetric")
-REGS = ("none", "adjoint", "sens_dir", "skew")
+REGS = ("none", "adjoint", "sens_dir", "sens_dir_stopgrad", "skew")
 REG_TEXT = {
     "none": "none",
     "adjoint": "AdjointMagnitude(0.1)",
     "sens_dir": "SensitivityMagnitude(0.01) + DirectionalConstraint(γ=0, 0.1)",
+    "sens_dir_stopgrad": "the same, stop-gradient (a_k, z_k constant in y_k)",
     "skew": "SkewJacobianPenalty(0.1, max_states=16)",
 }
+
+
+#: Arguments that must match for a partial rerun to be merged with earlier runs.
+SETTINGS = ("fast", "seq_len", "hidden", "epochs", "step", "lr", "seed")
 
 
 def make_regularizers(name: str) -> list:
@@ -64,6 +71,12 @@ def make_regularizers(name: str) -> list:
         return [AdjointMagnitude(weight=0.1)]
     if name == "sens_dir":
         return [SensitivityMagnitude(weight=0.01), DirectionalConstraint(gamma=0.0, weight=0.1)]
+    if name == "sens_dir_stopgrad":
+        stop = dict(detach_states=True, detach_adjoints=True)
+        return [
+            SensitivityMagnitude(weight=0.01, **stop),
+            DirectionalConstraint(gamma=0.0, weight=0.1, **stop),
+        ]
     if name == "skew":
         return [SkewJacobianPenalty(weight=0.1, probes=1, max_states=16)]
     raise ValueError(name)
@@ -201,7 +214,20 @@ def main(argv: list[str] | None = None) -> None:
     else:
         records = [train_one(j) for j in jobs]
     meta = {"machine": machine(), "args": vars(args) | {"out": str(out)}, "seq_len": seq_len}
-    write_json(out / "ablation.json", {**meta, "runs": records})
+    store = out / "ablation.json"
+    if store.exists() and (set(args.cells) != set(CELLS) or set(args.regs) != set(REGS)):
+        # a partial rerun (--cells/--regs): keep the other runs of the same settings
+        import json
+
+        old = json.loads(store.read_text())
+        same = all(old["args"].get(k) == v for k, v in vars(args).items() if k in SETTINGS)
+        if same:
+            new_keys = {(r["cell"], r["reg"]) for r in records}
+            kept = [r for r in old["runs"] if (r["cell"], r["reg"]) not in new_keys]
+            order = {(c, g): i for i, (c, g) in enumerate((c, g) for c in CELLS for g in REGS)}
+            records = sorted(kept + records, key=lambda r: order[(r["cell"], r["reg"])])
+            meta["args"] = old["args"] | {"cells": list(CELLS), "regs": list(REGS)}
+    write_json(store, {**meta, "runs": records})
     print(write_outputs(records, meta, out))
 
 

@@ -296,6 +296,70 @@ def test_digits_noise_padding(pixel_dm):
     assert torch.equal(all_tensors(short, "val")[0], all_tensors(dm, "val")[0][:, :8])
 
 
+def _epoch_inputs(dm, epochs, reload=1):
+    """Train ``epochs`` epochs of a tiny model; return each epoch's training inputs, as seen."""
+    import lightning.pytorch as pl
+
+    seen = {}
+
+    class Probe(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def training_step(self, batch, batch_idx):
+            seen.setdefault(self.current_epoch, []).append(batch[0].clone())
+            return (self.w * batch[0].mean()) ** 2
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        reload_dataloaders_every_n_epochs=reload,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(Probe(), datamodule=dm)
+    return {e: torch.cat(v) for e, v in seen.items()}
+
+
+def test_digits_resample_noise_per_epoch():
+    dm = DigitsDataModule(order="noise_padded", seq_len=12, batch_size=400, resample_noise=True)
+    fixed = DigitsDataModule(order="noise_padded", seq_len=12, batch_size=400)
+    dm.setup()
+    images = all_tensors(dm, "train")[0][:, :8]
+    seen = _epoch_inputs(dm, epochs=3)
+    n = len(images)
+    for epoch, x in seen.items():
+        assert x.shape == (n, 12, 8)
+        # the same images (in a per-epoch shuffled order), with epoch `epoch`'s noise
+        order = torch.cdist(x[:, :8].flatten(1), images.flatten(1)).argmin(dim=1)
+        assert torch.equal(order.sort().values, torch.arange(n))
+        assert torch.equal(x[:, :8], images[order])
+        assert torch.equal(x[:, 8:], dm.train_noise(epoch)[order])
+    # epoch 0 is the noise of setup() (what resample_noise=False uses every epoch)
+    assert torch.equal(dm.train_noise(0), all_tensors(fixed, "train")[0][:, 8:])
+    assert not torch.allclose(dm.train_noise(1), dm.train_noise(0))
+    assert not torch.allclose(dm.train_noise(2), dm.train_noise(1))
+    # the shuffled order changes between epochs too, and val/test noise stays fixed
+    assert not torch.equal(seen[0][:, :8], seen[1][:, :8])
+    assert torch.equal(all_tensors(dm, "val")[0], all_tensors(fixed, "val")[0])
+
+
+def test_digits_resample_noise_errors():
+    with pytest.raises(ValueError, match="resample_noise"):
+        DigitsDataModule(order="pixel", resample_noise=True)
+    dm = DigitsDataModule(order="noise_padded", seq_len=12, batch_size=400, resample_noise=True)
+    with pytest.raises(ValueError, match="reload_dataloaders_every_n_epochs"):
+        _epoch_inputs(dm, epochs=1, reload=0)
+    with pytest.raises(ValueError, match="epoch"):
+        dm.train_noise(-1)
+
+
 # --------------------------------------------------------------------------- determinism
 
 

@@ -368,16 +368,65 @@ def ode_rnn_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tor
     ],
     ids=["latent_ode", "ode_rnn"],
 )
-def test_gradient_equals_hand_written_reference(cls, data, reference) -> None:
+@pytest.mark.parametrize("shared", [True, False], ids=["shared_backward", "two_backwards"])
+def test_gradient_equals_hand_written_reference(cls, data, reference, shared) -> None:
     torch.manual_seed(0)
-    model = cls(regularizers=all_regularizers()).double()
+    model = cls(regularizers=all_regularizers(), shared_backward=shared).double()
     x, y = data
-    got = grads(model, model.training_step((x, y), 0))
-    want = grads(model, reference(model, x, y))
+    returned = model.training_step((x, y), 0)
+    expected = reference(model, x, y)
+    # the same value (the shared backward's linear term adds exactly 0) and the same gradient
+    assert float(returned) == pytest.approx(float(expected), rel=1e-12)
+    got = grads(model, returned)
+    want = grads(model, expected)
     assert max_diff(got, want) < 1e-6
     # and the regularizers matter: the task gradient alone is far from it
     task = grads(model, F.mse_loss(model(x), y))
     assert max_diff(task, want) > 1e-3
+
+
+def stop_gradient_regularizers() -> list:
+    return [
+        SensitivityMagnitude(W_SENS, detach_states=True, detach_adjoints=True),
+        DirectionalConstraint(gamma=GAMMA, weight=W_DIR, detach_states=True, detach_adjoints=True),
+    ]
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared_backward", "two_backwards"])
+def test_stop_gradient_terms_equal_their_reference(shared) -> None:
+    """``detach_states`` + ``detach_adjoints``: y_k = a_k df/dtheta (z_k) with a_k and z_k
+    constants. With the shared backward the task gradient comes from the adjoints' backward."""
+    torch.manual_seed(0)
+    model = RegLatentODE(regularizers=stop_gradient_regularizers(), shared_backward=shared)
+    model = model.double()
+    x, y = latent_data(16, F64)
+    returned = model.training_step((x, y), 0)
+
+    traj = integrate(
+        model.field, model.encoder(x), model.span, method="rk4", options={"step_size": 0.125}
+    )
+    loss = F.mse_loss(model.readout(traj.ys[-1]), y)
+    a = adjoints(loss, traj).detach()  # a plain backward: no graph
+    ys = sensitivities(traj, a, create_graph=True, detach_states=True)
+    expected = (
+        loss
+        + W_SENS * sensitivity_magnitude_penalty(ys)
+        + W_DIR * directional_penalty(ys, gamma=GAMMA)
+    )
+    assert float(returned) == pytest.approx(float(expected), rel=1e-12)
+    got, want = grads(model, returned), grads(model, expected)
+    assert max_diff(got, want) < 1e-10
+    # an approximation: it differs from the exact terms' gradient
+    exact = RegLatentODE(
+        regularizers=[
+            SensitivityMagnitude(W_SENS),
+            DirectionalConstraint(gamma=GAMMA, weight=W_DIR),
+        ]
+    ).double()
+    exact.load_state_dict(model.state_dict())
+    assert max_diff(grads(exact, exact.training_step((x, y), 0)), want) > 1e-4
+    # no term differentiates the adjoints, so odeint_adjoint is allowed with them
+    assert not any(r.needs_differentiable_adjoints for r in model.regularizers)
 
 
 # --------------------------------------------------------------------------- schedule

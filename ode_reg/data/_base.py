@@ -97,8 +97,10 @@ class SplitDataModule(LightningDataModule):
         self.setup()
         return getattr(self, f"{split}_set")
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+    def _loader(self, split: str, shuffle: bool, epoch: int = 0) -> DataLoader:
+        # A loader made once per fit shuffles differently every epoch (its generator advances);
+        # one remade every epoch (``reload_dataloaders_every_n_epochs=1``) seeds by the epoch.
+        generator = torch.Generator().manual_seed(self.seed + 7919 * epoch) if shuffle else None
         return DataLoader(
             self.dataset(split),
             batch_size=self.batch_size,

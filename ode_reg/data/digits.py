@@ -7,6 +7,7 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
 
 from ode_reg._checks import check_int
 from ode_reg.data._base import SplitDataModule, check_fraction, split_rng
@@ -35,6 +36,11 @@ class DigitsDataModule(SplitDataModule):
     * ``"noise_padded"``: 8 steps of one image row (8 pixels) each, then ``seq_len - 8``
       steps of N(0, 1) noise, as in noise-padded CIFAR-10 (Chang et al. 2019); the noise is
       drawn once per sample in :meth:`setup`, from ``seed``. ``x`` is ``(B, seq_len, 8)``.
+      With ``resample_noise=True`` the *training* noise is drawn again for every epoch
+      (epoch ``e`` from ``split_rng(seed, "train", e)``; epoch 0 is the noise of
+      :meth:`setup`), so a model cannot memorize a sample by its noise; validation and test
+      noise stay fixed. Lightning asks for the training loader once per fit unless
+      ``Trainer(reload_dataloaders_every_n_epochs=1)``, which this option therefore requires.
 
     Splits: ``test_fraction`` of the images is held out for testing and ``val_fraction`` of
     the rest for validation, both stratified by class with
@@ -62,9 +68,14 @@ class DigitsDataModule(SplitDataModule):
         num_workers: ``DataLoader`` worker processes, an integer >= 0.
         seed: seed of the splits, of the padding noise and of the training-set shuffling,
             an integer >= 0.
+        resample_noise: for ``"noise_padded"``, draw the training noise again every epoch
+            (see above); ``False`` for the other orders.
 
     Raises:
-        ValueError: if an argument lies outside the range above (the message names it).
+        ValueError: if an argument lies outside the range above (the message names it), if
+            ``resample_noise`` is set for an order without noise, or (from
+            :meth:`train_dataloader`) if the attached trainer does not reload the training
+            loader every epoch while ``resample_noise`` is set.
 
     Example::
 
@@ -89,9 +100,15 @@ class DigitsDataModule(SplitDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         seed: int = 0,
+        resample_noise: bool = False,
     ) -> None:
         if order not in ORDERS:
             raise ValueError(f"`order` must be one of {ORDERS}, got {order!r}")
+        if resample_noise and order != "noise_padded":
+            raise ValueError(
+                f"`resample_noise` must be False for order={order!r} (only 'noise_padded' "
+                "has noise), got True"
+            )
         if order == "noise_padded":
             if seq_len is None:
                 seq_len = 200
@@ -123,6 +140,8 @@ class DigitsDataModule(SplitDataModule):
         self.mean: float | None = None
         self.std: float | None = None
         self.split_indices: dict[str, np.ndarray] | None = None
+        self.resample_noise = resample_noise
+        self._noise_epoch = 0
 
     def _generate(self) -> dict[str, tuple[Tensor, Tensor]]:
         digits = load_digits()
@@ -156,3 +175,47 @@ class DigitsDataModule(SplitDataModule):
                 x = np.concatenate([rows, noise], axis=1)
             out[split] = (torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(labels[idx]))
         return out
+
+    def train_noise(self, epoch: int) -> Tensor:
+        """The training split's padding noise of ``epoch``: float32 ``(n_train, seq_len - 8, 8)``.
+
+        Raises:
+            ValueError: if the order is not ``"noise_padded"`` or ``epoch`` is negative.
+        """
+        if self.order != "noise_padded":
+            raise ValueError(f"`order` must be 'noise_padded' to have noise, got {self.order!r}")
+        check_int("epoch", epoch, 0)
+        self.setup()
+        n = len(self.split_indices["train"])
+        noise = split_rng(self.seed, "train", epoch).standard_normal(
+            (n, self.seq_len - _SIDE, _SIDE), dtype=np.float32
+        )
+        return torch.from_numpy(noise)
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches; with ``resample_noise``, this epoch's noise.
+
+        Raises:
+            ValueError: if ``resample_noise`` is set and the attached trainer's
+                ``reload_dataloaders_every_n_epochs`` is not 1.
+        """
+        if not self.resample_noise:
+            return super().train_dataloader()
+        trainer = self.trainer
+        epoch = 0
+        if trainer is not None:
+            if trainer.reload_dataloaders_every_n_epochs != 1:
+                raise ValueError(
+                    "`resample_noise=True` needs Trainer(reload_dataloaders_every_n_epochs=1) "
+                    "(Lightning builds the training loader once per fit otherwise), got "
+                    f"reload_dataloaders_every_n_epochs={trainer.reload_dataloaders_every_n_epochs}"
+                )
+            epoch = trainer.current_epoch
+        self.setup()
+        if epoch != self._noise_epoch:
+            x, y = self.train_set.tensors
+            x = x.clone()
+            x[:, _SIDE:] = self.train_noise(epoch)
+            self.train_set = TensorDataset(x, y)
+            self._noise_epoch = epoch
+        return self._loader("train", shuffle=True, epoch=epoch)
