@@ -81,6 +81,12 @@ def regularizers(scenario: str, mode: str) -> list:
             SensitivityMagnitude(1.0),
             DirectionalConstraint(gamma=1.0, weight=1.0),
         ]
+    if scenario == "stopgrad":
+        stop = dict(detach_states=True, detach_adjoints=True)
+        return [
+            SensitivityMagnitude(1.0, **stop),
+            DirectionalConstraint(gamma=1.0, weight=1.0, **stop),
+        ]
     if scenario == "spectral":
         return [
             SpectralConstraint(gamma=0.9, weight=0.5),

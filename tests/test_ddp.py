@@ -18,7 +18,7 @@ import pytest
 import torch
 
 WORKER = Path(__file__).with_name("_ddp_worker.py")
-SCENARIOS = ("parity", "spectral", "every_n", "skew", "parity_local")
+SCENARIOS = ("parity", "spectral", "every_n", "skew", "parity_local", "stopgrad")
 WORKER_TIMEOUT_S = 240
 PARAM_TOL = 1e-5
 
@@ -129,6 +129,15 @@ def test_parity_needs_the_all_reduce_of_the_sensitivity_density(ddp) -> None:
     finished(mutant, ("ddp",))
     single = ddp["parity"]["single"][0]
     assert param_diff(single["params"], mutant["ddp"][0]["params"]) > 100 * PARAM_TOL
+
+
+def test_stop_gradient_terms_with_shared_backward_equal_one_process(ddp) -> None:
+    """detach_adjoints: the task gradient comes from the adjoints' backward inside DDP's
+    forward, the regularizer's through Lightning's backward: DDP still averages both."""
+    check_parity(ddp["stopgrad"])
+    synced = ddp["stopgrad"]["single"][0]["synced"]
+    for name in ("sensitivity_magnitude", "directional"):
+        assert max(row[f"reg/{name}"] for row in synced) > 1e-5
 
 
 def test_spectral_constraint_on_orthogonal_flow_equals_one_process(ddp) -> None:

@@ -565,6 +565,22 @@ def test_adjoint_solver_refused_before_integrating(reg_cls) -> None:
     assert not model._recording  # the wrapper cleaned up
 
 
+def test_stop_gradient_terms_work_with_adjoint_solver() -> None:
+    """``detach_adjoints`` needs no double backward, so ``odeint_adjoint`` is accepted, and its
+    gradient is the direct solve's to the adjoint ODE's discretization error."""
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(6, 3, generator=g, dtype=F64), torch.randn(6, 3, generator=g, dtype=F64)
+    out = {}
+    for adjoint in (False, True):
+        torch.manual_seed(0)
+        model = AdjointSolveModel(adjoint, regularizers=stop_gradient_regularizers()).double()
+        loss = model.training_step((x, y), 0)
+        assert model.ode_step.trajectories[0].adjoint_method is adjoint
+        out[adjoint] = (float(loss), grads(model, loss))
+    assert out[True][0] == pytest.approx(out[False][0], rel=1e-10)
+    assert max_diff(out[True][1], out[False][1]) < 1e-4
+
+
 def test_skew_jacobian_penalty_works_with_adjoint_solver() -> None:
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(6, 3, generator=g, dtype=F64), torch.randn(6, 3, generator=g, dtype=F64)
