@@ -82,6 +82,22 @@ RUNS: dict[str, dict[str, Any]] = {
         metric="test_acc",
         target=(">=", 0.97, "≥ 97 %"),
     ),
+    "digits_pixel_aug": dict(
+        recipe="digits.yaml",
+        model="antisymmetric ODE-RNN + adjoint reg. (every 4th step), pixel noise 0.4",
+        overrides=[
+            "--trainer.max_epochs",
+            "100",
+            "--trainer.reload_dataloaders_every_n_epochs",
+            "1",
+            "--model.init_args.cosine_epochs",
+            "100",
+            "--data.init_args.pixel_noise_std",
+            "0.4",
+        ],
+        metric="test_acc",
+        target=(">=", 0.97, "≥ 97 %"),
+    ),
     "digits_permuted": dict(
         recipe="digits_permuted.yaml",
         model="antisymmetric ODE-RNN + adjoint reg. (every 4th step)",

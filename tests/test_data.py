@@ -350,6 +350,35 @@ def test_digits_resample_noise_per_epoch():
     assert torch.equal(all_tensors(dm, "val")[0], all_tensors(fixed, "val")[0])
 
 
+def test_digits_pixel_noise_augmentation_per_epoch():
+    dm = DigitsDataModule(order="pixel", batch_size=400, pixel_noise_std=0.5)
+    clean = DigitsDataModule(order="pixel", batch_size=400)
+    images = all_tensors(clean, "train")[0]
+    seen = _epoch_inputs(dm, epochs=2)
+    deltas = []
+    for epoch, x in seen.items():
+        # epoch e's samples are the clean images plus 0.5 * N(0, 1) from its own stream
+        rng = np.random.default_rng([0, 0, epoch, 1])
+        delta = 0.5 * torch.from_numpy(rng.standard_normal(tuple(images.shape), dtype=np.float32))
+        expected = images + delta
+        pairwise = torch.cdist(
+            x.flatten(1), expected.flatten(1), compute_mode="donot_use_mm_for_euclid_dist"
+        )
+        dist, order = pairwise.min(dim=1)
+        assert float(dist.max()) < 1e-5
+        assert torch.equal(order.sort().values, torch.arange(len(images)))
+        assert float(delta.std()) == pytest.approx(0.5, rel=0.02)
+        deltas.append(delta)
+    assert not torch.allclose(deltas[0], deltas[1])  # drawn again each epoch
+    # validation and test pixels are untouched
+    for split in ("val", "test"):
+        assert torch.equal(all_tensors(dm, split)[0], all_tensors(clean, split)[0])
+    with pytest.raises(ValueError, match="pixel_noise_std"):
+        DigitsDataModule(pixel_noise_std=-0.1)
+    with pytest.raises(ValueError, match="reload_dataloaders_every_n_epochs"):
+        _epoch_inputs(DigitsDataModule(pixel_noise_std=0.1, batch_size=400), epochs=1, reload=0)
+
+
 def test_digits_resample_noise_errors():
     with pytest.raises(ValueError, match="resample_noise"):
         DigitsDataModule(order="pixel", resample_noise=True)

@@ -9,7 +9,7 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from ode_reg._checks import check_int
+from ode_reg._checks import check_int, check_range
 from ode_reg.data._base import SplitDataModule, check_fraction, split_rng
 
 #: The accepted values of ``DigitsDataModule(order=...)``.
@@ -42,6 +42,11 @@ class DigitsDataModule(SplitDataModule):
       noise stay fixed. Lightning asks for the training loader once per fit unless
       ``Trainer(reload_dataloaders_every_n_epochs=1)``, which this option therefore requires.
 
+    Augmentation: ``pixel_noise_std > 0`` adds N(0, pixel_noise_std²) to every standardized
+    training pixel (all orders), drawn again every epoch (epoch ``e`` from
+    ``numpy.random.default_rng([seed, 0, e, 1])``); it too needs the loader rebuilt every epoch.
+    Validation and test pixels are never perturbed.
+
     Splits: ``test_fraction`` of the images is held out for testing and ``val_fraction`` of
     the rest for validation, both stratified by class with
     ``sklearn.model_selection.train_test_split(random_state=seed)``; the defaults give
@@ -70,12 +75,14 @@ class DigitsDataModule(SplitDataModule):
             an integer >= 0.
         resample_noise: for ``"noise_padded"``, draw the training noise again every epoch
             (see above); ``False`` for the other orders.
+        pixel_noise_std: standard deviation of the training-pixel augmentation (see above),
+            ``>= 0``; ``0`` turns it off.
 
     Raises:
         ValueError: if an argument lies outside the range above (the message names it), if
             ``resample_noise`` is set for an order without noise, or (from
             :meth:`train_dataloader`) if the attached trainer does not reload the training
-            loader every epoch while ``resample_noise`` is set.
+            loader every epoch while ``resample_noise`` or ``pixel_noise_std`` is set.
 
     Example::
 
@@ -101,6 +108,7 @@ class DigitsDataModule(SplitDataModule):
         num_workers: int = 0,
         seed: int = 0,
         resample_noise: bool = False,
+        pixel_noise_std: float = 0.0,
     ) -> None:
         if order not in ORDERS:
             raise ValueError(f"`order` must be one of {ORDERS}, got {order!r}")
@@ -118,6 +126,7 @@ class DigitsDataModule(SplitDataModule):
                 f"`seq_len` must be None or 64 for order={order!r} (64 pixels), got {seq_len!r}"
             )
         check_int("permutation_seed", permutation_seed, 0)
+        check_range("pixel_noise_std", pixel_noise_std, 0.0)
         check_fraction("test_fraction", test_fraction, _N_DIGITS, _N_CLASSES, 2 * _N_CLASSES)
         n_rest = _N_DIGITS - int(np.ceil(test_fraction * _N_DIGITS))
         check_fraction("val_fraction", val_fraction, n_rest, _N_CLASSES, _N_CLASSES)
@@ -141,7 +150,9 @@ class DigitsDataModule(SplitDataModule):
         self.std: float | None = None
         self.split_indices: dict[str, np.ndarray] | None = None
         self.resample_noise = resample_noise
+        self.pixel_noise_std = float(pixel_noise_std)
         self._noise_epoch = 0
+        self._clean_train: TensorDataset | None = None
 
     def _generate(self) -> dict[str, tuple[Tensor, Tensor]]:
         digits = load_digits()
@@ -193,29 +204,41 @@ class DigitsDataModule(SplitDataModule):
         return torch.from_numpy(noise)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches; with ``resample_noise``, this epoch's noise.
+        """Shuffled training batches; with ``resample_noise`` / ``pixel_noise_std``, this
+        epoch's padding noise / pixel perturbation.
 
         Raises:
-            ValueError: if ``resample_noise`` is set and the attached trainer's
-                ``reload_dataloaders_every_n_epochs`` is not 1.
+            ValueError: if ``resample_noise`` or ``pixel_noise_std`` is set and the attached
+                trainer's ``reload_dataloaders_every_n_epochs`` is not 1.
         """
-        if not self.resample_noise:
+        if not self.resample_noise and self.pixel_noise_std == 0:
             return super().train_dataloader()
         trainer = self.trainer
         epoch = 0
         if trainer is not None:
             if trainer.reload_dataloaders_every_n_epochs != 1:
                 raise ValueError(
-                    "`resample_noise=True` needs Trainer(reload_dataloaders_every_n_epochs=1) "
-                    "(Lightning builds the training loader once per fit otherwise), got "
+                    "`resample_noise=True` and `pixel_noise_std > 0` need "
+                    "Trainer(reload_dataloaders_every_n_epochs=1) (Lightning builds the "
+                    "training loader once per fit otherwise), got "
                     f"reload_dataloaders_every_n_epochs={trainer.reload_dataloaders_every_n_epochs}"
                 )
             epoch = trainer.current_epoch
         self.setup()
-        if epoch != self._noise_epoch:
-            x, y = self.train_set.tensors
+        if self._clean_train is None:
+            self._clean_train = self.train_set
+        if self.pixel_noise_std > 0 or epoch != self._noise_epoch:
+            x, y = self._clean_train.tensors
             x = x.clone()
-            x[:, _SIDE:] = self.train_noise(epoch)
+            if self.resample_noise:
+                x[:, _SIDE:] = self.train_noise(epoch)
+            if self.pixel_noise_std > 0:
+                image = x[:, :_SIDE] if self.order == "noise_padded" else x
+                rng = np.random.default_rng([self.seed, 0, epoch, 1])
+                shape = tuple(image.shape)
+                image += self.pixel_noise_std * torch.from_numpy(
+                    rng.standard_normal(shape, dtype=np.float32)
+                )
             self.train_set = TensorDataset(x, y)
             self._noise_epoch = epoch
         return self._loader("train", shuffle=True, epoch=epoch)
