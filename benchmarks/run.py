@@ -448,6 +448,9 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     },
     "sensitivities: aliases, loop over k": {"ode_reg.adjoint._sensitivities_vmap": _raise},
     "skew: loop over k": {"ode_reg._batched.skew_sum_vmap": _raise},
+    "shared backward off (two backwards)": {
+        "ode_reg.module._use_shared_backward": lambda *a: False
+    },
 }
 #: All of the above at once: the direct implementation.
 ABLATIONS["all fast paths off (direct)"] = {
@@ -490,6 +493,8 @@ def bench_ablation(rounds: int, log) -> list[dict]:
         ("adjoint", "integrate: odeint per interval"),
         ("skew", "all fast paths"),
         ("skew", "skew: loop over k"),
+        ("sens+dir(stop-grad)", "all fast paths"),
+        ("sens+dir(stop-grad)", "shared backward off (two backwards)"),
     ]
     steps = _step_fns(d, b, k, sorted({v for v, _ in cases}))
     fns = {}

@@ -44,6 +44,16 @@ def _group(trajectories: Sequence[Trajectory]) -> list[Trajectory]:
     return [chain(g) for g in groups.values()]
 
 
+def _use_shared_backward(module: RegularizedODEModule, active: Sequence[Regularizer]) -> bool:
+    """Whether this step takes the task gradient from the adjoints' (plain) backward."""
+    return (
+        module.shared_backward
+        and module.automatic_optimization
+        and any(r.needs_adjoints for r in active)
+        and not any(r.needs_differentiable_adjoints for r in active)
+    )
+
+
 class RegularizedODEModule(L.LightningModule):
     """A LightningModule whose ``training_step`` loss gets the ode_reg terms added.
 
@@ -242,12 +252,7 @@ class RegularizedODEModule(L.LightningModule):
         for ctx in contexts:
             ctx.differentiable = differentiable
         task_grads = None
-        if (
-            self.shared_backward
-            and self.automatic_optimization
-            and not differentiable
-            and any(r.needs_adjoints for r in active)
-        ):
+        if _use_shared_backward(self, active):
             adjs, task_grads = adjoints_and_grads(
                 loss, [c.trajectory for c in contexts], own, create_graph=False
             )
