@@ -34,6 +34,22 @@ from _common import RESULTS, ROOT, machine, md_table, write_json  # noqa: E402
 
 COPY_BASELINE_T100 = 10 * math.log(8) / 120  # memoryless cross-entropy, copying T = 100
 
+
+def augmented(epochs: int, pixel_noise_std: float) -> list[str]:
+    """Overrides of a digits recipe: ``epochs`` epochs (cosine over all of them) with the
+    training pixels perturbed by N(0, pixel_noise_std²), drawn again every epoch."""
+    return [
+        "--trainer.max_epochs",
+        str(epochs),
+        "--trainer.reload_dataloaders_every_n_epochs",
+        "1",
+        "--model.init_args.cosine_epochs",
+        str(epochs),
+        "--data.init_args.pixel_noise_std",
+        str(pixel_noise_std),
+    ]
+
+
 #: key -> recipe, label, overrides, metric, target (comparison, value, text)
 RUNS: dict[str, dict[str, Any]] = {
     "two_moons_antisymmetric": dict(
@@ -85,32 +101,14 @@ RUNS: dict[str, dict[str, Any]] = {
     "digits_pixel_aug": dict(
         recipe="digits.yaml",
         model="antisymmetric ODE-RNN + adjoint reg. (every 4th step), pixel noise 0.4",
-        overrides=[
-            "--trainer.max_epochs",
-            "100",
-            "--trainer.reload_dataloaders_every_n_epochs",
-            "1",
-            "--model.init_args.cosine_epochs",
-            "100",
-            "--data.init_args.pixel_noise_std",
-            "0.4",
-        ],
+        overrides=augmented(100, 0.4),
         metric="test_acc",
         target=(">=", 0.97, "≥ 97 %"),
     ),
     "digits_pixel_aug150": dict(
         recipe="digits.yaml",
         model="antisymmetric ODE-RNN + adjoint reg. (every 4th step), pixel noise 0.5",
-        overrides=[
-            "--trainer.max_epochs",
-            "150",
-            "--trainer.reload_dataloaders_every_n_epochs",
-            "1",
-            "--model.init_args.cosine_epochs",
-            "150",
-            "--data.init_args.pixel_noise_std",
-            "0.5",
-        ],
+        overrides=augmented(150, 0.5),
         metric="test_acc",
         target=(">=", 0.97, "≥ 97 %"),
     ),
@@ -123,16 +121,7 @@ RUNS: dict[str, dict[str, Any]] = {
     "digits_permuted_aug": dict(
         recipe="digits_permuted.yaml",
         model="antisymmetric ODE-RNN + adjoint reg. (every 4th step), pixel noise 0.4",
-        overrides=[
-            "--trainer.max_epochs",
-            "100",
-            "--trainer.reload_dataloaders_every_n_epochs",
-            "1",
-            "--model.init_args.cosine_epochs",
-            "100",
-            "--data.init_args.pixel_noise_std",
-            "0.4",
-        ],
+        overrides=augmented(100, 0.4),
         metric="test_acc",
         target=(">=", 0.95, "≥ 95 %"),
     ),
