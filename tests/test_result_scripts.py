@@ -61,7 +61,7 @@ def test_ablation_fast(tmp_path: Path, env: dict[str, str]) -> None:
     assert {(r["cell"], r["reg"]) for r in data["runs"]} == {
         (c, g)
         for c in ("unstructured", "antisymmetric")
-        for g in ("none", "adjoint", "sens_dir", "skew")
+        for g in ("none", "adjoint", "sens_dir", "sens_dir_stopgrad", "skew")
     }
     for r in data["runs"]:
         assert r["adjoint_ratio_max_min"] >= 1.0
