@@ -150,6 +150,27 @@ RUNS: dict[str, dict[str, Any]] = {
         metric="test_acc",
         target=(">=", 0.95, "≥ 95 %"),
     ),
+    "digits_permuted_h256_150": dict(
+        recipe="digits_permuted.yaml",
+        model="antisymmetric ODE-RNN (256) + adjoint reg. (every 4th step), pixel noise 0.5",
+        overrides=[*augmented(150, 0.5), "--model.init_args.hidden_dim", "256"],
+        metric="test_acc",
+        target=(">=", 0.95, "≥ 95 %"),
+    ),
+    "digits_permuted_h256_200": dict(
+        recipe="digits_permuted.yaml",
+        model="antisymmetric ODE-RNN (256) + adjoint reg. (every 4th step), pixel noise 0.5",
+        overrides=[*augmented(200, 0.5), "--model.init_args.hidden_dim", "256"],
+        metric="test_acc",
+        target=(">=", 0.95, "≥ 95 %"),
+    ),
+    "digits_permuted_h256_noise08": dict(
+        recipe="digits_permuted.yaml",
+        model="antisymmetric ODE-RNN (256) + adjoint reg. (every 4th step), pixel noise 0.8",
+        overrides=[*augmented(100, 0.8), "--model.init_args.hidden_dim", "256"],
+        metric="test_acc",
+        target=(">=", 0.95, "≥ 95 %"),
+    ),
     "noise_padded_antisymmetric_adjoint": dict(
         recipe="digits_noise_padded.yaml",
         model="antisymmetric ODE-RNN (256) + adjoint reg. (every 4th step)",
