@@ -236,9 +236,15 @@ class RegularizedODEModule(L.LightningModule):
         # A field that is not an nn.Module (a closure such as ``lambda t, h: cell(h, x)``) has no
         # parameters of its own: take y_k over the module's, those it does not use give zeros.
         own = [p for p in self.parameters() if p.requires_grad]
+        # The adjoints need a graph only if some term differentiates them.
+        differentiable = any(r.needs_differentiable_adjoints for r in active)
         contexts = [
             StepContext(
-                loss, g, differentiable=True, params=None if g.parameters() else own, step=step
+                loss,
+                g,
+                differentiable=differentiable,
+                params=None if g.parameters() else own,
+                step=step,
             )
             for g in groups
         ]
@@ -248,9 +254,6 @@ class RegularizedODEModule(L.LightningModule):
         # (Only when no term differentiates the adjoints: the double backward walks the
         # forward graph anyway, so there the task gradient costs almost nothing extra in
         # Lightning's backward, while recording the parameter gradients' graph would.)
-        differentiable = any(r.needs_differentiable_adjoints for r in active)
-        for ctx in contexts:
-            ctx.differentiable = differentiable
         task_grads = None
         if _use_shared_backward(self, active):
             adjs, task_grads = adjoints_and_grads(
