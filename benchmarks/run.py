@@ -476,6 +476,19 @@ def _patched(replacements: dict[str, Any]):
             setattr(mod, name, value)
 
 
+def _ablation_row(variant: str, ablation: str, r: dict, base: dict) -> dict:
+    """One row of the fast-path table from the timings of a variant and of the baseline."""
+    return {
+        "variant": variant,
+        "ablation": ablation,
+        "ms": 1e3 * r["wall"],
+        "ratio": r["paired"],
+        "ratio_of_medians": r["wall"] / base["wall"],
+        "cpu_ms": 1e3 * r["cpu"],
+        "cpu_ratio": r["cpu"] / base["cpu"],
+    }
+
+
 def bench_ablation(rounds: int, log) -> list[dict]:
     """The headline step with one fast path at a time switched back to the direct one."""
     d, b, k = HEADLINE
@@ -509,18 +522,7 @@ def bench_ablation(rounds: int, log) -> list[dict]:
     base = res["plain | all fast paths"]
     rows = []
     for variant, ablation in cases:
-        r = res[f"{variant} | {ablation}"]
-        rows.append(
-            {
-                "variant": variant,
-                "ablation": ablation,
-                "ms": 1e3 * r["wall"],
-                "ratio": r["paired"],
-                "ratio_of_medians": r["wall"] / base["wall"],
-                "cpu_ms": 1e3 * r["cpu"],
-                "cpu_ratio": r["cpu"] / base["cpu"],
-            }
-        )
+        rows.append(_ablation_row(variant, ablation, res[f"{variant} | {ablation}"], base))
         log(
             f"  {variant:20s} {ablation:40s} {rows[-1]['ms']:7.1f} ms  "
             f"{rows[-1]['ratio']:.2f} x plain (fast)"
@@ -561,17 +563,7 @@ def _ablation_ode_rnn(rounds: int, log, steps: int = 28) -> list[dict]:
     rows = []
     for variant, ablation in cases:
         r = res[f"{variant} | {ablation}"]
-        rows.append(
-            {
-                "variant": f"ODE-RNN T={steps}: {variant}",
-                "ablation": ablation,
-                "ms": 1e3 * r["wall"],
-                "ratio": r["paired"],
-                "ratio_of_medians": r["wall"] / base["wall"],
-                "cpu_ms": 1e3 * r["cpu"],
-                "cpu_ratio": r["cpu"] / base["cpu"],
-            }
-        )
+        rows.append(_ablation_row(f"ODE-RNN T={steps}: {variant}", ablation, r, base))
         log(
             f"  {rows[-1]['variant']:36s} {ablation:30s} {rows[-1]['ms']:7.1f} ms  "
             f"{rows[-1]['ratio']:.2f} x plain (fast)"
