@@ -19,7 +19,16 @@ from ode_reg.regularizers import (
     SkewJacobianPenalty,
     SpectralConstraint,
 )
-from ode_reg.trajectory import DEFAULT_CHECKPOINTS, IntegrationError, Trajectory, chain, integrate
+from ode_reg.solve import odeint, odeint_adjoint
+from ode_reg.terms import step_terms
+from ode_reg.trajectory import (
+    DEFAULT_CHECKPOINTS,
+    IntegrationError,
+    SolverStats,
+    Trajectory,
+    chain,
+    integrate,
+)
 
 __version__ = "0.1.0"
 
@@ -41,6 +50,7 @@ __all__ = [
     "SensitivityMagnitude",
     "SkewJacobianPenalty",
     "SkewLinearODEFunc",
+    "SolverStats",
     "SpectralConstraint",
     "StepRecord",
     "Trajectory",
@@ -48,7 +58,10 @@ __all__ = [
     "cayley",
     "chain",
     "integrate",
+    "odeint",
+    "odeint_adjoint",
     "orthogonality_defect",
     "scaled_cayley",
     "sensitivities",
+    "step_terms",
 ]

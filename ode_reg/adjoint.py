@@ -79,6 +79,7 @@ def adjoints_and_grads(
     if not isinstance(loss, Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
         raise ValueError(f"`loss` must be a scalar tensor, got {shape}")
+    slots: list[list[tuple[Tensor, bool, Tensor]]] = []
     for traj in trajs:
         if create_graph and traj.adjoint_method:
             raise ValueError(
@@ -88,26 +89,43 @@ def adjoints_and_grads(
             )
         if not loss.requires_grad or not any(s.requires_grad for s in traj.states):
             raise ValueError("`loss` does not depend on the trajectory: no state requires grad")
-    states = [s for traj in trajs for s in traj.states]
+        owners = getattr(traj, "owners", None) or [(traj, k) for k in range(traj.num_checkpoints)]
+        row = []
+        for tr, k in owners:
+            end = tr.end_from_solution and k == tr.num_checkpoints - 1
+            row.append((tr.flat_solution if end else tr.states[k], end, tr.states[k]))
+        slots.append(row)
+    wanted: list[Tensor] = []
+    position: dict[int, int] = {}
+    for row in slots:
+        for x, _, _ in row:
+            if x.requires_grad and id(x) not in position:
+                position[id(x)] = len(wanted)
+                wanted.append(x)
+    n = len(wanted)
     grads = torch.autograd.grad(
         loss,
-        [*states, *inputs],
+        [*wanted, *inputs],
         create_graph=create_graph,
         retain_graph=True,
         allow_unused=True,
     )
-    out, start = [], 0
-    for traj in trajs:
-        part = grads[start : start + len(traj.states)]
-        start += len(traj.states)
-        if all(g is None for g in part):
+    out = []
+    for row in slots:
+        stack = []
+        for x, end, state in row:
+            g = grads[position[id(x)]] if id(x) in position else None
+            if g is not None and end:
+                g = g[-1]
+            stack.append(g)
+        if all(g is None for g in stack):
             raise ValueError("`loss` does not depend on the trajectory's states")
         out.append(
             torch.stack(
-                [torch.zeros_like(s) if g is None else g for g, s in zip(part, traj.states)]
+                [torch.zeros_like(st) if g is None else g for g, (_, _, st) in zip(stack, row)]
             )
         )
-    return out, list(grads[start:])
+    return out, list(grads[n:])
 
 
 def sensitivities(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
@@ -12,9 +12,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ode_reg.adjoint import adjoints_and_grads
-from ode_reg.regularizers import Regularizer, StepContext, _distributed
-from ode_reg.trajectory import Trajectory, chain, integrate
+from ode_reg.recording import SkewPlan, StepRecorder, read_directly
+from ode_reg.regularizers import Regularizer, _distributed, all_reduce_mean
+from ode_reg.solve import odeint as _odeint
+from ode_reg.solve import odeint_adjoint as _odeint_adjoint
+from ode_reg.terms import build_chains, reached_records, step_terms
+from ode_reg.trajectory import Trajectory, chain
 
 NONFINITE_POLICIES = ("skip", "raise")
 
@@ -24,24 +27,24 @@ class StepRecord:
     """What the last training step recorded, for the monitoring callbacks.
 
     Attributes:
-        trajectories: every trajectory ``self.odeint`` produced in the step, in call order.
-        adjoints: per chained group, the task-loss adjoints ``(K + 1, B, ...)`` (detached), when a
+        trajectories: every solve recorded in the step, in call order.
+        groups: the chained trajectory of each chain (MATH.md: by data dependency).
+        adjoints: per chain, the task-loss adjoints ``(K + 1, B, d)`` (detached), when a
             regularizer computed them; else ``None``.
-        sensitivities: per chained group, ``y_k`` ``(K + 1, P)`` (detached), when computed.
-        groups: the chained trajectory of each group of same-shaped trajectories.
+        sensitivities: per chain, ``y_k`` (detached), when computed.
+        left_out: indices of recorded solves that are no chain (not reached by the loss).
     """
 
     trajectories: list[Trajectory]
     groups: list[Trajectory]
     adjoints: list[Tensor | None]
     sensitivities: list[Tensor | None]
+    left_out: list[int] = field(default_factory=list)
 
-
-def _group(trajectories: Sequence[Trajectory]) -> list[Trajectory]:
-    groups: dict[tuple[int, ...], list[Trajectory]] = {}
-    for tr in trajectories:
-        groups.setdefault(tuple(tr.states[0].shape), []).append(tr)
-    return [chain(g) for g in groups.values()]
+    @property
+    def chains(self) -> list[Trajectory]:
+        """The chained trajectories (the same list as :attr:`groups`)."""
+        return self.groups
 
 
 def _use_shared_backward(module: RegularizedODEModule, active: Sequence[Regularizer]) -> bool:
@@ -52,6 +55,10 @@ def _use_shared_backward(module: RegularizedODEModule, active: Sequence[Regulari
         and any(r.needs_adjoints for r in active)
         and not any(r.needs_differentiable_adjoints for r in active)
     )
+
+
+def _is_monitor(callback: object) -> bool:
+    return type(callback).__module__.startswith("ode_reg.callbacks")
 
 
 class RegularizedODEModule(L.LightningModule):
@@ -121,8 +128,7 @@ class RegularizedODEModule(L.LightningModule):
         self.regularizers = nn.ModuleList(regularizers)
         self.nonfinite = nonfinite
         self.shared_backward = shared_backward
-        self._recording = False
-        self._step_trajectories: list[Trajectory] = []
+        self._recorder: StepRecorder | None = None
         self.ode_step: StepRecord | None = None
 
     # ------------------------------------------------------------------ the plug-in contract
@@ -134,66 +140,83 @@ class RegularizedODEModule(L.LightningModule):
 
         @functools.wraps(step)
         def training_step(self: RegularizedODEModule, *args: Any, **kw: Any) -> Any:
-            if self._recording:  # a subclass calling super().training_step: the outer call adds
+            if self._recorder is not None:  # super().training_step from a subclass: outer adds
                 return step(self, *args, **kw)
-            self._recording = True
-            self._step_trajectories = []
+            batch_idx = args[1] if len(args) > 1 else kw.get("batch_idx", 0)
+            rec = self._new_recorder(int(batch_idx) if isinstance(batch_idx, int) else 0)
+            if rec is None:  # no active term and no monitor: torchdiffeq's calls, untouched
+                self.ode_step = StepRecord([], [], [], [])
+                return step(self, *args, **kw)
+            self._recorder = rec
             try:
-                out = step(self, *args, **kw)
+                with rec.active():
+                    out = step(self, *args, **kw)
             finally:
-                self._recording = False
-            return self._add_regularization(out)
+                self._recorder = None
+            return self._add_regularization(out, rec)
 
         training_step._ode_reg_wrapped = True  # type: ignore[attr-defined]
         cls.training_step = training_step  # type: ignore[method-assign]
 
+    def _active(self) -> list[Regularizer]:
+        return [r for r in self.regularizers if r.active(self.global_step)]
+
+    def _monitors_due(self) -> bool:
+        trainer = self._trainer
+        return trainer is not None and any(_is_monitor(c) for c in trainer.callbacks)
+
+    def _new_recorder(self, batch_idx: int) -> StepRecorder | None:
+        active = self._active()
+        if not active and not self._monitors_due():
+            return None
+        skew = next((r for r in active if r.needs_skew_probes), None)
+        plan = None
+        if skew is not None:
+            gen = skew.generator(self.global_step, self.device, micro=batch_idx)
+            plan = SkewPlan(skew.probes, skew.max_states, gen)
+        return StepRecorder(
+            evaluate_fields=any(r.needs_field_evaluations for r in active),
+            skew=plan,
+            adjoint_inputs=any(r.needs_adjoints for r in active),
+            refuse_adjoint=tuple(r.name for r in active if r.needs_adjoints),
+        )
+
     def odeint(
         self,
-        func: Callable[..., Tensor],
-        y0: Tensor,
+        func: Callable[..., Any],
+        y0: Any,
         t: Tensor,
         *,
         checkpoints: int | Tensor | Sequence[float] | None = None,
         method: str | None = None,
         options: dict[str, Any] | None = None,
-        rtol: float = 1e-7,
-        atol: float = 1e-9,
+        rtol: Any = 1e-7,
+        atol: Any = 1e-9,
         adjoint: bool = False,
-    ) -> Tensor:
-        """Drop-in for ``torchdiffeq.odeint``: same arguments and result, plus ``checkpoints``.
+        **kwargs: Any,
+    ) -> Any:
+        """Alias of :func:`ode_reg.odeint` (``adjoint=True``: :func:`ode_reg.odeint_adjoint`).
 
         Args:
             func: vector field ``f(t, z)``.
             y0: initial state, batch first.
-            t: strictly increasing output times.
+            t: output times (increasing or decreasing).
             checkpoints: see :func:`ode_reg.integrate`.
             method: torchdiffeq method (``None``: ``"dopri5"``, torchdiffeq's default).
             options: torchdiffeq solver options.
             rtol: relative tolerance (adaptive solvers).
             atol: absolute tolerance (adaptive solvers).
-            adjoint: solve with ``odeint_adjoint`` (refused when an active regularizer needs
-                differentiable adjoints).
+            adjoint: solve with ``odeint_adjoint``.
+            **kwargs: further torchdiffeq keywords (``event_fn``, ``adjoint_*``).
 
         Returns:
-            The solution at ``t``, shape ``(len(t), *y0.shape)``.
+            What torchdiffeq returns.
 
         Raises:
-            ValueError: on bad arguments (see :func:`ode_reg.integrate`), or ``adjoint=True``
-                with a regularizer that needs differentiable adjoints.
+            ValueError: on bad arguments, or ``adjoint=True`` with a term that needs adjoints.
         """
-        if adjoint and self._recording:
-            needing = [
-                r.name
-                for r in self.regularizers
-                if r.needs_differentiable_adjoints and r.weight > 0
-            ]
-            if needing:
-                raise ValueError(
-                    f"`adjoint=True` (odeint_adjoint) cannot be used with {needing}: their "
-                    "terms need a differentiable adjoint, and odeint_adjoint's backward is not "
-                    "differentiable. Use adjoint=False or SkewJacobianPenalty."
-                )
-        traj = integrate(
+        solve = _odeint_adjoint if adjoint else _odeint
+        return solve(
             func,
             y0,
             t,
@@ -202,11 +225,8 @@ class RegularizedODEModule(L.LightningModule):
             options=options,
             rtol=rtol,
             atol=atol,
-            adjoint=adjoint,
+            **kwargs,
         )
-        if self._recording:
-            self._step_trajectories.append(traj)
-        return traj.ys
 
     # ------------------------------------------------------------------ the terms
     def _collective_any(self, flags: Tensor) -> Tensor:
@@ -215,62 +235,45 @@ class RegularizedODEModule(L.LightningModule):
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return flags
 
-    def _add_regularization(self, out: Any) -> Any:
+    def _log_term(self, name: str, value: Tensor, **kw: Any) -> None:
+        self.log(name, value, on_step=True, batch_size=1, **kw)
+
+    def _add_regularization(self, out: Any, rec: StepRecorder) -> Any:
         loss = out["loss"] if isinstance(out, dict) else out
-        trajectories = self._step_trajectories
-        self._step_trajectories = []
-        groups = _group(trajectories) if trajectories else []
-        record = StepRecord(trajectories, groups, [None] * len(groups), [None] * len(groups))
+        records = rec.records
+        record = StepRecord([r.traj for r in records], [], [], [])
         self.ode_step = record
-        if not isinstance(loss, Tensor) or not self.regularizers:
-            return out
         step = self.global_step
-        active = [r for r in self.regularizers if r.active(step)]
-        if not active:
+        active = self._active()
+        if not isinstance(loss, Tensor) or not active:
+            if isinstance(loss, Tensor) and loss.requires_grad and records:
+                live = [r for r in records if r.node is not None]
+                reached = reached_records(live, read_directly(loss, live))
+                record.groups = [chain([r.traj for r in c]) for c in build_chains(live, reached)]
+                record.adjoints = [None] * len(record.groups)
+                record.sensitivities = [None] * len(record.groups)
             return out
-        if not groups:
-            raise ValueError(
-                "regularizers are active but training_step made no self.odeint call: "
-                "replace torchdiffeq.odeint by self.odeint"
-            )
-        # A field that is not an nn.Module (a closure such as ``lambda t, h: cell(h, x)``) has no
-        # parameters of its own: take y_k over the module's, those it does not use give zeros.
         own = [p for p in self.parameters() if p.requires_grad]
-        # The adjoints need a graph only if some term differentiates them.
-        differentiable = any(r.needs_differentiable_adjoints for r in active)
-        contexts = [
-            StepContext(
-                loss,
-                g,
-                differentiable=differentiable,
-                params=None if g.parameters() else own,
-                step=step,
+        for r in records:  # fields that are modules outside this one (rare)
+            own.extend(p for p in r.traj.parameters() if all(p is not q for q in own))
+        shared = _use_shared_backward(self, active)
+        res = step_terms(
+            loss,
+            records,
+            active,
+            step=step,
+            params=own,
+            extra=own if shared else (),
+            reduce_mean=all_reduce_mean,
+        )
+        record.left_out = res.left_out
+        if res.left_out:
+            rec.warn(
+                "left_out",
+                f"ode_reg: {len(res.left_out)} solve(s) of a training step are not reached by the "
+                "loss and are left out of the terms (said once)",
             )
-            for g in groups
-        ]
-        # The backward that gives the adjoints also gives the task gradient of the parameters:
-        # take both from it, and return a loss whose backward adds that gradient as a constant
-        # (a linear term), so the task part is not differentiated a second time.
-        # (Only when no term differentiates the adjoints: the double backward walks the
-        # forward graph anyway, so there the task gradient costs almost nothing extra in
-        # Lightning's backward, while recording the parameter gradients' graph would.)
-        task_grads = None
-        if _use_shared_backward(self, active):
-            adjs, task_grads = adjoints_and_grads(
-                loss, [c.trajectory for c in contexts], own, create_graph=False
-            )
-            for ctx, a in zip(contexts, adjs):
-                ctx._adjoints = a
-        values = []
-        for r in active:
-            terms = []
-            for ctx in contexts:
-                term = r.compute(ctx)
-                if r.needs_adjoints:
-                    # A non-finite adjoint poisons the term even where the log hides it.
-                    term = term + 0.0 * ctx.adjoints().sum()
-                terms.append(term)
-            values.append(torch.stack(terms).mean())
+        values = [res.values[r.name] for r in active]
         stacked = torch.stack([v.detach() for v in values])
         bad = self._collective_any((~torch.isfinite(stacked)).to(stacked.dtype))
         total = loss.new_zeros(())
@@ -289,21 +292,24 @@ class RegularizedODEModule(L.LightningModule):
                 r.skipped += 1
                 continue
             if r.zero_value_has_zero_gradient and v.detach() == 0:
-                # A sum of squares at 0 has zero gradient: do not walk its graph (for the
-                # adjoint-based terms, a double backward through the trajectory). Under DDP the
+                # A sum of squares at 0 has zero gradient: do not walk its graph. Under DDP the
                 # terms whose backward communicates (y_k is all-reduced) have the same value,
                 # hence the same decision, on every rank.
                 v = v.detach()
             total = total + r.scheduled_weight(step) * v
-            self.log(f"reg/{r.name}", v.detach(), on_step=True, on_epoch=True, sync_dist=True)
-        self.log("reg/total", total.detach(), on_step=True, on_epoch=True, sync_dist=True)
+            self._log_term(f"reg/{r.name}", v.detach(), on_epoch=True, sync_dist=True)
+        self._log_term("reg/total", total.detach(), on_epoch=True, sync_dist=True)
         skipped = sum(int(r.skipped) for r in self.regularizers)
-        self.log("reg/skipped", float(skipped), on_step=True, on_epoch=False, reduce_fx="max")
-        for i, ctx in enumerate(contexts):
-            if ctx._adjoints is not None:
-                record.adjoints[i] = ctx._adjoints.detach()
-            if ctx._sens:
-                record.sensitivities[i] = next(iter(ctx._sens.values())).detach()
+        self._log_term("reg/skipped", float(skipped), on_epoch=False, reduce_fx="max")
+        record.groups = [ctx.trajectory for ctx in res.chains]
+        record.adjoints = [
+            ctx.adjoints().detach() if res.adjoints is not None else None for ctx in res.chains
+        ]
+        record.sensitivities = []
+        for ctx in res.chains:
+            sens = next((v for k, v in ctx._cache.items() if isinstance(k, tuple)), None)
+            record.sensitivities.append(None if sens is None else sens.detach())
+        task_grads = res.adjoints.extra if (shared and res.adjoints is not None) else None
         if task_grads is None or all(g is None for g in task_grads):
             new_loss = loss + total
         else:

@@ -6,23 +6,22 @@ Each regularizer is an ``nn.Module`` (so its counters travel in the checkpoint) 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ode_reg._batched import skew_jacobian_of_trajectory
 from ode_reg._checks import check_gamma, check_int, check_range
-from ode_reg.adjoint import adjoints as compute_adjoints
-from ode_reg.adjoint import sensitivities as compute_sensitivities
 from ode_reg.functional import (
     adjoint_magnitude_penalty,
     directional_penalty,
     sensitivity_magnitude_penalty,
     spectral_penalty,
 )
-from ode_reg.trajectory import Trajectory
+
+if TYPE_CHECKING:
+    from ode_reg.terms import ChainContext
 
 
 def _distributed() -> bool:
@@ -42,57 +41,6 @@ def all_reduce_mean(x: Tensor) -> Tensor:
     return all_reduce(x, op=dist.ReduceOp.SUM) / dist.get_world_size()
 
 
-@dataclass
-class StepContext:
-    """What one training step offers the regularizers; adjoints and sensitivities are computed
-    lazily, once, and shared by every term that needs them.
-
-    Attributes:
-        loss: the task loss returned by ``training_step``.
-        trajectory: the step's trajectory (all ``odeint`` calls of the step, chained).
-        differentiable: whether the adjoints must be differentiable (some active term trains
-            on them).
-        params: the parameters ``y_k`` is taken over; ``None``: the field's own
-            (``trajectory.parameters()``).
-        step: the global step (stochastic terms derive their random draws from it).
-    """
-
-    loss: Tensor
-    trajectory: Trajectory
-    differentiable: bool = True
-    params: list[Tensor] | None = None
-    step: int = 0
-    _adjoints: Tensor | None = field(default=None, repr=False)
-    _sens: dict[tuple[bool, bool], Tensor] = field(default_factory=dict, repr=False)
-
-    def adjoints(self) -> Tensor:
-        """``a_k = dL/dz_k`` of the task loss, shape ``(K + 1, B, ...)``."""
-        if self._adjoints is None:
-            self._adjoints = compute_adjoints(
-                self.loss, self.trajectory, create_graph=self.differentiable
-            )
-        return self._adjoints
-
-    def sensitivities(self, detach_states: bool = False, detach_adjoints: bool = False) -> Tensor:
-        """``y_k`` of the whole batch (all-reduced mean over DDP ranks), shape ``(K + 1, P)``.
-
-        Differentiable in the parameters; ``detach_states`` / ``detach_adjoints`` treat
-        ``z_k`` / ``a_k`` as constants inside ``y_k`` (stop-gradients).
-        """
-        key = (detach_states, detach_adjoints)
-        if key not in self._sens:
-            adj = self.adjoints()
-            y = compute_sensitivities(
-                self.trajectory,
-                adj.detach() if detach_adjoints else adj,
-                create_graph=True,
-                params=self.params,
-                detach_states=detach_states,
-            )
-            self._sens[key] = all_reduce_mean(y)
-        return self._sens[key]
-
-
 class Regularizer(nn.Module):
     """Base class of the loss terms.
 
@@ -108,6 +56,10 @@ class Regularizer(nn.Module):
 
     #: Needs the adjoints ``a_k`` of the step.
     needs_adjoints: bool = False
+    #: Needs the field evaluated at the checkpoints during the solve (sensitivity density).
+    needs_field_evaluations: bool = False
+    #: Needs the skew-Jacobian probes drawn during the solve.
+    needs_skew_probes: bool = False
     #: The term is a sum of squares, so a value of exactly 0 has a gradient of exactly 0:
     #: on such a step :class:`~ode_reg.RegularizedODEModule` adds the value without its graph
     #: (an inactive hinge, such as a satisfied :class:`DirectionalConstraint`, then costs no
@@ -148,8 +100,8 @@ class Regularizer(nn.Module):
             return self.weight
         return self.weight * min(1.0, (step + 1) / self.warmup_steps)
 
-    def compute(self, ctx: StepContext) -> Tensor:  # pragma: no cover - abstract
-        """The unweighted term for this step."""
+    def compute(self, ctx: ChainContext) -> Tensor:  # pragma: no cover - abstract
+        """The unweighted term on one chain of this step."""
         raise NotImplementedError
 
     def extra_repr(self) -> str:
@@ -182,8 +134,11 @@ class AdjointMagnitude(Regularizer):
         super().__init__(weight, **kwargs)
         self.reference = reference
 
-    def compute(self, ctx: StepContext) -> Tensor:
-        return adjoint_magnitude_penalty(ctx.adjoints(), reference=self.reference)
+    def compute(self, ctx: ChainContext) -> Tensor:
+        if ctx.kstar() < 1:  # no checkpoint before the last reached one
+            return ctx.adjoints().sum() * 0.0
+        flow = ctx.flow_adjoints()
+        return adjoint_magnitude_penalty(flow[:, ctx.reached_samples()], reference=self.reference)
 
 
 class SensitivityMagnitude(Regularizer):
@@ -217,6 +172,7 @@ class SensitivityMagnitude(Regularizer):
     """
 
     needs_adjoints = True
+    needs_field_evaluations = True
     default_name = "sensitivity_magnitude"
     zero_value_has_zero_gradient = True
 
@@ -233,10 +189,11 @@ class SensitivityMagnitude(Regularizer):
         self.detach_states = detach_states
         self.detach_adjoints = detach_adjoints
 
-    def compute(self, ctx: StepContext) -> Tensor:
-        return sensitivity_magnitude_penalty(
-            ctx.sensitivities(self.detach_states, self.detach_adjoints), reference=self.reference
-        )
+    def compute(self, ctx: ChainContext) -> Tensor:
+        sens = ctx.sensitivities(self.detach_states, self.detach_adjoints)
+        if sens.shape[0] < 2:
+            return sens.sum() * 0.0
+        return sensitivity_magnitude_penalty(sens, reference=self.reference)
 
 
 class DirectionalConstraint(Regularizer):
@@ -261,6 +218,7 @@ class DirectionalConstraint(Regularizer):
     """
 
     needs_adjoints = True
+    needs_field_evaluations = True
     default_name = "directional"
     zero_value_has_zero_gradient = True
 
@@ -280,12 +238,11 @@ class DirectionalConstraint(Regularizer):
         self.detach_states = detach_states
         self.detach_adjoints = detach_adjoints
 
-    def compute(self, ctx: StepContext) -> Tensor:
-        return directional_penalty(
-            ctx.sensitivities(self.detach_states, self.detach_adjoints),
-            gamma=self.gamma,
-            reference=self.reference,
-        )
+    def compute(self, ctx: ChainContext) -> Tensor:
+        sens = ctx.sensitivities(self.detach_states, self.detach_adjoints)
+        if sens.shape[0] < 2:
+            return sens.sum() * 0.0
+        return directional_penalty(sens, gamma=self.gamma, reference=self.reference)
 
 
 class SpectralConstraint(Regularizer):
@@ -320,7 +277,7 @@ class SpectralConstraint(Regularizer):
         self.gamma = float(gamma)
         self.reference = reference
 
-    def compute(self, ctx: StepContext) -> Tensor:
+    def compute(self, ctx: ChainContext) -> Tensor:
         w = ctx.trajectory.weight_matrices
         if w is None or not getattr(ctx.trajectory.func, "weights_orthogonal", False):
             raise ValueError(
@@ -360,6 +317,7 @@ class SkewJacobianPenalty(Regularizer):
     """
 
     default_name = "skew_jacobian"
+    needs_skew_probes = True
     zero_value_has_zero_gradient = True
 
     def __init__(
@@ -381,20 +339,12 @@ class SkewJacobianPenalty(Regularizer):
         base = int(torch.randint(0, 2**31 - 1, ())) if seed is None else seed
         self.register_buffer("base_seed", torch.tensor(base, dtype=torch.long), persistent=True)
 
-    def generator(self, step: int, device: torch.device) -> torch.Generator:
-        """The probe generator of global step ``step`` on this DDP rank."""
+    def generator(self, step: int, device: torch.device, micro: int = 0) -> torch.Generator:
+        """The probe generator of global step ``step`` and micro-batch ``micro`` on this rank."""
         rank = dist.get_rank() if _distributed() else 0
         gen = torch.Generator(device=device)
-        gen.manual_seed((int(self.base_seed) * 1_000_003 + rank * 7_919 + step) % (2**63 - 1))
+        gen.manual_seed(hash((int(self.base_seed), rank, step, micro)) % (2**63 - 1))
         return gen
 
-    def compute(self, ctx: StepContext) -> Tensor:
-        traj = ctx.trajectory
-        n = traj.num_checkpoints
-        ks = range(n)
-        if self.max_states is not None and self.max_states < n:
-            ks = torch.linspace(0, n - 1, self.max_states).round().long().tolist()
-        gen = self.generator(ctx.step, traj.states[0].device)
-        # All checkpoints in one vmap call where the field allows (the per-checkpoint loop
-        # of skew_jacobian_penalty otherwise); the same probes, the same value.
-        return skew_jacobian_of_trajectory(traj, ks, self.probes, gen)
+    def compute(self, ctx: ChainContext) -> Tensor:
+        return ctx.skew()

@@ -1,13 +1,17 @@
-"""Checkpointed trajectories: the solver is called once per checkpoint interval, chained.
+"""Trajectories recorded while torchdiffeq solves: one solve per call, checkpoints on the path.
 
-Each call starts from the previous call's end state, so every checkpoint state lies on the
-autograd path from ``y0`` to the loss and ``autograd.grad(loss, z_k)`` is the adjoint ``a_k``
-(MATH.md, Notation). One ``torchdiffeq.odeint`` call over all times would return interpolated
-side outputs instead, whose gradient is not the adjoint.
+:func:`integrate` makes exactly one ``torchdiffeq.odeint`` (or ``odeint_adjoint``) call. The
+field is wrapped in a probe whose step callbacks (torchdiffeq's ``callback_accept_step`` for
+adaptive methods, ``callback_step`` for fixed grids) see the live state at the start of every
+accepted step: the tensor the next step computes from, so on the autograd path from ``y0`` to
+the loss, and ``autograd.grad(loss, z_k)`` is the adjoint ``a_k`` (MATH.md, Notation). The
+checkpoints are some of those step states plus the result at the last requested time; the
+solve itself (result, steps, field evaluations) is torchdiffeq's.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,26 +19,27 @@ from typing import Any
 import torch
 import torchdiffeq
 from torch import Tensor, nn
-from torchdiffeq._impl.misc import _all_callback_names
+from torchdiffeq._impl.misc import _TupleFunc
 from torchdiffeq._impl.odeint import SOLVERS
+from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
+from torchdiffeq._impl.solvers import FixedGridODESolver
 
-from ode_reg._checks import check_increasing, check_int
+from ode_reg._checks import check_int
 
-#: Number of equal checkpoint intervals used when ``checkpoints`` is not given.
+#: At most ``DEFAULT_CHECKPOINTS + 1`` solver step states are kept per solve by default
+#: (spread evenly over the steps taken), plus the result at the last requested time.
 DEFAULT_CHECKPOINTS = 8
 
-
-#: Fixed-grid methods that :func:`integrate` steps itself (see :func:`_fixed_grid_states`).
-DIRECT_METHODS = ("euler", "midpoint", "rk4")
+_CALLBACKS = ("callback_step", "callback_accept_step", "callback_reject_step")
 
 
 @dataclass(frozen=True)
 class FieldPoint:
-    """How the field is evaluated at one checkpoint: ``f(t_k, z)`` as it was during the solve.
+    """How the field is evaluated at one checkpoint: ``f(t_k, z)``.
 
     Attributes:
-        func: the field.
-        time: ``t_k`` in the field's own time (a chained trajectory shifts its times, this not).
+        func: the field (acting on the solver's state: the flat state for tuple states).
+        time: ``t_k``.
         snapshot: attributes the field held during the solve (``ode_reg_snapshot``), restored
             for the call; ``None`` when it holds none.
         weight: the recorded ``W_k`` of a field that integrates its own weights; the value is
@@ -69,28 +74,84 @@ class IntegrationError(RuntimeError):
 
 
 @dataclass
-class Trajectory:
-    """The result of :func:`integrate`.
+class SolverStats:
+    """What the solver did in one solve, counted while it ran.
 
     Attributes:
-        func: the vector field ``f(t, z)``.
-        times: checkpoint times ``t_0 < ... < t_K`` (the requested times are among them).
-        states: the checkpoint states ``z_k``, each on the autograd path to the loss.
+        nfe: field evaluations of the forward solve (torchdiffeq's, all of them).
+        nfe_backward: field evaluations of ``odeint_adjoint``'s backward solve (0 until the
+            backward ran; always 0 when the backward goes through the solver's operations).
+        accepted: accepted steps (fixed grids: every step).
+        rejected: rejected steps (adaptive methods).
+        step_sizes: the accepted step sizes ``|dt|``, in order.
+    """
+
+    nfe: int = 0
+    nfe_backward: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    step_sizes: list[float] = field(default_factory=list)
+
+    @property
+    def dt_min(self) -> float | None:
+        """Smallest accepted step size (``None`` if no step was recorded)."""
+        return min(self.step_sizes) if self.step_sizes else None
+
+    @property
+    def dt_max(self) -> float | None:
+        """Largest accepted step size (``None`` if no step was recorded)."""
+        return max(self.step_sizes) if self.step_sizes else None
+
+    @property
+    def dt_median(self) -> float | None:
+        """Median accepted step size (``None`` if no step was recorded)."""
+        if not self.step_sizes:
+            return None
+        s = sorted(self.step_sizes)
+        n = len(s)
+        return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+@dataclass
+class Trajectory:
+    """One solve, recorded: the result of :func:`integrate` (and of ``ode_reg.odeint``).
+
+    Attributes:
+        func: the vector field acting on the solver's state (for tuple states, torchdiffeq's
+            flattening wrapper around the user's field, acting on the concatenated state).
+        times: checkpoint times ``t_0, ..., t_K`` in the caller's time (decreasing for a solve
+            backwards in time).
+        states: the checkpoint states ``z_k`` (for tuple states, the concatenated flat state).
+            All but the last are live solver states on the autograd path; the last is the
+            result at ``t[-1]`` (a row of :attr:`solution`).
         t: the requested output times.
-        t_index: index into ``times`` of each requested time.
-        weights: for orthogonal flows, ``W_k`` at the checkpoints (else ``None``).
+        solution: what ``torchdiffeq.odeint`` returned (a tensor, or a tuple for tuple states;
+            ``(event_t, solution)`` is split: :attr:`event_t` holds the event time).
         method: the solver used.
-        adjoint_method: whether ``odeint_adjoint`` solved it (then no double backward).
+        adjoint_method: whether ``odeint_adjoint`` solved it (no differentiable backward).
+        stats: solver statistics (:class:`SolverStats`).
+        shapes: the component shapes of a tuple state (else ``None``).
+        weights: for orthogonal flows, ``W_k`` at the checkpoints (else ``None``).
+        event_t: the event time of a solve with ``event_fn`` (else ``None``).
     """
 
     func: Callable[..., Tensor]
     times: Tensor
     states: tuple[Tensor, ...]
     t: Tensor
-    t_index: tuple[int, ...]
-    weights: tuple[Tensor, ...] | None = None
-    method: str = "rk4"
+    solution: Any = None
+    method: str = "dopri5"
     adjoint_method: bool = False
+    stats: SolverStats = field(default_factory=SolverStats)
+    shapes: tuple[torch.Size, ...] | None = None
+    weights: tuple[Tensor, ...] | None = None
+    event_t: Tensor | None = None
+    #: index of each requested time among ``states`` (solves that integrate themselves only).
+    t_index: tuple[int, ...] = ()
+    funcs: tuple[Callable[..., Tensor], ...] = ()
+    points: tuple[FieldPoint, ...] | None = field(default=None, repr=False)
+    #: for a chained trajectory, the solves it joins (see :func:`chain`).
+    parts: tuple[Trajectory, ...] = ()
     _field_at: Callable[[int, Tensor], Tensor] | None = field(default=None, repr=False)
 
     @property
@@ -100,28 +161,80 @@ class Trajectory:
 
     @property
     def checkpoint_states(self) -> Tensor:
-        """Checkpoint states stacked, shape ``(K + 1, *y0.shape)``."""
+        """Checkpoint states stacked, shape ``(K + 1, *state.shape)``."""
         return torch.stack(self.states)
 
     @property
-    def ys(self) -> Tensor:
-        """The solution at the requested times, shape ``(len(t), *y0.shape)``, as odeint returns."""
+    def ys(self) -> Any:
+        """What ``odeint`` returns: the solution at the requested times."""
+        if self.solution is not None:
+            return self.solution
         return torch.stack([self.states[i] for i in self.t_index])
+
+    @property
+    def flat_solution(self) -> Tensor | None:
+        """The solution as one tensor ``(len(t), *state.shape)`` (the flat one for tuples)."""
+        sol = self.solution
+        if sol is None:
+            return None
+        if isinstance(sol, tuple):
+            base = sol[0]._base
+            return base if base is not None else sol[0]
+        return sol
 
     @property
     def weight_matrices(self) -> Tensor | None:
         """``W_k`` stacked, shape ``(K + 1, d, d)``, or ``None`` for fields without a weight flow."""
         return None if self.weights is None else torch.stack(self.weights)
 
+    @property
+    def span(self) -> float:
+        """``|t_K - t_0|``: the length of the solve in time."""
+        return float((self.times[-1] - self.times[0]).abs())
+
+    @property
+    def end_from_solution(self) -> bool:
+        """Whether ``z_K`` is a row of :attr:`solution` (then ``a_K`` is the gradient there)."""
+        return self.solution is not None
+
+    def autograd_inputs(self) -> list[Tensor]:
+        """The tensors the adjoints are gradients in: the live checkpoint states before the
+        end, then the solution (whose last row is ``z_K``) or the live end state."""
+        if self.end_from_solution:
+            return [*self.states[:-1], self.flat_solution]
+        return list(self.states)
+
+    def samples(self, x: Tensor) -> Tensor:
+        """A state-shaped tensor (or a stack of them) in per-sample form ``(..., B, d)``.
+
+        Plain states keep their shape (dimension 0 of a state is the batch; a 1-D state is one
+        sample). Tuple states are concatenated per sample when every component has the same
+        leading batch size, else treated as one sample.
+        """
+        lead = x.shape[: x.dim() - self.states[0].dim()]
+        if self.shapes is None:
+            if self.states[0].dim() == 1:
+                return x.reshape(*lead, 1, -1)
+            return x
+        shapes = self.shapes
+        batch = {s[0] if len(s) else None for s in shapes}
+        if len(batch) != 1 or None in batch or any(len(s) < 2 for s in shapes):
+            return x.reshape(*lead, 1, -1)
+        (b,) = batch
+        parts, start = [], 0
+        for s in shapes:
+            n = s.numel()
+            parts.append(x[..., start : start + n].reshape(*lead, b, n // b))
+            start += n
+        return torch.cat(parts, dim=-1)
+
     def field_at(self, k: int, z: Tensor) -> Tensor:
         """Evaluate the vector field at checkpoint ``k`` and state ``z``: ``f(t_k, z)``."""
         if self._field_at is not None:
             return self._field_at(k, z)
+        if self.points is not None:
+            return self.points[k](z)
         return self.func(self.times[k], z)
-
-    funcs: tuple[Callable[..., Tensor], ...] = ()
-    #: Per checkpoint, how the field is evaluated there (``None``: only through ``field_at``).
-    points: tuple[FieldPoint, ...] | None = field(default=None, repr=False)
 
     def parameters(self) -> list[Tensor]:
         """Trainable parameters of the field(s) (those the sensitivity density is taken over)."""
@@ -134,88 +247,156 @@ class Trajectory:
         return out
 
 
-def checkpoint_grid(t: Tensor, checkpoints: int | Tensor | Sequence[float] | None) -> Tensor:
-    """The sorted union of the requested times ``t`` and the checkpoint times.
+# --------------------------------------------------------------------------- the probe
+class _Probe(nn.Module):
+    """The user's field as torchdiffeq sees it during one recorded solve.
 
-    Args:
-        t: strictly increasing 1-D tensor of requested times.
-        checkpoints: ``None`` (``DEFAULT_CHECKPOINTS`` equal intervals over ``[t[0], t[-1]]``),
-            an int ``n >= 1`` (``n`` equal intervals), or a 1-D tensor of times inside
-            ``[t[0], t[-1]]``.
-
-    Raises:
-        ValueError: on an int below 1 or checkpoint times outside ``[t[0], t[-1]]``.
+    Counts field evaluations and, through torchdiffeq's step callbacks, records the state at
+    the start of every accepted step. The user's field is a submodule (so ``odeint_adjoint``
+    finds its parameters); the user's own callbacks are still called.
     """
-    check_increasing("t", t)
+
+    def __init__(self, func: Callable[..., Tensor], adaptive: bool) -> None:
+        super().__init__()
+        if isinstance(func, nn.Module):
+            self.func = func
+        else:
+            object.__setattr__(self, "_closure", func)
+        self.stats = SolverStats()
+        self.times: list[Tensor] = []
+        self.states: list[Any] = []
+        self.in_backward = False
+        record = "callback_accept_step" if adaptive else "callback_step"
+        for name in (*_CALLBACKS, *(n + "_adjoint" for n in _CALLBACKS)):
+            user = getattr(func, name, None)
+            if name == record:
+                setattr(self, name, self._recorder(user))
+            elif name == "callback_reject_step" and adaptive:
+                setattr(self, name, self._rejecter(user))
+            elif user is not None:
+                setattr(self, name, user)
+
+    def _recorder(self, user: Callable[..., Any] | None) -> Callable[..., Any]:
+        def callback(t0: Tensor, y0: Any, dt: Tensor) -> None:
+            self.times.append(t0)
+            self.states.append(y0)
+            self.stats.accepted += 1
+            self.stats.step_sizes.append(abs(float(dt.detach())))
+            if user is not None:
+                user(t0, y0, dt)
+
+        return callback
+
+    def _rejecter(self, user: Callable[..., Any] | None) -> Callable[..., Any]:
+        def callback(t0: Tensor, y0: Any, dt: Tensor) -> None:
+            self.stats.rejected += 1
+            if user is not None:
+                user(t0, y0, dt)
+
+        return callback
+
+    def forward(self, t: Tensor, y: Any) -> Any:
+        if self.in_backward:
+            self.stats.nfe_backward += 1
+        else:
+            self.stats.nfe += 1
+        func = self._modules.get("func") or self._closure
+        return func(t, y)
+
+
+def _flat(y: Any) -> Tensor:
+    """The solver's flat state behind a tuple of torchdiffeq's views (or the tensor itself)."""
+    if isinstance(y, Tensor):
+        return y
+    base = y[0]._base
+    if base is not None and base.numel() == sum(c.numel() for c in y):
+        return base
+    return torch.cat([c.reshape(-1) for c in y])
+
+
+def _solver_kind(method: str) -> str:
+    cls = SOLVERS[method]
+    if issubclass(cls, RKAdaptiveStepsizeODESolver):
+        return "adaptive"
+    if issubclass(cls, FixedGridODESolver):
+        return "fixed"
+    return "other"
+
+
+def _checkpoint_times(t: Tensor, checkpoints: int | Tensor | Sequence[float]) -> Tensor:
+    """Interior checkpoint times asked for explicitly, in the caller's time."""
     t0, t1 = t[0], t[-1]
-    if checkpoints is None:
-        checkpoints = DEFAULT_CHECKPOINTS
     if isinstance(checkpoints, int) and not isinstance(checkpoints, bool):
         check_int("checkpoints", checkpoints, 1)
-        extra = torch.linspace(0.0, 1.0, checkpoints + 1, dtype=t.dtype, device=t.device)
-        extra = t0 + (t1 - t0) * extra
-    else:
-        extra = torch.as_tensor(checkpoints, dtype=t.dtype, device=t.device)
-        if extra.dim() != 1 or not torch.isfinite(extra).all():
-            raise ValueError(
-                "`checkpoints` must be None, an int >= 1 or a finite 1-D tensor of times, "
-                f"got {checkpoints!r}"
-            )
-        if extra.numel() and (extra.min() < t0 or extra.max() > t1):
-            raise ValueError(
-                f"`checkpoints` times must lie in [t[0], t[-1]] = [{t0.item():g}, {t1.item():g}], "
-                f"got {extra.tolist()}"
-            )
-    grid = torch.cat([t, extra]).sort().values
-    # Merge times closer than a relative tolerance so that no interval is degenerate.
-    span = (t1 - t0).abs()
-    tol = span * (1e-6 if grid.dtype == torch.float32 else 1e-12)
-    keep = torch.ones_like(grid, dtype=torch.bool)
-    keep[1:] = (grid[1:] - grid[:-1]) > tol
-    # Requested times win over checkpoints they coincide with.
-    grid = grid[keep]
-    idx = torch.searchsorted(grid, t).clamp(max=grid.numel() - 1)
-    lower = (idx - 1).clamp(min=0)
-    pick = torch.where((grid[lower] - t).abs() < (grid[idx] - t).abs(), lower, idx)
-    grid[pick] = t
-    return grid
-
-
-def _requested_index(grid: Tensor, t: Tensor) -> tuple[int, ...]:
-    diff = (grid[None, :] - t[:, None]).abs()
-    return tuple(int(i) for i in diff.argmin(dim=1))
-
-
-def _solve_interval(
-    func: Callable[..., Tensor],
-    y: Tensor,
-    ta: Tensor,
-    tb: Tensor,
-    method: str,
-    options: dict[str, Any] | None,
-    rtol: float,
-    atol: float,
-    odeint: Callable[..., Tensor],
-) -> Tensor:
+        frac = torch.arange(1, checkpoints, dtype=t.dtype, device=t.device) / checkpoints
+        return t0 + (t1 - t0) * frac
     try:
-        return odeint(
-            func, y, torch.stack([ta, tb]), method=method, options=options, rtol=rtol, atol=atol
-        )[-1]
-    except AssertionError as exc:  # torchdiffeq reports step-size underflow / max steps this way
-        reached = _reached_time(exc, ta)
-        raise IntegrationError(
-            f"solver '{method}' failed on [{ta.item():g}, {tb.item():g}] for field "
-            f"{type(func).__name__}: {exc or 'assertion in solver'}; reached t = {reached:.10g}. "
-            "Try a fixed-step method, a larger `atol`/`rtol`, or regularize the field."
-        ) from exc
+        extra = torch.as_tensor(checkpoints, dtype=t.dtype, device=t.device)
+    except (TypeError, ValueError, RuntimeError):
+        extra = None
+    if extra is None or extra.dim() != 1 or not bool(torch.isfinite(extra).all()):
+        raise ValueError(
+            "`checkpoints` must be None, an int >= 1 or a finite 1-D tensor of times, got "
+            f"{type(checkpoints).__name__}"
+        )
+    lo, hi = torch.minimum(t0, t1), torch.maximum(t0, t1)
+    if extra.numel() and bool((extra < lo).any() or (extra > hi).any()):
+        raise ValueError(
+            f"`checkpoints` times must lie between t[0] = {t0.item():g} and t[-1] = "
+            f"{t1.item():g}, got values in [{extra.min().item():g}, {extra.max().item():g}]"
+        )
+    span = (t1 - t0).abs()
+    tol = span * (1e-6 if t.dtype != torch.float64 else 1e-12)
+    inner = (extra - t0).abs() > tol
+    inner &= (extra - t1).abs() > tol
+    return extra[inner].unique()
 
 
-def _reached_time(exc: BaseException, default: Tensor) -> float:
+def _fixed_grid(method: str, options: dict[str, Any], y0: Any, t: Tensor) -> Tensor:
+    """The time grid torchdiffeq's fixed-grid solver will step on, in the caller's time."""
+    flat = _flat(y0) if not isinstance(y0, Tensor) else y0
+    reversed_ = len(t) > 1 and bool(t[0] > t[1])
+    tt = -t if reversed_ else t
+    opts = {k: v for k, v in options.items() if k in ("step_size", "grid_constructor")}
+    if reversed_ and "grid_constructor" in opts:
+        user = opts["grid_constructor"]
+        opts["grid_constructor"] = lambda f, y, s: -user(f, y, -s)
+    solver = SOLVERS[method](func=None, y0=flat, rtol=0.0, atol=0.0, **opts)
+    grid = solver.grid_constructor(None, flat, tt)
+    return -grid if reversed_ else grid
+
+
+def _select(n: int, want: int) -> list[int]:
+    """``want`` indices spread evenly over ``range(n)`` (all of them if ``n <= want``)."""
+    if n <= want:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (want - 1)) for i in range(want)})
+
+
+def _match(times: Sequence[float], targets: Sequence[float], tol: float) -> list[int]:
+    out = [0]
+    for c in targets:
+        best = min(range(len(times)), key=lambda i: abs(times[i] - c))
+        if abs(times[best] - c) <= tol and best not in out:
+            out.append(best)
+    return sorted(out)
+
+
+def _odeint_error(exc: AssertionError, method: str, func: Any) -> IntegrationError:
+    reached = _reached_time(exc)
+    where = "" if reached is None else f"; reached t = {reached:.10g}"
+    name = type(func).__name__
+    return IntegrationError(
+        f"solver '{method}' failed for field {name}: {str(exc)[:200] or 'assertion in solver'}"
+        f"{where}. Try a fixed-step method, a larger `atol`/`rtol`, or regularize the field."
+    )
+
+
+def _reached_time(exc: BaseException) -> float | None:
     """The time an adaptive torchdiffeq solver had reached when it raised ``exc``.
 
     torchdiffeq's messages ("underflow in dt ...", "max_num_steps exceeded ...") omit it; its
     Runge-Kutta solvers hold it as ``rk_state.t1`` (``_RungeKuttaState``) in the failing frames.
-    Falls back to ``default`` (the interval start) when no such frame is found.
     """
     reached = None
     tb = exc.__traceback__
@@ -228,56 +409,81 @@ def _reached_time(exc: BaseException, default: Tensor) -> float:
         if isinstance(t1, Tensor) and t1.numel() == 1:
             reached = t1
         tb = tb.tb_next
-    return float((default if reached is None else reached).detach())
+    return None if reached is None else float(reached.detach())
+
+
+def _check_state(y0: Any) -> None:
+    comps = y0 if isinstance(y0, tuple) else (y0,)
+    if not comps or not all(isinstance(c, Tensor) and c.is_floating_point() for c in comps):
+        got = type(y0).__name__ if not isinstance(y0, tuple) else "a tuple of " + ", ".join(
+            type(c).__name__ if not isinstance(c, Tensor) else str(c.dtype) for c in comps
+        )
+        raise ValueError(
+            f"`y0` must be a floating-point tensor or a tuple of them, got {got}"[:300]
+        )
+
+
+def _check_times(t: Any, y0: Any) -> Tensor:
+    ref = y0[0] if isinstance(y0, tuple) else y0
+    if not isinstance(t, Tensor):
+        t = torch.as_tensor(t, dtype=ref.dtype, device=ref.device)
+    if t.dim() != 1 or t.numel() < 2:
+        raise ValueError(f"`t` must be a 1-D tensor of at least 2 times, got shape {tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError("`t` must be finite")
+    d = t[1:] - t[:-1]
+    if not (bool((d > 0).all()) or bool((d < 0).all())):
+        raise ValueError("`t` must be strictly increasing or strictly decreasing")
+    return t
 
 
 def integrate(
-    func: Callable[..., Tensor],
-    y0: Tensor,
+    func: Callable[..., Any],
+    y0: Any,
     t: Tensor,
     *,
     checkpoints: int | Tensor | Sequence[float] | None = None,
     method: str | None = None,
     options: dict[str, Any] | None = None,
-    rtol: float = 1e-7,
-    atol: float = 1e-9,
+    rtol: Any = 1e-7,
+    atol: Any = 1e-9,
+    event_fn: Callable[..., Tensor] | None = None,
     adjoint: bool = False,
+    **adjoint_kwargs: Any,
 ) -> Trajectory:
-    """Solve ``dz/dt = func(t, z)`` with every checkpoint state on the autograd path.
+    """Solve ``dz/dt = func(t, z)`` with one torchdiffeq call, recording checkpoint states.
 
-    torchdiffeq solves each interval between consecutive checkpoint times; each call starts
-    from the previous call's end state. The requested times ``t`` are always checkpoints, so
-    the solution at ``t`` (``Trajectory.ys``) has the shape ``torchdiffeq.odeint`` returns.
+    The result (``Trajectory.ys``) is exactly what ``torchdiffeq.odeint`` (or
+    ``odeint_adjoint`` with ``adjoint=True``) returns for the same arguments, with the same
+    steps and field evaluations (``Trajectory.stats``).
+
+    Checkpoints (MATH.md, Notation): by default the states at which the solver's accepted
+    steps start (adaptive methods) or the grid points (fixed-grid methods), at most
+    ``DEFAULT_CHECKPOINTS + 1`` of them spread evenly over the steps, plus the result at
+    ``t[-1]``. Explicit checkpoint times (an int ``n``: ``n`` equal intervals; or a 1-D tensor
+    of times between ``t[0]`` and ``t[-1]``) become step ends the adaptive solver must hit
+    (torchdiffeq's ``step_t``); for fixed-grid methods they must lie on the solver's grid
+    (an int is snapped to the nearest grid points; a time off the grid is an error).
 
     Args:
-        func: vector field ``f(t, z)`` (an ``nn.Module`` for the sensitivity density). A field
-            that defines ``ode_reg_integrate(y0, grid, method=, options=)`` (such as
-            :class:`~ode_reg.OrthogonalFlow`) integrates itself on the checkpoint grid.
-        y0: initial state; its first dimension is the batch (a 1-D ``y0`` is one sample).
-        t: strictly increasing 1-D tensor of output times.
-        checkpoints: ``None`` (8 equal intervals, so the two-point call ``t = [0, 1]`` still
-            gives 9 checkpoints), an int (equal intervals) or a 1-D tensor of times in
-            ``[t[0], t[-1]]``.
-        method: a torchdiffeq method name (``None``: ``"dopri5"``, as ``torchdiffeq.odeint``,
-            or the field's own rule for fields that integrate themselves;
-            ``"rk4"``, ``"euler"``, ... with ``options={"step_size": h}``). Fixed-step methods
-            step each checkpoint interval on its own, so a ``step_size`` longer than an
-            interval is shortened to it. ``"euler"``, ``"midpoint"`` and ``"rk4"`` (options
-            ``step_size`` or none, no torchdiffeq callbacks on the field) are stepped here, on
-            torchdiffeq's grid and with its formulas, without its per-call overhead: Euler and
-            midpoint equal ``odeint`` to the bit, RK4 (stage sums fused) to rounding.
-        options: torchdiffeq solver options (e.g. ``{"step_size": 0.05}``).
+        func: vector field ``f(t, z)``; ``z`` a tensor or a tuple of tensors.
+        y0: initial state; for the terms, dimension 0 is the batch (a 1-D ``y0`` is one sample).
+        t: strictly increasing or strictly decreasing 1-D tensor of output times.
+        checkpoints: ``None``, an int ``>= 1`` or a 1-D tensor of times (see above).
+        method: a torchdiffeq method (``None``: ``"dopri5"``, as torchdiffeq).
+        options: torchdiffeq solver options.
         rtol: relative tolerance of adaptive solvers.
         atol: absolute tolerance of adaptive solvers.
-        adjoint: use ``torchdiffeq.odeint_adjoint`` per interval (memory-light, but its
-            backward is not differentiable: adjoint-based regularizers refuse it).
+        event_fn: torchdiffeq's event function (``len(t) == 2``); ``Trajectory.event_t``.
+        adjoint: solve with ``torchdiffeq.odeint_adjoint`` (its backward is not differentiable).
+        **adjoint_kwargs: ``adjoint_rtol``, ``adjoint_atol``, ``adjoint_method``,
+            ``adjoint_options``, ``adjoint_params`` (passed to ``odeint_adjoint``).
 
     Returns:
         A :class:`Trajectory`.
 
     Raises:
-        ValueError: if ``t`` is not strictly increasing, ``checkpoints`` is out of range or
-            ``y0`` is not a floating-point tensor.
+        ValueError: on a bad ``y0``, ``t``, ``method`` or ``checkpoints`` (before solving).
         IntegrationError: if an adaptive solver underflows or exceeds its step budget.
 
     Example::
@@ -285,202 +491,215 @@ def integrate(
         >>> import torch
         >>> from ode_reg import integrate
         >>> traj = integrate(lambda t, z: -z, torch.ones(2, 3), torch.tensor([0.0, 1.0]))
-        >>> traj.ys.shape, traj.num_checkpoints
-        (torch.Size([2, 2, 3]), 9)
+        >>> traj.ys.shape, traj.stats.nfe == 6 * traj.stats.accepted + 2 + traj.stats.rejected * 6
+        (torch.Size([2, 2, 3]), True)
     """
-    if not isinstance(y0, Tensor) or not y0.is_floating_point():
-        raise ValueError(f"`y0` must be a floating-point tensor, got {type(y0).__name__}")
-    if not isinstance(t, Tensor):
-        t = torch.as_tensor(t, dtype=y0.dtype, device=y0.device)
-    grid = checkpoint_grid(t, checkpoints)
-    t_index = _requested_index(grid, t)
+    _check_state(y0)
+    t = _check_times(t, y0)
     if method is not None and method not in SOLVERS:
         raise ValueError(f"`method` must be one of {sorted(SOLVERS)}, got {method!r}")
-    if adjoint and not isinstance(func, nn.Module):
+    unknown = set(adjoint_kwargs) - {
+        "adjoint_rtol",
+        "adjoint_atol",
+        "adjoint_method",
+        "adjoint_options",
+        "adjoint_params",
+    }
+    if unknown:
+        raise ValueError(f"unknown keyword arguments {sorted(unknown)}")
+    if adjoint_kwargs and not adjoint:
+        raise ValueError(f"{sorted(adjoint_kwargs)} need `adjoint=True` (odeint_adjoint)")
+    if adjoint and not isinstance(func, nn.Module) and "adjoint_params" not in adjoint_kwargs:
         raise ValueError(
-            "`adjoint=True` needs `func` to be an nn.Module (odeint_adjoint requires it)"
+            "odeint_adjoint needs `func` to be an nn.Module, or `adjoint_params` given explicitly"
         )
-
-    if not y0.requires_grad and torch.is_grad_enabled():
-        # A leaf that requires grad, so that a_0 = dL/dz_0 exists; the caller's y0 is untouched.
-        y0 = y0.detach().requires_grad_(True)
     custom = getattr(func, "ode_reg_integrate", None)
     if custom is not None:
-        states, weights = custom(y0, grid, method=method, options=options)
-        states = tuple(states)
-        weights = None if weights is None else tuple(weights)
-        field_at = None
-        if weights is not None:
-            w = weights
-
-            def field_at(k: int, z: Tensor) -> Tensor:
-                return func.ode_reg_field_at(grid[k], z, w[k])
-
-        traj = Trajectory(
-            func, grid, states, t, t_index, weights, method or "custom", False, field_at
-        )
-        traj.points = tuple(
-            FieldPoint(func, grid[k], None, None if weights is None else weights[k])
-            for k in range(len(states))
-        )
-        return traj
+        return _integrate_custom(func, y0, t, checkpoints, method, options)
 
     method = method or "dopri5"
-    field_at = _snapshot_field(func, grid)
-    snapshot = func.ode_reg_snapshot() if hasattr(func, "ode_reg_snapshot") else None
-    points = tuple(FieldPoint(func, grid[k], snapshot) for k in range(grid.numel()))
-    if not adjoint and not grid.requires_grad and _steps_directly(func, method, options):
-        states = _fixed_grid_states(func, y0, grid, method, (options or {}).get("step_size"))
-        traj = Trajectory(func, grid, states, t, t_index, None, method, False, field_at)
-        traj.points = points
-        return traj
-    odeint = torchdiffeq.odeint_adjoint if adjoint else torchdiffeq.odeint
-    states = [y0]
-    y = y0
-    for k in range(1, grid.numel()):
-        y = _solve_interval(func, y, grid[k - 1], grid[k], method, options, rtol, atol, odeint)
-        states.append(y)
-    traj = Trajectory(func, grid, tuple(states), t, t_index, None, method, adjoint, field_at)
-    traj.points = points
-    return traj
-
-
-def _steps_directly(
-    func: Callable[..., Tensor], method: str, options: dict[str, Any] | None
-) -> bool:
-    """Whether :func:`_fixed_grid_states` reproduces ``torchdiffeq.odeint`` for this call."""
-    if method not in DIRECT_METHODS or set(options or {}) - {"step_size"}:
-        return False  # grid_constructor, perturb, interp, ...: torchdiffeq's own solver
-    # A field with torchdiffeq step callbacks expects torchdiffeq to call them.
-    return not any(hasattr(func, name) for name in _all_callback_names)
-
-
-def _fixed_grid_states(
-    func: Callable[..., Tensor], y0: Tensor, grid: Tensor, method: str, step_size: Any
-) -> tuple[Tensor, ...]:
-    """The checkpoint states of a fixed-grid solve, stepped here rather than by ``odeint``.
-
-    The same sub-grid as one ``torchdiffeq.odeint`` call per checkpoint interval
-    (``ceil(interval / step_size)`` steps, the last one shortened to end on the checkpoint;
-    one step per interval without a step size) and the same Runge-Kutta formulas (torchdiffeq's
-    ``rk4`` is the 3/8 rule); the results agree with ``odeint`` to rounding. What is saved:
-    the per-call input checks, the solution buffer and its in-place writes, the
-    ``y.abs()`` torchdiffeq computes on every field call for a dtype, the scalar tensor
-    arithmetic on times at every step, and about half the tensor operations of a step (stage
-    combinations fused into ``add(..., alpha=h)``), which also shrinks the graphs that the
-    backward and the double backward of adjoint-based regularizers walk.
-    """
-    # Step times per interval on the CPU, in the grid's dtype, as torchdiffeq forms them.
-    cpu = grid.detach().cpu()
-    if isinstance(step_size, Tensor):
-        step_size = step_size.detach().cpu()
-    if step_size is None:
-        subs = [cpu[k : k + 2] for k in range(cpu.numel() - 1)]
+    options = dict(options or {})
+    kind = _solver_kind(method)
+    forced: Tensor | None = None
+    grid: Tensor | None = None
+    if checkpoints is not None:
+        forced = _checkpoint_times(t, checkpoints)
+        if kind == "fixed":
+            grid = _fixed_grid(method, options, y0, t)
+            forced = _on_grid(forced, grid, snap=isinstance(checkpoints, int), method=method)
+        elif kind == "adaptive" and forced.numel():
+            user = options.get("step_t")
+            step_t = forced if user is None else torch.cat([torch.as_tensor(user).to(forced), forced])
+            options["step_t"] = step_t.unique()
+    probe = _Probe(func, adaptive=kind == "adaptive")
+    kwargs: dict[str, Any] = {"rtol": rtol, "atol": atol, "method": method, "options": options}
+    if event_fn is not None:
+        kwargs["event_fn"] = event_fn
+    if adjoint:
+        kwargs.update(adjoint_kwargs)
+        solve = torchdiffeq.odeint_adjoint
     else:
-        subs = []
-        counts = torch.ceil((cpu[1:] - cpu[:-1]) / step_size + 1).tolist()
-        for k, n in enumerate(counts):
-            ts = torch.arange(0, n, dtype=cpu.dtype) * step_size + cpu[k]
-            ts[-1] = cpu[k + 1]
-            if ts.numel() > 2 and ts[-2] >= cpu[k + 1]:
-                # Rounding put the last inner time past the checkpoint (odeint would return an
-                # interpolation there): end the interval on the checkpoint instead.
-                ts = torch.cat([ts[:-1][ts[:-1] < cpu[k + 1]], ts[-1:]])
-            subs.append(ts)
-    sizes = [ts.numel() - 1 for ts in subs]
-    t0s = torch.cat([ts[:-1] for ts in subs])
-    t1s = torch.cat([ts[1:] for ts in subs])
-    dts = t1s - t0s
-    # The stage times of torchdiffeq's steps, cast to the state's dtype as its field wrapper does.
-    real = y0.real.dtype if y0.is_complex() else y0.dtype
-    stage = torch.stack(
-        [t0s, t0s + dts * (1.0 / 3.0), t0s + dts * (2.0 / 3.0), t1s, t0s + 0.5 * dts]
-    ).to(device=y0.device, dtype=real)
-    times = [row.unbind() for row in stage]
-    hs = dts.tolist()
-    step = _STEPPERS[method]
-    states = [y0]
-    y = y0
-    j = 0
-    for size in sizes:
-        for _ in range(size):
-            y = step(
-                func, y, hs[j], times[0][j], times[1][j], times[2][j], times[3][j], times[4][j]
-            )
-            j += 1
-        states.append(y)
-    return tuple(states)
-
-
-def _euler_step(func, y, h, t0, t13, t23, t1, th):
-    # As torchdiffeq (y + dt * f), to the bit: forward Euler is the AntisymmetricRNN recurrence.
-    return y + h * func(t0, y)
-
-
-def _midpoint_step(func, y, h, t0, t13, t23, t1, th):
-    # As torchdiffeq, to the bit.
-    half = 0.5 * h
-    return y + h * func(th, y + func(t0, y) * half)
-
-
-def _rk4_step(func, y, h, t0, t13, t23, t1, th):
-    # torchdiffeq's rk4_alt_step_func (the 3/8 rule), with the stage combinations fused into
-    # add(..., alpha=) (10 tensor operations instead of 18): equal to rounding, not to the bit.
-    k1 = func(t0, y)
-    k2 = func(t13, torch.add(y, k1, alpha=h / 3.0))
-    # add_(x, alpha=-c), not sub_(x, alpha=c): its backward is one multiplication, not two.
-    k3 = func(t23, torch.add(y, k2, alpha=h).add_(k1, alpha=-h / 3.0))
-    k4 = func(t1, torch.add(y, k1, alpha=h).add_(k2, alpha=-h).add_(k3, alpha=h))
-    s = torch.add(k2, k3).mul_(3.0).add_(k1).add_(k4)
-    return torch.add(y, s, alpha=h / 8.0)
-
-
-_STEPPERS = {"euler": _euler_step, "midpoint": _midpoint_step, "rk4": _rk4_step}
-
-
-def _snapshot_field(
-    func: Callable[..., Tensor], grid: Tensor
-) -> Callable[[int, Tensor], Tensor] | None:
-    """Field evaluation that restores state the field held while it was integrated.
-
-    A field with a held input (an ODE-RNN feeding one sequence step per solve) exposes
-    ``ode_reg_snapshot() -> dict`` of attribute values; evaluating ``f(t_k, z)`` later (for the
-    sensitivity density or the skew-Jacobian penalty) sets them back for the call.
-    """
-    snap = getattr(func, "ode_reg_snapshot", None)
-    if snap is None:
-        return None
-    saved = snap()
-
-    def field_at(k: int, z: Tensor) -> Tensor:
-        current = {name: getattr(func, name) for name in saved}
+        solve = torchdiffeq.odeint
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Solver '.*' does not support callbacks")
         try:
-            for name, value in saved.items():
-                setattr(func, name, value)
-            return func(grid[k], z)
-        finally:
-            for name, value in current.items():
-                setattr(func, name, value)
+            out = solve(probe, y0, t, **kwargs)
+        except AssertionError as exc:
+            raise _odeint_error(exc, method, func) from exc
+    probe.in_backward = True
+    event_t = None
+    if event_fn is not None:
+        event_t, out = out
+    return _trajectory(probe, func, y0, t, out, method, adjoint, forced, event_t)
 
-    return field_at
+
+def _on_grid(forced: Tensor, grid: Tensor, *, snap: bool, method: str) -> Tensor:
+    span = (grid[-1] - grid[0]).abs()
+    tol = float(span) * (1e-5 if grid.dtype != torch.float64 else 1e-10)
+    out = []
+    for c in forced.tolist():
+        i = int((grid - c).abs().argmin())
+        if abs(float(grid[i]) - c) > tol and not snap:
+            raise ValueError(
+                f"`checkpoints` time {c:g} is not on the '{method}' grid (nearest grid time "
+                f"{float(grid[i]):g}); fixed-grid checkpoints must be grid times"
+            )
+        out.append(float(grid[i]))
+    return torch.tensor(sorted(set(out)), dtype=grid.dtype)
+
+
+def _trajectory(
+    probe: _Probe,
+    func: Callable[..., Any],
+    y0: Any,
+    t: Tensor,
+    out: Any,
+    method: str,
+    adjoint: bool,
+    forced: Tensor | None,
+    event_t: Tensor | None,
+) -> Trajectory:
+    shapes = tuple(c.shape for c in y0) if isinstance(y0, tuple) else None
+    flat_func = func if shapes is None else _TupleFunc(func, shapes)
+    step_times = [float(s.detach()) for s in probe.times]
+    step_states = [_flat(s) for s in probe.states]
+    if not step_states:  # a solver without step callbacks (scipy_solver): the start only
+        step_times = [float(t[0])]
+        step_states = [_flat(y0)]
+    if forced is None:
+        keep = _select(len(step_states), DEFAULT_CHECKPOINTS + 1)
+    else:
+        span = abs(float(t[-1] - t[0]))
+        tol = span * (1e-5 if t.dtype != torch.float64 else 1e-10)
+        keep = _match(step_times, forced.tolist(), tol)
+    flat_sol = _flat(out) if shapes is not None else out
+    end = flat_sol[-1]
+    end_time = event_t if event_t is not None else t[-1]
+    times = torch.tensor([step_times[i] for i in keep] + [float(end_time)], dtype=t.dtype)
+    return Trajectory(
+        func=flat_func,
+        times=times.to(t.device),
+        states=(*[step_states[i] for i in keep], end),
+        t=t,
+        solution=out,
+        method=method,
+        adjoint_method=adjoint,
+        stats=probe.stats,
+        shapes=shapes,
+        event_t=event_t,
+        funcs=(func,),
+    )
+
+
+def starts_from_end(traj: Trajectory, z: Tensor) -> bool:
+    """Whether ``z`` is (a view of) the last row of ``traj``'s solution: a next solve that
+    starts from it continues this one with no operation in between."""
+    sol = traj.flat_solution
+    if sol is None or not isinstance(z, Tensor) or z.shape != sol.shape[1:]:
+        return False
+    base = z._base if z._base is not None else z
+    return base is sol and z.data_ptr() == sol[-1].data_ptr()
+
+
+def checkpoint_grid(t: Tensor, checkpoints: int | Tensor | Sequence[float] | None) -> Tensor:
+    """The sorted union of the requested times ``t`` and the checkpoint times (for fields that
+    integrate themselves on a grid, such as :class:`~ode_reg.OrthogonalFlow`).
+
+    Args:
+        t: strictly increasing 1-D tensor of requested times.
+        checkpoints: ``None`` (``DEFAULT_CHECKPOINTS`` equal intervals over ``[t[0], t[-1]]``),
+            an int ``n >= 1`` (``n`` equal intervals), or a 1-D tensor of times inside
+            ``[t[0], t[-1]]``.
+
+    Raises:
+        ValueError: on an int below 1 or checkpoint times outside ``[t[0], t[-1]]``.
+    """
+    if not bool((t[1:] > t[:-1]).all()):
+        raise ValueError("`t` must be strictly increasing for a field that integrates itself")
+    if checkpoints is None:
+        checkpoints = DEFAULT_CHECKPOINTS
+    extra = _checkpoint_times(t, checkpoints)
+    grid = torch.cat([t, extra]).sort().values
+    span = (t[-1] - t[0]).abs()
+    tol = span * (1e-6 if grid.dtype == torch.float32 else 1e-12)
+    keep = torch.ones_like(grid, dtype=torch.bool)
+    keep[1:] = (grid[1:] - grid[:-1]) > tol
+    grid = grid[keep]
+    idx = torch.searchsorted(grid, t).clamp(max=grid.numel() - 1)
+    lower = (idx - 1).clamp(min=0)
+    pick = torch.where((grid[lower] - t).abs() < (grid[idx] - t).abs(), lower, idx)
+    grid[pick] = t
+    return grid
+
+
+def _integrate_custom(
+    func: Any, y0: Tensor, t: Tensor, checkpoints: Any, method: str | None, options: Any
+) -> Trajectory:
+    """A field that integrates itself on the checkpoint grid (``ode_reg_integrate``)."""
+    if not isinstance(y0, Tensor):
+        raise ValueError(f"{type(func).__name__} integrates tensor states only, got a tuple")
+    grid = checkpoint_grid(t, checkpoints)
+    diff = (grid[None, :] - t[:, None]).abs()
+    t_index = tuple(int(i) for i in diff.argmin(dim=1))
+    if not y0.requires_grad and torch.is_grad_enabled():
+        y0 = y0.detach().requires_grad_(True)
+    states, weights = func.ode_reg_integrate(y0, grid, method=method, options=options)
+    states = tuple(states)
+    weights = None if weights is None else tuple(weights)
+    traj = Trajectory(
+        func=func,
+        times=grid,
+        states=states,
+        t=t,
+        method=method or "custom",
+        weights=weights,
+        t_index=t_index,
+        funcs=(func,),
+    )
+    traj.stats.accepted = len(states) - 1
+    traj.points = tuple(
+        FieldPoint(func, grid[k], None, None if weights is None else weights[k])
+        for k in range(len(states))
+    )
+    return traj
 
 
 def chain(trajectories: Sequence[Trajectory]) -> Trajectory:
     """Join trajectories solved one after another (an ODE-RNN's steps) into one.
 
-    Times are shifted so that they keep increasing; a state shared by consecutive trajectories
-    (the end of one solve is the start of the next) appears once. Field evaluations are
-    delegated to the trajectory each checkpoint came from, so each keeps its own field and
-    held input.
+    Times are measured along the chain (``|dt|`` summed, so they increase even for solves
+    backwards in time); a state shared by consecutive trajectories (the end of one solve is the
+    start of the next) appears once. Field evaluations are delegated to the trajectory each
+    checkpoint came from.
 
     Args:
-        trajectories: one or more trajectories whose states have the same shape.
+        trajectories: one or more trajectories.
 
     Returns:
         A :class:`Trajectory` over all checkpoints, in order.
 
     Raises:
-        ValueError: if the sequence is empty or the state shapes differ.
+        ValueError: if the sequence is empty.
 
     Example::
 
@@ -488,42 +707,44 @@ def chain(trajectories: Sequence[Trajectory]) -> Trajectory:
         >>> from ode_reg import integrate
         >>> from ode_reg.trajectory import chain
         >>> t = torch.tensor([0.0, 1.0])
-        >>> a = integrate(lambda t, z: -z, torch.ones(2, 3), t, checkpoints=2)
-        >>> b = integrate(lambda t, z: -z, a.ys[-1], t, checkpoints=2)
+        >>> a = integrate(lambda t, z: -z, torch.ones(2, 3), t, method="euler")
+        >>> b = integrate(lambda t, z: -z, a.ys[-1], t, method="euler")
         >>> chain([a, b]).num_checkpoints
-        5
+        4
     """
     if len(trajectories) == 0:
         raise ValueError("`trajectories` must hold at least one Trajectory")
     if len(trajectories) == 1:
         return trajectories[0]
-    shape = trajectories[0].states[0].shape
-    if any(tr.states[0].shape != shape for tr in trajectories):
-        raise ValueError(
-            "`trajectories` must have states of one shape, got "
-            f"{sorted({tuple(tr.states[0].shape) for tr in trajectories})}"
-        )
+
+    def continues(prev: tuple[Trajectory, int], z: Tensor) -> bool:
+        tr, k = prev
+        return k == tr.num_checkpoints - 1 and tr.end_from_solution and starts_from_end(tr, z)
+
     states: list[Tensor] = []
-    times: list[Tensor] = []
+    times: list[float] = []
     owner: list[tuple[Trajectory, int]] = []
     weights: list[Tensor] = []
     has_weights = all(tr.weights is not None for tr in trajectories)
-    offset = trajectories[0].times[0]
+    clock = 0.0
     for tr in trajectories:
-        shift = offset - tr.times[0]
+        tk = tr.times.tolist()
         for k, z in enumerate(tr.states):
-            if states and k == 0 and z is states[-1]:
+            if states and k == 0 and (z is states[-1] or continues(owner[-1], z)):
+                # The next solve starts from this solve's result: one checkpoint (the result,
+                # whose adjoint is the total one).
                 continue
-            if states and k == 0:
+            if k > 0:
+                clock += abs(tk[k] - tk[k - 1])
+            elif states:
                 # A jump between solves (e.g. an RNN cell update): a new checkpoint at the same
                 # time would be degenerate for quadrature, so nudge it forward.
-                shift = shift + 1e-6 * (tr.times[-1] - tr.times[0])
+                clock += 1e-6 * max(tr.span, 1e-12)
             states.append(z)
-            times.append(tr.times[k] + shift)
+            times.append(clock)
             owner.append((tr, k))
             if has_weights:
                 weights.append(tr.weights[k])
-        offset = tr.times[-1] + shift
 
     def field_at(j: int, z: Tensor) -> Tensor:
         tr, k = owner[j]
@@ -531,21 +752,38 @@ def chain(trajectories: Sequence[Trajectory]) -> Trajectory:
 
     funcs: list[Callable[..., Tensor]] = []
     for tr in trajectories:
-        if all(tr.func is not f for f in funcs):
-            funcs.append(tr.func)
+        for f in tr.funcs or (tr.func,):
+            if all(f is not g for g in funcs):
+                funcs.append(f)
     first = trajectories[0]
     joined = Trajectory(
-        first.func,
-        torch.stack(times),
-        tuple(states),
-        torch.stack([times[0], times[-1]]),
-        (0, len(states) - 1),
-        tuple(weights) if has_weights else None,
-        first.method,
-        any(tr.adjoint_method for tr in trajectories),
-        field_at,
+        func=first.func,
+        times=torch.tensor(times, dtype=first.times.dtype, device=first.times.device),
+        states=tuple(states),
+        t=torch.tensor([times[0], times[-1]], dtype=first.times.dtype),
+        method=first.method,
+        adjoint_method=any(tr.adjoint_method for tr in trajectories),
+        shapes=first.shapes,
+        weights=tuple(weights) if has_weights else None,
+        t_index=(0, len(states) - 1),
+        funcs=tuple(funcs),
+        parts=tuple(trajectories),
+        _field_at=field_at,
     )
-    joined.funcs = tuple(funcs)
+    joined.owners = tuple(owner)  # type: ignore[attr-defined]
     if all(tr.points is not None for tr in trajectories):
         joined.points = tuple(tr.points[k] for tr, k in owner)
     return joined
+
+
+__all__ = [
+    "DEFAULT_CHECKPOINTS",
+    "FieldPoint",
+    "IntegrationError",
+    "SolverStats",
+    "Trajectory",
+    "chain",
+    "checkpoint_grid",
+    "integrate",
+]
+

@@ -39,7 +39,7 @@ from ode_reg import (
     SkewJacobianPenalty,
     SpectralConstraint,
 )
-from ode_reg.regularizers import StepContext
+from ode_reg.terms import ChainContext as StepContext
 
 N, BATCH, DIM = 64, 16, 4
 GLOO_TIMEOUT_S = 30

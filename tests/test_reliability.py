@@ -36,7 +36,7 @@ from ode_reg.functional import (
     skew_jacobian_penalty,
     spectral_penalty,
 )
-from ode_reg.regularizers import StepContext
+from ode_reg.terms import ChainContext as StepContext
 
 WORKER = Path(__file__).with_name("_ddp_worker.py")
 

@@ -1,0 +1,248 @@
+"""Recording the solves of one training step, wherever ``ode_reg.odeint`` is called.
+
+A :class:`StepRecorder` is made current (a context variable) for the duration of a
+``RegularizedODEModule``'s training step. ``ode_reg.odeint`` / ``ode_reg.odeint_adjoint``
+called anywhere during it (a submodule's ``forward``, an ODE-RNN cell, a helper) record their
+solve into it; everywhere else they are torchdiffeq's call and nothing more.
+
+Everything the terms need from the field is evaluated before the call returns, while a
+closure's variables and a field's held input still have the values the solve used: the field
+at the checkpoint states (for the sensitivity density) and the skew-Jacobian probes. The
+data dependency between solves (which solve's result the next ``y0`` was computed from) is
+read off the autograd graph at the call, so chains follow the data, not the shapes.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ode_reg.functional.penalties import (
+    rademacher_probes,
+    skew_jacobian_penalty,
+    skew_sum_loop,
+)
+from ode_reg.trajectory import Trajectory
+
+#: Graph nodes visited at most when looking for the solves a new ``y0`` depends on.
+MAX_WALK = 50_000
+
+
+@dataclass
+class Evaluation:
+    """``f(t_k, z)`` at a detached copy ``leaf`` of the checkpoint state ``state``."""
+
+    out: Tensor
+    leaf: Tensor
+    state: Tensor
+
+
+@dataclass
+class SkewPlan:
+    """How the skew-Jacobian probes of this step are drawn."""
+
+    probes: int
+    max_states: int | None
+    generator: torch.Generator | None
+
+
+@dataclass
+class SolveRecord:
+    """One recorded solve and what the terms need of it.
+
+    Attributes:
+        index: position in the step's call order.
+        traj: the :class:`~ode_reg.Trajectory`.
+        parents: indices of earlier solves whose results ``y0`` was computed from.
+        evaluations: the field at each checkpoint (when a sensitivity term is active).
+        skew: ``(sum over checkpoints of the probe mean of mean_i |S v|^2, count)``.
+    """
+
+    index: int
+    traj: Trajectory
+    parents: list[int] = field(default_factory=list)
+    evaluations: list[Evaluation] | None = None
+    skew: tuple[Tensor, int] | None = None
+
+    @property
+    def node(self) -> Any:
+        sol = self.traj.flat_solution
+        if sol is not None:
+            return sol.grad_fn
+        return self.traj.states[-1].grad_fn
+
+
+_CURRENT: ContextVar[StepRecorder | None] = ContextVar("ode_reg_recorder", default=None)
+
+
+def current_recorder() -> StepRecorder | None:
+    """The recorder of the training step being run, or ``None`` outside one."""
+    return _CURRENT.get()
+
+
+class StepRecorder:
+    """Collects the solves of one training step.
+
+    Args:
+        evaluate_fields: evaluate the field at every checkpoint during the call (for the
+            sensitivity density).
+        skew: draw and evaluate the skew-Jacobian probes during the call.
+        adjoint_inputs: make a ``y0`` that does not require grad a leaf that does, so that
+            ``a_0 = dL/dz_0`` exists (value and result unchanged).
+        refuse_adjoint: names of active terms that cannot be computed on an
+            ``odeint_adjoint`` solve (``odeint_adjoint`` is then refused with a short message).
+    """
+
+    def __init__(
+        self,
+        *,
+        evaluate_fields: bool = False,
+        skew: SkewPlan | None = None,
+        adjoint_inputs: bool = False,
+        refuse_adjoint: tuple[str, ...] = (),
+        warn: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.evaluate_fields = evaluate_fields
+        self.skew = skew
+        self.adjoint_inputs = adjoint_inputs
+        self.refuse_adjoint = refuse_adjoint
+        self.records: list[SolveRecord] = []
+        self._nodes: dict[Any, int] = {}
+        self._warn = warn or _warn_once
+
+    # ------------------------------------------------------------------ use
+    @contextmanager
+    def active(self) -> Iterator[StepRecorder]:
+        """Make this recorder current (for ``ode_reg.odeint``) inside the block."""
+        token = _CURRENT.set(self)
+        try:
+            yield self
+        finally:
+            _CURRENT.reset(token)
+
+    def warn(self, key: str, message: str) -> None:
+        """Warn once per key and process."""
+        self._warn(key, message)
+
+    def prepare(self, y0: Any) -> Any:
+        """``y0`` as the solve should get it (a grad-requiring leaf where adjoints need it)."""
+        if not self.adjoint_inputs:
+            return y0
+        if isinstance(y0, tuple):
+            if any(c.requires_grad for c in y0):
+                return y0
+            return tuple(c.detach().requires_grad_(True) for c in y0)
+        return y0 if y0.requires_grad else y0.detach().requires_grad_(True)
+
+    def record(self, traj: Trajectory) -> SolveRecord:
+        """Add a finished solve: its parents, and the field evaluations the terms need."""
+        rec = SolveRecord(len(self.records), traj)
+        rec.parents = self._parents(traj.states[0])
+        if self.evaluate_fields:
+            rec.evaluations = _evaluate(traj)
+        if self.skew is not None:
+            rec.skew = _skew(traj, self.skew)
+        self.records.append(rec)
+        node = rec.node
+        if node is not None:
+            self._nodes[node] = rec.index
+        return rec
+
+    # ------------------------------------------------------------------ graph
+    def _parents(self, y0: Tensor) -> list[int]:
+        """The recorded solves whose result ``y0`` was computed from (a bounded graph walk
+        from ``y0`` that stops at recorded results)."""
+        if not self._nodes or y0.grad_fn is None:
+            return []
+        found: set[int] = set()
+        seen = {y0.grad_fn}
+        stack = [y0.grad_fn]
+        while stack and len(seen) < MAX_WALK:
+            node = stack.pop()
+            hit = self._nodes.get(node)
+            if hit is not None:
+                found.add(hit)
+                continue
+            for nxt, _ in node.next_functions:
+                if nxt is not None and nxt not in seen:
+                    seen.add(nxt)
+                    stack.append(nxt)
+        return sorted(found)
+
+def read_directly(loss: Tensor, records: list[SolveRecord]) -> set[int]:
+    """Solves whose result the loss reads other than through a later recorded solve (a walk
+    of the loss's graph that stops at recorded results)."""
+    nodes = {r.node: r.index for r in records if r.node is not None}
+    found: set[int] = set()
+    if loss.grad_fn is None:
+        return found
+    seen = {loss.grad_fn}
+    stack = [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        hit = nodes.get(node)
+        if hit is not None:
+            found.add(hit)
+            continue
+        for nxt, _ in node.next_functions:
+            if nxt is not None and nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+        if len(seen) > 20 * MAX_WALK:  # pathological graph: treat every solve as read
+            return {r.index for r in records}
+    return found
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, stacklevel=4)
+
+
+def _evaluate(traj: Trajectory) -> list[Evaluation]:
+    out = []
+    with torch.enable_grad():
+        for k, z in enumerate(traj.states):
+            leaf = z.detach().requires_grad_(z.requires_grad)
+            out.append(Evaluation(traj.field_at(k, leaf), leaf, z))
+    return out
+
+
+def _skew(traj: Trajectory, plan: SkewPlan) -> tuple[Tensor, int]:
+    """Sum over checkpoints of ``E_v |S v|^2 / numel(z)`` (the batch mean of ``|S_i v_i|^2 / d``),
+    and the number of checkpoints. Plain batched states go through ``vmap`` where the field
+    allows; tuple and 1-D states are one sample (their Jacobian is the whole state's)."""
+    n = traj.num_checkpoints
+    ks = list(range(n))
+    if plan.max_states is not None and plan.max_states < n:
+        ks = torch.linspace(0, n - 1, plan.max_states).round().long().unique().tolist()
+    shape = traj.states[0].shape
+    batched = traj.shapes is None and len(shape) > 1
+    states = torch.stack([traj.states[k] if batched else traj.states[k].reshape(1, -1) for k in ks])
+    samples = states.shape[1]
+    with torch.enable_grad():
+        if batched and traj.points is None and traj._field_at is None:
+            times = traj.times[ks].to(states.dtype)
+            mean = skew_jacobian_penalty(traj.func, times, states, plan.probes, plan.generator)
+        else:
+            vs = rademacher_probes(list(states.unbind(0)), plan.probes, plan.generator)
+
+            def at(k: int) -> Callable[[Tensor], Tensor]:
+                if batched:
+                    return lambda x: traj.field_at(k, x)
+                return lambda x: traj.field_at(k, x.reshape(shape)).reshape(1, -1)
+
+            total = skew_sum_loop([at(k) for k in ks], states, vs)
+            mean = total / (len(ks) * plan.probes)
+    per_state = mean * samples / traj.states[0].numel()
+    return per_state * len(ks), len(ks)

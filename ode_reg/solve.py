@@ -1,0 +1,179 @@
+"""``ode_reg.odeint`` and ``ode_reg.odeint_adjoint``: torchdiffeq's calls, recorded when it matters.
+
+Converting a project is ``from torchdiffeq import odeint`` -> ``from ode_reg import odeint``
+(and the base class). Inside a :class:`~ode_reg.RegularizedODEModule`'s training step with an
+active term or a monitor due, the call is recorded into the step (one torchdiffeq solve, the
+checkpoints taken from the solver's own steps); everywhere else it is torchdiffeq's call and
+nothing more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torchdiffeq
+from torch import Tensor
+
+from ode_reg.recording import StepRecorder, current_recorder
+from ode_reg.trajectory import integrate
+
+
+def odeint(
+    func: Callable[..., Any],
+    y0: Any,
+    t: Tensor,
+    *,
+    rtol: Any = 1e-7,
+    atol: Any = 1e-9,
+    method: str | None = None,
+    options: dict[str, Any] | None = None,
+    event_fn: Callable[..., Tensor] | None = None,
+    checkpoints: int | Tensor | Sequence[float] | None = None,
+) -> Any:
+    """``torchdiffeq.odeint`` with the same signature and result, plus ``checkpoints``.
+
+    Args:
+        func: vector field ``f(t, y)``; ``y`` a tensor or a tuple of tensors.
+        y0: initial state (dimension 0 is the batch for the terms).
+        t: increasing or decreasing 1-D tensor of output times.
+        rtol: relative tolerance (adaptive methods).
+        atol: absolute tolerance (adaptive methods).
+        method: torchdiffeq method (``None``: ``"dopri5"``).
+        options: torchdiffeq solver options.
+        event_fn: torchdiffeq's event function (returns ``(event_t, solution)``).
+        checkpoints: where the terms look at the solve (see :func:`ode_reg.integrate`); only
+            used when the call is recorded.
+
+    Returns:
+        What ``torchdiffeq.odeint`` returns.
+
+    Raises:
+        ValueError: on bad arguments (before solving), when the call is recorded.
+        IntegrationError: when a recorded adaptive solve fails (with the time reached).
+
+    Example::
+
+        >>> import torch
+        >>> from ode_reg import odeint
+        >>> odeint(lambda t, z: -z, torch.ones(2), torch.tensor([0.0, 1.0])).shape
+        torch.Size([2, 2])
+    """
+    kw = {"rtol": rtol, "atol": atol, "method": method, "options": options, "event_fn": event_fn}
+    rec = current_recorder()
+    if rec is None:
+        return torchdiffeq.odeint(func, y0, t, **kw)
+    return _recorded(rec, func, y0, t, checkpoints, False, kw)
+
+
+def odeint_adjoint(
+    func: Callable[..., Any],
+    y0: Any,
+    t: Tensor,
+    *,
+    rtol: Any = 1e-7,
+    atol: Any = 1e-9,
+    method: str | None = None,
+    options: dict[str, Any] | None = None,
+    event_fn: Callable[..., Tensor] | None = None,
+    adjoint_rtol: Any = None,
+    adjoint_atol: Any = None,
+    adjoint_method: str | None = None,
+    adjoint_options: dict[str, Any] | None = None,
+    adjoint_params: Sequence[Tensor] | None = None,
+    checkpoints: int | Tensor | Sequence[float] | None = None,
+) -> Any:
+    """``torchdiffeq.odeint_adjoint`` with the same signature and result, plus ``checkpoints``.
+
+    Its backward solves the adjoint ODE and is not differentiable, and the solver's states are
+    not on the autograd path: terms that need the adjoints ``a_k`` are refused on such a solve
+    (:class:`~ode_reg.SkewJacobianPenalty` and the monitors work).
+
+    Args:
+        func: vector field (an ``nn.Module``, or give ``adjoint_params``).
+        y0: initial state.
+        t: output times.
+        rtol: relative tolerance.
+        atol: absolute tolerance.
+        method: torchdiffeq method.
+        options: solver options.
+        event_fn: event function.
+        adjoint_rtol: tolerance of the backward solve.
+        adjoint_atol: tolerance of the backward solve.
+        adjoint_method: method of the backward solve.
+        adjoint_options: options of the backward solve.
+        adjoint_params: parameters to differentiate in (default: ``func``'s).
+        checkpoints: as for :func:`odeint`.
+
+    Returns:
+        What ``torchdiffeq.odeint_adjoint`` returns.
+
+    Raises:
+        ValueError: on bad arguments, or when an active term needs adjoints.
+
+    Example::
+
+        >>> import torch
+        >>> from ode_reg import odeint_adjoint
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> odeint_adjoint(lambda t, z: lin(z), torch.ones(2), torch.tensor([0.0, 1.0]),
+        ...                adjoint_params=tuple(lin.parameters())).shape
+        torch.Size([2, 2])
+    """
+    kw: dict[str, Any] = {
+        "rtol": rtol,
+        "atol": atol,
+        "method": method,
+        "options": options,
+        "event_fn": event_fn,
+    }
+    extra = {
+        "adjoint_rtol": adjoint_rtol,
+        "adjoint_atol": adjoint_atol,
+        "adjoint_method": adjoint_method,
+        "adjoint_options": adjoint_options,
+        "adjoint_params": adjoint_params,
+    }
+    kw.update({k: v for k, v in extra.items() if v is not None})
+    rec = current_recorder()
+    if rec is None:
+        return torchdiffeq.odeint_adjoint(func, y0, t, **kw)
+    return _recorded(rec, func, y0, t, checkpoints, True, kw)
+
+
+def _recorded(
+    rec: StepRecorder,
+    func: Callable[..., Any],
+    y0: Any,
+    t: Tensor,
+    checkpoints: Any,
+    adjoint: bool,
+    kw: dict[str, Any],
+) -> Any:
+    solve = torchdiffeq.odeint_adjoint if adjoint else torchdiffeq.odeint
+    if not torch.is_grad_enabled():
+        rec.warn(
+            "no_grad",
+            "ode_reg: a solve ran without grad inside a training step; the loss cannot reach "
+            "it, so it is left out of the terms (said once)",
+        )
+        return solve(func, y0, t, **kw)
+    if adjoint and rec.refuse_adjoint:
+        raise ValueError(
+            f"odeint_adjoint cannot be used with {list(rec.refuse_adjoint)}: their terms need the "
+            "adjoints a_k, which an odeint_adjoint solve does not expose to autograd. Use "
+            "ode_reg.odeint, or SkewJacobianPenalty"
+        )
+    traj = integrate(
+        func,
+        rec.prepare(y0),
+        t,
+        checkpoints=checkpoints,
+        adjoint=adjoint,
+        **{k: v for k, v in kw.items() if k != "event_fn" or v is not None},
+    )
+    rec.record(traj)
+    if traj.event_t is not None:
+        return traj.event_t, traj.solution
+    return traj.solution

@@ -1,0 +1,435 @@
+"""The step's terms as a function of the recorded solves, the loss and the active regularizers.
+
+Usable from a plain training loop::
+
+    recorder = StepRecorder(...)
+    with recorder.active():
+        loss = model(batch)                      # calls ode_reg.odeint anywhere
+    result = step_terms(loss, recorder.records, regularizers, step=i)
+    (loss + result.total).backward()
+
+:class:`~ode_reg.RegularizedODEModule` is a thin shell that records, calls this and logs.
+
+Chains (MATH.md, Notation): a solve whose ``y0`` was computed from an earlier solve's result
+continues that solve's chain; a solve on which two later ones depend starts two chains (one
+per path from a first solve to a last one). Solves that the loss does not reach are no chain.
+Every term is computed per chain and averaged over chains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ode_reg.adjoint import _through_state
+from ode_reg.recording import SolveRecord
+from ode_reg.trajectory import Trajectory, chain
+
+
+def _zeros_like_flat(p: Tensor) -> Tensor:
+    return torch.zeros_like(p).reshape(-1)
+
+
+@dataclass
+class Adjoints:
+    """Total adjoints of every recorded solve, from one backward pass.
+
+    Attributes:
+        per_record: for each solve (by index), one adjoint per checkpoint (solver-state shape).
+        reads: for each solve, whether the loss reads an output before the last requested time.
+        extra: ``dL/dx`` of further inputs (``None`` where the loss does not depend on them).
+    """
+
+    per_record: dict[int, list[Tensor]]
+    reads: dict[int, bool]
+    extra: list[Tensor | None] = field(default_factory=list)
+
+
+def record_adjoints(
+    loss: Tensor,
+    records: Sequence[SolveRecord],
+    extra: Sequence[Tensor] = (),
+    create_graph: bool = False,
+) -> Adjoints:
+    """``a_k = dL/dz_k`` at every checkpoint of every solve, and ``dL/dx`` of ``extra``.
+
+    Args:
+        loss: scalar loss.
+        records: the recorded solves.
+        extra: further tensors (e.g. parameters) to differentiate the loss in.
+        create_graph: make the results differentiable (for terms trained on the adjoints).
+
+    Returns:
+        :class:`Adjoints`; checkpoints the loss does not reach get zeros.
+    """
+    inputs: list[Tensor] = []
+    slots: list[tuple[int, int]] = []
+    for rec in records:
+        for j, x in enumerate(rec.traj.autograd_inputs()):
+            if x.requires_grad:
+                inputs.append(x)
+                slots.append((rec.index, j))
+    n = len(inputs)
+    wanted = [*inputs, *[x for x in extra]]
+    if not wanted or not loss.requires_grad:
+        grads: Sequence[Tensor | None] = [None] * len(wanted)
+    else:
+        grads = torch.autograd.grad(
+            loss, wanted, create_graph=create_graph, retain_graph=True, allow_unused=True
+        )
+    got = dict(zip(slots, grads[:n]))
+    per_record: dict[int, list[Tensor]] = {}
+    reads: dict[int, bool] = {}
+    for rec in records:
+        tr = rec.traj
+        xs = tr.autograd_inputs()
+        out = []
+        for j, x in enumerate(xs):
+            g = got.get((rec.index, j))
+            if tr.end_from_solution and j == len(xs) - 1:
+                reads[rec.index] = bool(g is not None and bool((g[:-1] != 0).any()))
+                out.append(torch.zeros_like(tr.states[-1]) if g is None else g[-1])
+            else:
+                out.append(torch.zeros_like(x) if g is None else g)
+        reads.setdefault(rec.index, False)
+        per_record[rec.index] = out
+    return Adjoints(per_record, reads, list(grads[n:]))
+
+
+def reached_records(records: Sequence[SolveRecord], direct: set[int]) -> set[int]:
+    """Solves the loss reaches: read directly, or an ancestor of one that is."""
+    reached = set(direct)
+    for rec in reversed(records):
+        if rec.index in reached:
+            reached.update(rec.parents)
+    return reached
+
+
+def build_chains(records: Sequence[SolveRecord], reached: set[int]) -> list[list[SolveRecord]]:
+    """Paths from a first solve to a last one through the data dependency (reached solves
+    only; a solve with several parents continues the latest one)."""
+    by_index = {r.index: r for r in records}
+    parent: dict[int, int | None] = {}
+    children: dict[int, list[int]] = {}
+    for rec in records:
+        if rec.index not in reached:
+            continue
+        ps = [p for p in rec.parents if p in reached]
+        parent[rec.index] = max(ps) if ps else None
+        if ps:
+            children.setdefault(max(ps), []).append(rec.index)
+    chains = []
+    for i in sorted(parent):
+        if children.get(i):
+            continue
+        path = [i]
+        while parent[path[-1]] is not None:
+            path.append(parent[path[-1]])
+        chains.append([by_index[j] for j in reversed(path)])
+    return chains
+
+
+class ChainContext:
+    """What one chain of one training step offers the regularizers; computed lazily, once.
+
+    Args:
+        loss: the task loss.
+        records: the chain's solves, in order.
+        adjoints: the step's :class:`Adjoints` (``None`` if no active term needs them).
+        differentiable: whether the adjoints are differentiable.
+        params: the parameters ``y_k`` is taken over.
+        step: the global step.
+        reduce_mean: differentiable mean over DDP ranks (identity in one process).
+    """
+
+    def __init__(
+        self,
+        loss: Tensor,
+        records: Sequence[SolveRecord],
+        adjoints: Adjoints | None,
+        *,
+        differentiable: bool,
+        params: Sequence[Tensor],
+        step: int,
+        reduce_mean: Callable[[Tensor], Tensor] = lambda x: x,
+    ) -> None:
+        self.loss = loss
+        self.records = list(records)
+        self.trajectory: Trajectory = chain([r.traj for r in self.records])
+        owners = getattr(self.trajectory, "owners", None)
+        if owners is None:
+            owners = [(self.trajectory, k) for k in range(self.trajectory.num_checkpoints)]
+        rec_of = {id(r.traj): r for r in self.records}
+        self.owners: list[tuple[SolveRecord, int]] = [(rec_of[id(tr)], k) for tr, k in owners]
+        self._adj = adjoints
+        self.differentiable = differentiable
+        self.params = list(params)
+        self.step = step
+        self.reduce_mean = reduce_mean
+        self._cache: dict[object, object] = {}
+
+    # ------------------------------------------------------------------ adjoints
+    def raw_adjoints(self) -> list[Tensor]:
+        """Total adjoints per checkpoint, in the solver's state shape."""
+        if self._adj is None:
+            raise RuntimeError("no adjoints were computed for this step")
+        return [self._adj.per_record[rec.index][k] for rec, k in self.owners]
+
+    def _samples(self, xs: Sequence[Tensor]) -> Tensor:
+        """Per-sample form ``(n, B, d)``, zero-padded to the widest state of the chain (norms
+        and the reached test are unchanged by the padding)."""
+        rows = [rec.traj.samples(x) for (rec, _), x in zip(self.owners, xs)]
+        rows = [r.reshape(r.shape[0], -1) for r in rows]
+        if len({r.shape[0] for r in rows}) != 1:
+            rows = [r.reshape(1, -1) for r in rows]
+        width = max(r.shape[1] for r in rows)
+        rows = [torch.nn.functional.pad(r, (0, width - r.shape[1])) for r in rows]
+        return torch.stack(rows)
+
+    def adjoints(self) -> Tensor:
+        """``a_k`` in per-sample form ``(K + 1, B, d)`` (total derivatives)."""
+        if "adj" not in self._cache:
+            self._cache["adj"] = self._samples(self.raw_adjoints())
+        return self._cache["adj"]  # type: ignore[return-value]
+
+    def kstar(self) -> int:
+        """The last reached checkpoint (some sample's adjoint is non-zero there)."""
+        if "kstar" not in self._cache and self._adj is None:
+            self._cache["kstar"] = len(self.owners) - 1
+        if "kstar" not in self._cache:
+            a = self.adjoints().detach()
+            nz = (a != 0).flatten(1).any(1)
+            idx = torch.nonzero(nz).flatten()
+            self._cache["kstar"] = int(idx[-1]) if idx.numel() else -1
+        return self._cache["kstar"]  # type: ignore[return-value]
+
+    def reached_samples(self) -> Tensor:
+        """Samples whose adjoint at ``k*`` is non-zero, ``(B,)`` booleans."""
+        return (self.adjoints()[self.kstar()].detach() != 0).any(-1)
+
+    def flow_adjoints(self) -> Tensor:
+        """``ā_k = d(a_{k*} . z_{k*}) / dz_k`` for ``k <= k*``, per-sample form.
+
+        Equal to ``a_k`` (no extra work) when the chain is one solve whose loss reads only its
+        end; otherwise one more vector-Jacobian product from ``z_{k*}``.
+        """
+        if "flow" in self._cache:
+            return self._cache["flow"]  # type: ignore[return-value]
+        ks = self.kstar()
+        raw = self.raw_adjoints()
+        only = len(self.records) == 1 and not self._adj.reads[self.records[0].index]
+        if only and ks == len(raw) - 1:
+            flow = self.adjoints()[: ks + 1]
+        else:
+            rec, k = self.owners[ks]
+            target = _output(rec, k)
+            inputs, slots = [], []
+            for j in range(ks):
+                r, kk = self.owners[j]
+                x = _input(r, kk)
+                if x.requires_grad:
+                    inputs.append(x)
+                    slots.append(j)
+            grads: Sequence[Tensor | None] = []
+            if inputs and target.requires_grad:
+                grads = torch.autograd.grad(
+                    target,
+                    inputs,
+                    raw[ks],
+                    create_graph=self.differentiable,
+                    retain_graph=True,
+                    allow_unused=True,
+                )
+            got = dict(zip(slots, grads))
+            rows = []
+            for j in range(ks):
+                r, kk = self.owners[j]
+                g = got.get(j)
+                if g is not None and _is_end(r, kk):
+                    g = g[-1]
+                rows.append(torch.zeros_like(raw[j]) if g is None else g)
+            rows.append(raw[ks])
+            flow = self._samples(rows)
+        self._cache["flow"] = flow
+        return flow
+
+    # ------------------------------------------------------------------ sensitivities
+    def sensitivities(self, detach_states: bool = False, detach_adjoints: bool = False) -> Tensor:
+        """``y_k`` for ``k <= k*`` (all-reduced mean over DDP ranks), shape ``(k* + 1, P)``."""
+        key = ("sens", detach_states, detach_adjoints)
+        if key in self._cache:
+            return self._cache[key]  # type: ignore[return-value]
+        raw = self.raw_adjoints()
+        rows = []
+        for j in range(self.kstar() + 1):
+            rec, k = self.owners[j]
+            if rec.evaluations is None:
+                raise RuntimeError("the field was not evaluated during the solve")
+            ev = rec.evaluations[k]
+            a = raw[j].detach() if detach_adjoints else raw[j]
+            rows.append(_sensitivity(ev.out, ev.leaf, ev.state, a, self.params, detach_states))
+        y = self.reduce_mean(torch.stack(rows))
+        self._cache[key] = y
+        return y
+
+    # ------------------------------------------------------------------ skew
+    def skew(self) -> Tensor:
+        """``R_skew`` of the chain: ``T^2`` times the mean over its checkpoints of
+        ``E_v |S v|^2 / d`` (``T`` the chain's length in time)."""
+        total = None
+        count = 0
+        span = 0.0
+        for rec in self.records:
+            if rec.skew is None:
+                raise RuntimeError("the skew-Jacobian probes were not drawn during the solve")
+            s, n = rec.skew
+            total = s if total is None else total + s
+            count += n
+            span += rec.traj.span
+        return span**2 * total / max(count, 1)
+
+
+def _is_end(rec: SolveRecord, k: int) -> bool:
+    return rec.traj.end_from_solution and k == rec.traj.num_checkpoints - 1
+
+
+def _input(rec: SolveRecord, k: int) -> Tensor:
+    return rec.traj.flat_solution if _is_end(rec, k) else rec.traj.states[k]
+
+
+def _output(rec: SolveRecord, k: int) -> Tensor:
+    return rec.traj.flat_solution[-1] if _is_end(rec, k) else rec.traj.states[k]
+
+
+def _sensitivity(
+    out: Tensor,
+    leaf: Tensor,
+    state: Tensor,
+    a: Tensor,
+    params: Sequence[Tensor],
+    detach_states: bool,
+) -> Tensor:
+    """``y_k = a_k df(t_k, z_k)/dtheta`` from the evaluation made during the solve; its
+    gradient is the full one (through ``a_k``, ``z_k`` and ``theta``) unless ``detach_states``.
+    """
+    if not out.requires_grad:
+        return torch.cat([_zeros_like_flat(p) for p in params])
+    grads = torch.autograd.grad(
+        out, list(params), a, create_graph=True, retain_graph=True, allow_unused=True
+    )
+    row = torch.cat(
+        [(_zeros_like_flat(p) if g is None else g.reshape(-1)) for g, p in zip(grads, params)]
+    )
+    if not detach_states and leaf.requires_grad and state.requires_grad:
+        row = row + _through_state(out, list(params), a.detach(), leaf, state)
+    return row
+
+
+@dataclass
+class StepTerms:
+    """What :func:`step_terms` computed.
+
+    Attributes:
+        values: each active regularizer's unweighted value (mean over chains), by name.
+        chains: the chain contexts (their trajectories, adjoints, sensitivities).
+        adjoints: the step's :class:`Adjoints` (or ``None``).
+        left_out: recorded solves that are no chain (not reached by the loss).
+    """
+
+    values: dict[str, Tensor]
+    chains: list[ChainContext]
+    adjoints: Adjoints | None
+    left_out: list[int]
+
+
+def step_terms(
+    loss: Tensor,
+    records: Sequence[SolveRecord],
+    active: Sequence[object],
+    *,
+    step: int,
+    params: Sequence[Tensor],
+    extra: Sequence[Tensor] = (),
+    reduce_mean: Callable[[Tensor], Tensor] = lambda x: x,
+    differentiable: bool | None = None,
+) -> StepTerms:
+    """Every active term on the chains of the recorded solves (a pure function of its inputs).
+
+    Args:
+        loss: the task loss of the step (scalar).
+        records: the step's recorded solves (``StepRecorder.records``).
+        active: the regularizers to apply (``ode_reg.Regularizer`` instances).
+        step: the global step.
+        params: parameters the sensitivity density is taken over.
+        extra: further tensors to differentiate the loss in, in the adjoints' backward pass
+            (``StepTerms.adjoints.extra``).
+        reduce_mean: differentiable mean over DDP ranks.
+        differentiable: whether the adjoints must be differentiable (default: whether an
+            active term trains on them).
+
+    Returns:
+        :class:`StepTerms` (values are unweighted; each the mean over chains).
+
+    Raises:
+        ValueError: if terms are active but no solve was recorded.
+
+    Example::
+
+        >>> import torch
+        >>> from ode_reg import AdjointMagnitude, odeint
+        >>> from ode_reg.recording import StepRecorder
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> rec = StepRecorder(adjoint_inputs=True)
+        >>> with rec.active():
+        ...     loss = odeint(lambda t, z: lin(z), torch.ones(3, 2), torch.tensor([0.0, 1.0]))[-1].sum()
+        >>> out = step_terms(loss, rec.records, [AdjointMagnitude()], step=0, params=list(lin.parameters()))
+        >>> sorted(out.values)
+        ['adjoint_magnitude']
+    """
+    from ode_reg.recording import read_directly
+
+    if not records:
+        raise ValueError(
+            "regularizers are active but this training step made no ode_reg.odeint call: "
+            "use `from ode_reg import odeint` instead of torchdiffeq's"
+        )
+    needs_adj = any(getattr(r, "needs_adjoints", False) for r in active)
+    if differentiable is None:
+        differentiable = any(getattr(r, "needs_differentiable_adjoints", False) for r in active)
+    live = [r for r in records if r.node is not None or r.traj.states[0].requires_grad]
+    adj = None
+    if needs_adj:
+        adj = record_adjoints(loss, live, extra, create_graph=differentiable)
+        reached = {
+            i for i, xs in adj.per_record.items() if any(bool((x.detach() != 0).any()) for x in xs)
+        }
+    else:
+        reached = reached_records(live, read_directly(loss, live))
+    chains = build_chains(live, reached)
+    left_out = [r.index for r in records if r.index not in reached]
+    contexts = [
+        ChainContext(
+            loss,
+            c,
+            adj,
+            differentiable=differentiable,
+            params=params,
+            step=step,
+            reduce_mean=reduce_mean,
+        )
+        for c in chains
+    ]
+    values: dict[str, Tensor] = {}
+    for r in active:
+        terms = []
+        for ctx in contexts:
+            term = r.compute(ctx)
+            if r.needs_adjoints:
+                # A non-finite adjoint poisons the term even where the log hides it.
+                term = term + 0.0 * ctx.adjoints().sum()
+            terms.append(term)
+        values[r.name] = torch.stack(terms).mean() if terms else loss.new_zeros(())
+    return StepTerms(values, contexts, adj, left_out)
