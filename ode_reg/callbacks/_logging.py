@@ -29,14 +29,19 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Collection, Mapping
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
 from torch import Tensor
+from torch.optim import Optimizer
+from torchmetrics import Metric
+from typing_extensions import override
 
 from ode_reg.plotting import figure_to_array, histogram_figure, save_figure
 
@@ -242,3 +247,103 @@ def log_histogram(
             fig = histogram_figure(v, bins=bins, title=f"{key} (step {step})")
             written.append(save_figure(fig, plot_path(log_dir, key, step)))
     return written
+
+
+def metric_state(metric: Metric) -> dict[str, Tensor]:
+    """A torchmetrics Metric's rank-local states, detached on the CPU (for ``state_dict``)."""
+    return {k: v.detach().cpu().clone() for k, v in metric.metric_state.items()}
+
+
+def restore_metric_state(metric: Metric, state: Mapping[str, Tensor]) -> None:
+    """Put states saved by :func:`metric_state` back (on the metric's device).
+
+    Raises:
+        ValueError: if ``state`` does not hold exactly the metric's state names.
+    """
+    names = set(metric.metric_state)
+    if set(state) != names:
+        raise ValueError(f"`state` must hold the states {sorted(names)}, got {sorted(state)}")
+    for key, value in state.items():
+        current = getattr(metric, key)
+        setattr(metric, key, torch.as_tensor(value).to(current.device, current.dtype).clone())
+    # A restored metric has been updated (torchmetrics warns on compute() otherwise).
+    metric._update_count = max(int(metric._update_count), 1)
+    metric._computed = None
+
+
+class PreStepMonitor(Callback):
+    """Base of the monitors: measure each due batch once, before ``optimizer.step``.
+
+    Subclasses implement :meth:`measure_and_log`, which runs in ``on_before_optimizer_step``
+    (gradients are final and the parameters are still those that produced the step's
+    trajectories, so a Jacobian or sensitivity evaluated now is that of the field which was
+    integrated), or in ``on_train_batch_end`` when no optimizer step happened in the batch
+    (manual optimization that did not step, a skipped step). A closure optimizer that calls
+    the closure several times (LBFGS) is measured at its first call. Every rank measures at the
+    same batches, so collectives inside :meth:`measure_and_log` line up.
+
+    The epoch aggregates (torchmetrics Metrics, reset by Lightning at each epoch end) are saved
+    with the epoch they belong to; :meth:`load_epoch_state` gives them back only if training
+    resumes inside that epoch, so a run resumed mid-epoch logs the same epoch aggregate as an
+    uninterrupted one.
+    """
+
+    _measured = False
+    _state_epoch = -1
+    _pending_epoch_state: dict[str, Any] | None = None
+
+    def measure_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Measure (if due) and log; called once per training batch."""
+        raise NotImplementedError  # pragma: no cover
+
+    def epoch_metrics(self) -> dict[str, Metric]:
+        """The epoch-aggregate Metrics whose states travel in the checkpoint, by name."""
+        return {}
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._measured = False
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        if not self._measured and trainer.training:
+            self._measured = True
+            self.measure_and_log(trainer, pl_module)
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if not self._measured:
+            self._measured = True
+            self.measure_and_log(trainer, pl_module)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._state_epoch = int(trainer.current_epoch)
+        pending, self._pending_epoch_state = self._pending_epoch_state, None
+        if pending is None or int(pending["epoch"]) != trainer.current_epoch:
+            return  # a new epoch (or no checkpoint): the aggregates start empty
+        for name, metric in self.epoch_metrics().items():
+            if name in pending["metrics"]:
+                restore_metric_state(metric, pending["metrics"][name])
+
+    def save_epoch_state(self) -> dict[str, Any]:
+        """The epoch aggregates' states with their epoch (for ``state_dict``)."""
+        return {
+            "epoch": self._state_epoch,
+            "metrics": {name: metric_state(m) for name, m in self.epoch_metrics().items()},
+        }
+
+    def load_epoch_state(self, state: Mapping[str, Any] | None) -> None:
+        """Keep saved epoch states until the next epoch start decides whether they apply."""
+        self._pending_epoch_state = None if state is None else dict(state)

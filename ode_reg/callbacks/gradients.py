@@ -9,15 +9,16 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import grad_norm, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
+from torchmetrics import Metric
 from typing_extensions import override
 
 from ode_reg._checks import check_int
 from ode_reg.adjoint import sensitivities as compute_sensitivities
 from ode_reg.callbacks._logging import (
+    PreStepMonitor,
     has_plot_sink,
     is_due,
     log_figure,
@@ -114,11 +115,15 @@ def _loss_scale(trainer: pl.Trainer) -> float:
     return 1.0
 
 
-class GradientNormMonitor(Callback):
+class GradientNormMonitor(PreStepMonitor):
     r"""Logs gradient norms, the adjoint profile and the sensitivity ratios of training steps.
 
-    **Gradient norms** (``on_before_optimizer_step``: after accumulation and AMP unscaling,
-    before clipping; under DDP already averaged, so equal on all ranks): the ``norm_type``
+    Everything is measured in ``on_before_optimizer_step``, while the parameters are those of
+    the step's forward and backward (see :class:`~ode_reg.callbacks._logging.PreStepMonitor`):
+    the sensitivities computed here are those of the field that was integrated.
+
+    **Gradient norms** (after accumulation and AMP unscaling, before clipping; under DDP
+    already averaged, so equal on all ranks): the ``norm_type``
     norm of the gradients of each top-level child module (``lightning`` ``grad_norm``) and of
     all of them together.
 
@@ -159,7 +164,8 @@ class GradientNormMonitor(Callback):
       ``adjoint/norm_first`` (``p_0``), ``adjoint/norm_last`` (``p_K``);
     - ``adjoint/ratio_running_max`` (max since the start, kept in the checkpoint) and
       ``adjoint/ratio_epoch_geomean`` (a :class:`~ode_reg.metrics.MeanAdjointRatio`, geometric,
-      logged ``on_epoch``);
+      logged ``on_epoch``; its state is kept in the checkpoint, so a run resumed mid-epoch
+      logs the uninterrupted value);
     - ``sensitivity/bound_ratio``, ``sensitivity/cancellation_ratio``.
 
     Image at the plot cadence: ``adjoint/profile`` (log-scale ``p_k`` and ``|y_k|`` against
@@ -229,6 +235,7 @@ class GradientNormMonitor(Callback):
         self._captured: dict[int, list[Tensor | None]] | None = None
         self._capture_scale = 1.0
         self._grad_norms: dict[str, Tensor] | None = None
+        self._profiles_now: list[dict[str, Any]] | None = None
         self._warned_sens = False
 
     @property
@@ -277,7 +284,7 @@ class GradientNormMonitor(Callback):
         if record is None:
             return
         captured: dict[int, list[Tensor | None]] = {}
-        for g, traj in enumerate(record.groups):
+        for g, traj in enumerate(getattr(record, "chains", None) or record.groups):
             if record.adjoints[g] is not None:
                 continue
             slots: list[Tensor | None] = [None] * traj.num_checkpoints
@@ -292,12 +299,8 @@ class GradientNormMonitor(Callback):
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
 
-    @override
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
-    ) -> None:
-        if not self._due(trainer)[0]:
-            return
+    def _add_grad_norms(self, pl_module: pl.LightningModule) -> None:
+        # Merged over the optimizer steps of the batch (manual optimization may step several).
         key = f"grad_{self.norm_type}_norm_total"
         norms: dict[str, Tensor] = dict(self._grad_norms or {})
         for name, child in pl_module.named_children():
@@ -310,6 +313,27 @@ class GradientNormMonitor(Callback):
                 self.norm_type,
             )
         self._grad_norms = norms
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        if self._due(trainer)[0]:
+            self._add_grad_norms(pl_module)
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+
+    @override
+    def epoch_metrics(self) -> dict[str, Metric]:
+        return {"epoch_ratio": self.epoch_ratio}
+
+    @override
+    def measure_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Compute the profiles (collectives on every rank); they are logged at batch end."""
+        self._remove_hooks()
+        self._profiles_now = None
+        if any(self._due(trainer)):
+            self._profiles_now = self._profiles(trainer, pl_module)
+            self.last_profiles = self._profiles_now
 
     # ------------------------------------------------------------------ profiles
     def _adjoint_norms(
@@ -374,8 +398,7 @@ class GradientNormMonitor(Callback):
                 )
         if trainer.world_size > 1:
             # Every rank must agree before the collective below.
-            ok = torch.tensor([1.0 if y is not None else 0.0], device=adj.device)
-            if float(trainer.strategy.reduce(ok, reduce_op="min")) < 1.0:
+            if not trainer.strategy.reduce_boolean_decision(y is not None, all=True):
                 return None
             # Each rank's y is world_size times its share of the whole-batch y: the mean over
             # ranks is the whole-batch y.
@@ -389,7 +412,7 @@ class GradientNormMonitor(Callback):
         acc = trainer.accumulate_grad_batches
         world = trainer.world_size
         out = []
-        for g, traj in enumerate(record.groups):
+        for g, traj in enumerate(getattr(record, "chains", None) or record.groups):
             found = self._adjoint_norms(g, traj, record, acc)
             if found is None:
                 continue
@@ -428,20 +451,25 @@ class GradientNormMonitor(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        self._remove_hooks()
-        scalars_due, plot_due = self._due(trainer)
         try:
-            if scalars_due or plot_due:
-                self._log(trainer, pl_module, scalars_due, plot_due)
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            scalars_due, plot_due = self._due(trainer)
+            if self._profiles_now is not None and (scalars_due or plot_due):
+                self._log(trainer, pl_module, self._profiles_now, scalars_due, plot_due)
         finally:
+            self._remove_hooks()
             self._captured = None
             self._grad_norms = None
+            self._profiles_now = None
 
     def _log(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, scalars_due: bool, plot_due: bool
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        profiles: list[dict[str, Any]],
+        scalars_due: bool,
+        plot_due: bool,
     ) -> None:
-        profiles = self._profiles(trainer, pl_module)  # collectives: every rank, every due step
-        self.last_profiles = profiles
         if scalars_due:
             metrics: dict[str, Tensor | float] = {}
             if self._grad_norms:
@@ -494,8 +522,9 @@ class GradientNormMonitor(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"running_max_ratio": self.running_max_ratio}
+        return {"running_max_ratio": self.running_max_ratio, "epoch": self.save_epoch_state()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.running_max_ratio = float(state_dict["running_max_ratio"])
+        self.load_epoch_state(state_dict.get("epoch"))

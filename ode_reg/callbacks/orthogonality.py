@@ -7,13 +7,13 @@ from typing import Any, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torchmetrics import Metric
 from typing_extensions import override
 
 from ode_reg._checks import check_int
-from ode_reg.callbacks._logging import is_due, log_scalars, resolve_every_n
+from ode_reg.callbacks._logging import PreStepMonitor, is_due, log_scalars, resolve_every_n
 from ode_reg.functional.orthogonal import orthogonality_defect
 from ode_reg.metrics import MaxOrthogonalityDefect
 
@@ -147,10 +147,12 @@ def _is_orthogonal_flow(func: Any) -> bool:
     return isinstance(func, OrthogonalFlow) or bool(getattr(func, "weights_orthogonal", False))
 
 
-class OrthogonalityMonitor(Callback):
+class OrthogonalityMonitor(PreStepMonitor):
     r"""Logs the orthogonality defect ``|W^T W - I|_F`` of every orthogonal matrix of the model.
 
-    Monitored, at each due training step (``on_train_batch_end``):
+    Monitored, at each due training step, before the optimizer step (``on_before_optimizer_step``:
+    the matrices that produced the step's trajectories; see
+    :class:`~ode_reg.callbacks._logging.PreStepMonitor`):
 
     - tensors parametrized with ``torch.nn.utils.parametrizations.orthogonal`` (any depth);
     - matrices declared through the :class:`HasOrthogonalWeights` protocol (a module method
@@ -172,7 +174,8 @@ class OrthogonalityMonitor(Callback):
     - ``orthogonality/running_max``: max since the start of training (kept in the
       checkpoint through :meth:`state_dict`);
     - ``orthogonality/epoch_max``: a :class:`~ode_reg.metrics.MaxOrthogonalityDefect`,
-      logged ``on_epoch`` (max over the epoch's due steps, max-reduced across ranks).
+      logged ``on_epoch`` (max over the epoch's due steps, max-reduced across ranks; its state
+      is in the checkpoint, so a run resumed mid-epoch logs the uninterrupted value).
 
     Args:
         every_n_steps: log every n training batches (``>= 1``); ``None`` follows
@@ -229,10 +232,6 @@ class OrthogonalityMonitor(Callback):
             every_n_steps=self.every_n_steps, modules=self.modules, flows=self.flows
         )
 
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.epoch_max = self.epoch_max.to(pl_module.device)
-
     def measure(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
         """The defects now: ``{key: value}`` with the keys this monitor logs (no aggregates).
 
@@ -256,14 +255,11 @@ class OrthogonalityMonitor(Callback):
         return values
 
     @override
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
+    def epoch_metrics(self) -> dict[str, Metric]:
+        return {"epoch_max": self.epoch_max}
+
+    @override
+    def measure_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not is_due(trainer, resolve_every_n(trainer, self.every_n_steps)):
             return
         values = self.measure(pl_module)
@@ -291,9 +287,17 @@ class OrthogonalityMonitor(Callback):
         )
 
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.epoch_max = self.epoch_max.to(pl_module.device)
+
+    @override
     def state_dict(self) -> dict[str, Any]:
-        return {"running_max": self.running_max}
+        return {
+            "running_max": self.running_max,
+            "epoch": self.save_epoch_state(),
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.running_max = float(state_dict["running_max"])
+        self.load_epoch_state(state_dict.get("epoch"))

@@ -1,4 +1,9 @@
-"""Spectrum monitor: Jacobian eigenvalues along the last training step's trajectory."""
+"""Spectrum monitor: Jacobian eigenvalues along the training step's trajectory.
+
+Small states get the dense eigenvalues of each sampled Jacobian; above ``dense_max_dim``
+the spectral abscissa and radius are estimated matrix-free, with a few restarted Arnoldi
+cycles on vector-Jacobian products (:func:`~ode_reg.functional.spectra.jacobian_ritz_values`).
+"""
 
 from __future__ import annotations
 
@@ -6,14 +11,15 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from torchmetrics import Metric
 from typing_extensions import override
 
 from ode_reg._checks import check_int
 from ode_reg.callbacks._logging import (
     WANDB_MAX_BINS,
+    PreStepMonitor,
     has_plot_sink,
     is_due,
     log_figure,
@@ -23,16 +29,24 @@ from ode_reg.callbacks._logging import (
     resolve_every_n,
 )
 from ode_reg.callbacks.orthogonality import _is_orthogonal_flow
-from ode_reg.functional.spectra import jacobian, spectral_abscissa, spectral_radius
+from ode_reg.functional.spectra import (
+    jacobian,
+    jacobian_ritz_values,
+    spectral_abscissa,
+    spectral_radius,
+)
 from ode_reg.metrics import MeanSpectralAbscissa
 from ode_reg.plotting import eigenvalue_figure
 from ode_reg.trajectory import Trajectory
 
-__all__ = ["SpectrumMonitor"]
+__all__ = ["METHODS", "SpectrumMonitor"]
 
 #: Above this many Jacobian entries for the whole batch (B d^2), the sampled rows' Jacobians
 #: are built by d plain VJPs instead of one vectorized ``jacrev`` (bounded memory).
 _VECTORIZED_LIMIT = 1 << 22
+
+
+METHODS = ("auto", "dense", "krylov")
 
 
 def _spread(n: int, num: int | None) -> list[int]:
@@ -44,24 +58,29 @@ def _spread(n: int, num: int | None) -> list[int]:
     return sorted({int(round(i * (n - 1) / (num - 1))) for i in range(num)})
 
 
-def _sampled_jacobians(traj: Trajectory, k: int, rows: list[int]) -> Tensor:
-    """Jacobians ``df(t_k, z)/dz`` at the rows ``rows`` of ``z_k``, shape ``(len(rows), d, d)``.
+def _flat_field(traj: Trajectory, k: int) -> tuple[Tensor, Any]:
+    """The states ``z_k`` flattened to ``(B, d)`` and the field on such flattened states.
 
     The field is evaluated on the whole batch ``z_k`` through ``traj.field_at(k, .)``, so that
-    inputs the field held during the solve (one per sample) line up with their rows; the
-    state is flattened to ``(B, d)``.
+    inputs the field held during the solve (one per sample) line up with their rows.
     """
     z = traj.states[k].detach()
     single = z.dim() < 2  # a 1-D state is one sample (as in ``integrate``)
     b = 1 if single else z.shape[0]
     shape = tuple(z.shape) if single else tuple(z.shape[1:])
-    flat = z.reshape(b, -1)
-    d = flat.shape[1]
 
     def field(_t: Tensor, x: Tensor) -> Tensor:
         arg = x.reshape(shape) if single else x.reshape(x.shape[0], *shape)
         return traj.field_at(k, arg).reshape(x.shape[0], -1)
 
+    return z.reshape(b, -1), field
+
+
+def _sampled_jacobians(traj: Trajectory, k: int, rows: list[int]) -> Tensor:
+    """Jacobians ``df(t_k, z)/dz`` at the rows ``rows`` of ``z_k``, shape ``(len(rows), d, d)``."""
+    flat, field = _flat_field(traj, k)
+    z = traj.states[k]
+    b, d = flat.shape
     if b * d * d <= _VECTORIZED_LIMIT:
         return jacobian(field, traj.times[k], flat).detach()[rows]
     x = flat.clone().requires_grad_(True)
@@ -93,16 +112,32 @@ def _skew_matrices(pl_module: torch.nn.Module) -> list[Tensor]:
     return out
 
 
-class SpectrumMonitor(Callback):
-    r"""Logs eigenvalues of the field's Jacobian along the last training step's trajectory.
+class SpectrumMonitor(PreStepMonitor):
+    r"""Logs eigenvalues of the field's Jacobian along the training step's trajectory.
 
-    At each due step (``on_train_batch_end``, under ``torch.enable_grad``), for every chained
-    trajectory of ``pl_module.ode_step`` (a :class:`~ode_reg.RegularizedODEModule`), the
-    per-sample Jacobians ``J = df(t_k, z_{k,i})/dz`` are taken at ``num_checkpoints``
-    checkpoints ``k`` (spread evenly, the last one included) and ``num_samples`` samples ``i``
-    (spread evenly over the batch). The field is evaluated through ``Trajectory.field_at``, so
-    held inputs (ODE-RNN) are those of the solve. Only ``torch.autograd.grad`` /
-    ``torch.func`` are used: parameters' ``.grad`` are left untouched.
+    At each due step, before the optimizer step (``on_before_optimizer_step``, under
+    ``torch.enable_grad``: the parameters are those that produced the trajectory; see
+    :class:`~ode_reg.callbacks._logging.PreStepMonitor`), for every chained trajectory of
+    ``pl_module.ode_step`` (a :class:`~ode_reg.RegularizedODEModule`), the per-sample
+    Jacobians ``J = df(t_k, z_{k,i})/dz`` are taken at ``num_checkpoints`` checkpoints ``k``
+    (spread evenly, the last one included) and ``num_samples`` samples ``i`` (spread evenly
+    over the batch). The field is evaluated through ``Trajectory.field_at``, so held inputs
+    (ODE-RNN) are those of the solve. Only ``torch.autograd.grad`` / ``torch.func`` are used:
+    parameters' ``.grad`` are left untouched.
+
+    Two ways to get the eigenvalues (``method``):
+
+    - ``"dense"``: the sampled Jacobians ``(d, d)`` and ``torch.linalg.eigvals`` (exact;
+      ``d`` vector-Jacobian products and ``O(d^3)`` per sample);
+    - ``"krylov"``: matrix-free Ritz values from ``restarts + 1`` cycles of Arnoldi iteration
+      with a ``krylov_dim``-vector basis on vector-Jacobian products, all sampled rows of a
+      checkpoint at once (:func:`~ode_reg.functional.spectra.jacobian_ritz_values`): about
+      ``krylov_dim (1 + restarts / 2)`` backward passes of the field per checkpoint, whatever
+      ``d``. The outermost Ritz values converge first: the abscissa and radius are estimates
+      (for a normal Jacobian, lower bounds; the accuracy measured on test spectra is in
+      ``tests/test_spectrum_estimator.py``), and the histogram shows Ritz values;
+    - ``"auto"`` (default): dense up to ``dense_max_dim`` state entries per sample, Krylov
+      above.
 
     Logged scalar keys:
 
@@ -113,7 +148,8 @@ class SpectrumMonitor(Callback):
     - ``spectrum/abscissa_running_max``: max of ``spectrum/abscissa`` since the start of
       training (kept in the checkpoint);
     - ``spectrum/abscissa_epoch_mean``: a :class:`~ode_reg.metrics.MeanSpectralAbscissa` of the
-      step values, logged ``on_epoch``;
+      step values, logged ``on_epoch`` (its state is kept in the checkpoint: a run resumed
+      mid-epoch logs the uninterrupted value);
     - with ``structure=True``: ``spectrum/skew_real_max``, ``max |Re lambda(W - W^T)|`` over
       every :class:`~ode_reg.dynamics.AntisymmetricODEFunc` (and ``A - A^T`` of every
       :class:`~ode_reg.dynamics.SkewLinearODEFunc`), which should be ~0; for orthogonal flows
@@ -136,10 +172,17 @@ class SpectrumMonitor(Callback):
         num_checkpoints: checkpoints per trajectory (``>= 1``), ``None`` for all.
         bins: histogram bins, in ``[1, 512]``.
         structure: also log the skew and flow spectra.
+        method: ``"auto"``, ``"dense"`` or ``"krylov"`` (see above).
+        dense_max_dim: with ``"auto"``, the largest per-sample state size ``d`` that gets
+            dense eigenvalues (``>= 1``).
+        krylov_dim: Arnoldi basis size, ``>= 2`` (capped at ``d``; ``>= d`` is exact).
+        restarts: extra Arnoldi cycles (thick restarts), ``>= 0``.
 
     Raises:
-        ValueError: if a cadence, ``num_samples`` or ``num_checkpoints`` is below 1, ``bins``
-            is outside ``[1, 512]`` or ``structure`` is not a bool.
+        ValueError: if a cadence, ``num_samples``, ``num_checkpoints`` or ``dense_max_dim``
+            is below 1, ``bins`` is outside ``[1, 512]``, ``structure`` is not a bool,
+            ``method`` is not one of ``"auto"``, ``"dense"``, ``"krylov"``, ``krylov_dim < 2``
+            or ``restarts < 0``.
 
     Example::
 
@@ -158,6 +201,10 @@ class SpectrumMonitor(Callback):
         num_checkpoints: int | None = 3,
         bins: int = 64,
         structure: bool = True,
+        method: str = "auto",
+        dense_max_dim: int = 256,
+        krylov_dim: int = 32,
+        restarts: int = 2,
     ) -> None:
         if every_n_steps is not None:
             check_int("every_n_steps", every_n_steps, 1)
@@ -172,17 +219,29 @@ class SpectrumMonitor(Callback):
             raise ValueError(f"`bins` must lie in [1, {WANDB_MAX_BINS}], got {bins}")
         if not isinstance(structure, bool):
             raise ValueError(f"`structure` must be a bool, got {structure!r}")
+        if method not in METHODS:
+            raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
+        check_int("dense_max_dim", dense_max_dim, 1)
+        check_int("krylov_dim", krylov_dim, 2)
+        check_int("restarts", restarts, 0)
         self.every_n_steps = every_n_steps
         self.plot_every_n_steps = plot_every_n_steps
         self.num_samples = num_samples
         self.num_checkpoints = num_checkpoints
         self.bins = bins
         self.structure = structure
+        self.method = method
+        self.dense_max_dim = dense_max_dim
+        self.krylov_dim = krylov_dim
+        self.restarts = restarts
         self.running_max_abscissa = float("-inf")
         self.epoch_mean = MeanSpectralAbscissa()
         #: The eigenvalues of the last computation (``None`` before): ``"jacobian"``
-        #: ``(n, d)`` complex, ``"flow_q"`` ``(m, d)`` complex or ``None``.
+        #: ``(n, d)`` complex (Ritz values ``(n, krylov_dim)`` with the Krylov method),
+        #: ``"flow_q"`` ``(m, d)`` complex or ``None``.
         self.last_eigenvalues: dict[str, Tensor | None] | None = None
+        #: The method the last computation used per trajectory (``"dense"``/``"krylov"``).
+        self.last_methods: list[str] = []
 
     @property
     @override
@@ -207,6 +266,26 @@ class SpectrumMonitor(Callback):
         plot = self.plot_every_n_steps if self.plot_every_n_steps is not None else 10 * every
         return every, plot
 
+    def _method_for(self, d: int) -> str:
+        if self.method != "auto":
+            return self.method
+        return "dense" if d <= self.dense_max_dim else "krylov"
+
+    def _jacobian_eigs(self, traj: Trajectory, k: int, rows: list[int]) -> tuple[Tensor, str]:
+        flat, field = _flat_field(traj, k)
+        method = self._method_for(flat.shape[1])
+        if method == "dense":
+            return torch.linalg.eigvals(_sampled_jacobians(traj, k, rows)), method
+        ritz = jacobian_ritz_values(
+            field,
+            traj.times[k],
+            flat,
+            rows,
+            krylov_dim=self.krylov_dim,
+            restarts=self.restarts,
+        )
+        return ritz, method
+
     def measure(self, pl_module: pl.LightningModule) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """Compute the spectra now (rank-local): ``(scalars, eigenvalues)``.
 
@@ -217,22 +296,25 @@ class SpectrumMonitor(Callback):
         values: dict[str, Tensor] = {}
         jac_eigs: list[Tensor] = []
         flow_eigs: list[Tensor] = []
+        methods: list[str] = []
         record = getattr(pl_module, "ode_step", None)
         with torch.enable_grad():
             if record is not None:
-                for traj in record.groups:
+                chains = getattr(record, "chains", None) or record.groups
+                for traj in chains:
                     for k in _spread(traj.num_checkpoints, self.num_checkpoints):
                         z = traj.states[k]
                         rows = _spread(z.shape[0] if z.dim() > 1 else 1, self.num_samples)
-                        jac = _sampled_jacobians(traj, k, rows)
-                        jac_eigs.append(torch.linalg.eigvals(jac))
+                        eigs, method = self._jacobian_eigs(traj, k, rows)
+                        jac_eigs.append(eigs)
+                    methods.append(method)
+        self.last_methods = methods
         with torch.no_grad():
             if jac_eigs:
-                eigs = torch.cat(jac_eigs)  # (n, d)
-                per = spectral_abscissa(eigs)
+                per = torch.cat([spectral_abscissa(e) for e in jac_eigs])
                 values["spectrum/abscissa"] = per.max()
                 values["spectrum/abscissa_mean"] = per.mean()
-                values["spectrum/radius"] = spectral_radius(eigs).max()
+                values["spectrum/radius"] = torch.cat([spectral_radius(e) for e in jac_eigs]).max()
             if self.structure:
                 skews = _skew_matrices(pl_module)
                 if skews:
@@ -251,20 +333,17 @@ class SpectrumMonitor(Callback):
                     values["spectrum/flow_q_min_real"] = q.real.min()
                     values["spectrum/flow_q_circle_dist"] = (q.abs() - 1.0).abs().max()
         eig = {
-            "jacobian": torch.cat(jac_eigs).detach() if jac_eigs else None,
+            "jacobian": _cat_ragged(jac_eigs),
             "flow_q": torch.cat(flow_eigs).detach() if flow_eigs else None,
         }
         return values, eig
 
     @override
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
+    def epoch_metrics(self) -> dict[str, Metric]:
+        return {"epoch_mean": self.epoch_mean}
+
+    @override
+    def measure_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         every, plot = self._cadences(trainer)
         scalars_due, plot_due = is_due(trainer, every), is_due(trainer, plot)
         if not (scalars_due or plot_due):
@@ -310,8 +389,21 @@ class SpectrumMonitor(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"running_max_abscissa": self.running_max_abscissa}
+        return {
+            "running_max_abscissa": self.running_max_abscissa,
+            "epoch": self.save_epoch_state(),
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.running_max_abscissa = float(state_dict["running_max_abscissa"])
+        self.load_epoch_state(state_dict.get("epoch"))
+
+
+def _cat_ragged(eigs: list[Tensor]) -> Tensor | None:
+    """Concatenate eigenvalue rows ``(n_j, d_j)``; rows of unequal width are flattened."""
+    if not eigs:
+        return None
+    if len({e.shape[-1] for e in eigs}) == 1:
+        return torch.cat(eigs).detach()
+    return torch.cat([e.reshape(-1) for e in eigs]).detach()
