@@ -39,6 +39,7 @@ from ode_reg.functional import (
     sensitivity_magnitude_penalty,
     skew_jacobian_penalty,
 )
+from ode_reg.recording import current_recorder
 from ode_reg.trajectory import chain
 
 F64 = torch.float64
@@ -296,7 +297,8 @@ def test_converted_ode_rnn_trains_and_logs_reg_terms() -> None:
     assert "reg/total" in tr.callback_metrics
     rec = model.ode_step
     assert len(rec.trajectories) == 4 and len(rec.groups) == 1  # four solves, one chain
-    assert rec.groups[0].num_checkpoints == 4 * rec.trajectories[0].num_checkpoints
+    # each next solve starts from the previous result: the shared state is one checkpoint
+    assert rec.groups[0].num_checkpoints == 4 * rec.trajectories[0].num_checkpoints - 3
 
 
 def latent_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -311,6 +313,7 @@ def latent_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torc
     skew = skew_jacobian_penalty(
         model.field, traj.times, traj.checkpoint_states, probes=PROBES, generator=gen
     )
+    skew = skew * traj.span**2 / traj.states[0].shape[-1]  # R_skew's normalisation (MATH.md)
     return (
         loss
         + W_ADJ * adjoint_magnitude_penalty(a)
@@ -326,7 +329,7 @@ def ode_rnn_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tor
     The field is a closure (not an ``nn.Module``), so ``y_k`` is taken over all the model's
     parameters (those the field does not use contribute zeros).
     """
-    h = x.new_zeros(x.shape[0], model.hidden)
+    h = x.new_zeros(x.shape[0], model.hidden).requires_grad_(True)  # a_0 exists (as in the module)
     steps = []
     for s in range(x.shape[1]):
         u = model.inp(x[:, s])
@@ -344,13 +347,13 @@ def ode_rnn_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tor
     a = adjoints(loss, traj, create_graph=True)
     ys = sensitivities(traj, a, create_graph=True, params=list(model.parameters()))
     gen = model.regularizers[-1].generator(0, traj.times.device)  # the step-0 probes
-    skew = skew_jacobian_penalty(
-        lambda t, z: traj.field_at(int((traj.times - t).abs().argmin()), z),
-        traj.times,
-        traj.checkpoint_states,
-        PROBES,
-        generator=gen,
-    )
+    # The probes are drawn solve by solve, during each solve; R_skew is the chain's length
+    # squared times the mean over its checkpoints of E|S v|^2 / d (MATH.md).
+    total, count = 0.0, 0
+    for tr in steps:
+        s = skew_jacobian_penalty(tr.func, tr.times, tr.checkpoint_states, PROBES, generator=gen)
+        total, count = total + s * tr.num_checkpoints, count + tr.num_checkpoints
+    skew = sum(tr.span for tr in steps) ** 2 * total / count / model.hidden
     return (
         loss
         + W_ADJ * adjoint_magnitude_penalty(a)
@@ -508,7 +511,7 @@ def test_validation_and_test_steps_are_untouched() -> None:
             float(t2.callback_metrics[key]), rel=1e-6
         )
         assert model.ode_step is record  # nothing recorded in evaluation
-        assert model._step_trajectories == [] and not model._recording
+        assert model._recorder is None and current_recorder() is None
 
 
 def test_direct_call_outside_training_step_records_nothing() -> None:
@@ -516,7 +519,7 @@ def test_direct_call_outside_training_step_records_nothing() -> None:
     model = RegLatentODE(regularizers=all_regularizers())
     x, _ = latent_data(8)
     model(x)
-    assert model._step_trajectories == [] and model.ode_step is None
+    assert model._recorder is None and current_recorder() is None and model.ode_step is None
 
 
 # --------------------------------------------------------------------------- odeint_adjoint
@@ -558,27 +561,22 @@ class AdjointSolveModel(RegularizedODEModule):
 def test_adjoint_solver_refused_before_integrating(reg_cls) -> None:
     model = AdjointSolveModel(adjoint=True, regularizers=[reg_cls(weight=0.1)])
     x = torch.randn(4, 3)
-    with pytest.raises(ValueError, match="adjoint=True") as info:
+    with pytest.raises(ValueError, match="odeint_adjoint cannot be used") as info:
         model.training_step((x, x), 0)
     assert reg_cls.default_name in str(info.value)
     assert model.field.calls == 0
-    assert not model._recording  # the wrapper cleaned up
+    assert model._recorder is None  # the wrapper cleaned up
 
 
-def test_stop_gradient_terms_work_with_adjoint_solver() -> None:
-    """``detach_adjoints`` needs no double backward, so ``odeint_adjoint`` is accepted, and its
-    gradient is the direct solve's to the adjoint ODE's discretization error."""
-    g = torch.Generator().manual_seed(3)
-    x, y = torch.randn(6, 3, generator=g, dtype=F64), torch.randn(6, 3, generator=g, dtype=F64)
-    out = {}
-    for adjoint in (False, True):
-        torch.manual_seed(0)
-        model = AdjointSolveModel(adjoint, regularizers=stop_gradient_regularizers()).double()
-        loss = model.training_step((x, y), 0)
-        assert model.ode_step.trajectories[0].adjoint_method is adjoint
-        out[adjoint] = (float(loss), grads(model, loss))
-    assert out[True][0] == pytest.approx(out[False][0], rel=1e-10)
-    assert max_diff(out[True][1], out[False][1]) < 1e-4
+def test_stop_gradient_terms_are_refused_with_adjoint_solver() -> None:
+    """One ``odeint_adjoint`` solve runs its forward under no-grad: its step states are not on
+    the autograd path, so no ``a_k`` exists, not even for the stop-gradient terms (before the
+    drop-in issue each checkpoint interval was its own odeint_adjoint call)."""
+    model = AdjointSolveModel(True, regularizers=stop_gradient_regularizers()).double()
+    x = torch.randn(4, 3, dtype=F64)
+    with pytest.raises(ValueError, match="odeint_adjoint cannot be used"):
+        model.training_step((x, x), 0)
+    assert model.field.calls == 0
 
 
 def test_skew_jacobian_penalty_works_with_adjoint_solver() -> None:
@@ -593,8 +591,10 @@ def test_skew_jacobian_penalty_works_with_adjoint_solver() -> None:
         assert model.ode_step.trajectories[0].adjoint_method is adjoint
         out[adjoint] = (float(loss), grads(model, loss))
     assert out[True][0] == pytest.approx(out[False][0], rel=1e-12)
-    # odeint_adjoint's gradient is the discretized adjoint ODE: close, not bitwise equal
-    assert max_diff(out[True][1], out[False][1]) < 1e-4
+    # odeint_adjoint's gradient is the discretized adjoint ODE, and its step states are not on
+    # the autograd path (the skew term's gradient has no part through z_k there): close, not
+    # equal (measured 1.5e-3 on these parameters, whose gradients are O(1))
+    assert max_diff(out[True][1], out[False][1]) < 1e-2
     # and it trains in a Trainer
     torch.manual_seed(0)
     model = AdjointSolveModel(True, regularizers=[SkewJacobianPenalty(0.5)])
