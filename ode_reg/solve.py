@@ -17,7 +17,7 @@ import torchdiffeq
 from torch import Tensor
 
 from ode_reg.recording import StepRecorder, current_recorder
-from ode_reg.trajectory import integrate
+from ode_reg.trajectory import _checkpoint_times, integrate
 
 
 def odeint(
@@ -61,6 +61,7 @@ def odeint(
         torch.Size([2, 2])
     """
     kw = {"rtol": rtol, "atol": atol, "method": method, "options": options, "event_fn": event_fn}
+    _check_checkpoints(checkpoints, t)
     rec = current_recorder()
     if rec is None:
         return torchdiffeq.odeint(func, y0, t, **kw)
@@ -136,10 +137,17 @@ def odeint_adjoint(
         "adjoint_params": adjoint_params,
     }
     kw.update({k: v for k, v in extra.items() if v is not None})
+    _check_checkpoints(checkpoints, t)
     rec = current_recorder()
     if rec is None:
         return torchdiffeq.odeint_adjoint(func, y0, t, **kw)
     return _recorded(rec, func, y0, t, checkpoints, True, kw)
+
+
+def _check_checkpoints(checkpoints: Any, t: Any) -> None:
+    """Bad ``checkpoints`` are refused on every call, recorded or not (cheap: no solve)."""
+    if checkpoints is not None and isinstance(t, Tensor) and t.dim() == 1 and t.numel() >= 2:
+        _checkpoint_times(t, checkpoints)
 
 
 def _recorded(
