@@ -113,7 +113,7 @@ def adjoints_and_grads(
     out = []
     for row in slots:
         stack = []
-        for x, end, state in row:
+        for x, end, _ in row:
             g = grads[position[id(x)]] if id(x) in position else None
             if g is not None and end:
                 g = g[-1]

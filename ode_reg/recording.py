@@ -176,6 +176,7 @@ class StepRecorder:
                     stack.append(nxt)
         return sorted(found)
 
+
 def read_directly(loss: Tensor, records: list[SolveRecord]) -> set[int]:
     """Solves whose result the loss reads other than through a later recorded solve (a walk
     of the loss's graph that stops at recorded results)."""

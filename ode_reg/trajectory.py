@@ -415,8 +415,13 @@ def _reached_time(exc: BaseException) -> float | None:
 def _check_state(y0: Any) -> None:
     comps = y0 if isinstance(y0, tuple) else (y0,)
     if not comps or not all(isinstance(c, Tensor) and c.is_floating_point() for c in comps):
-        got = type(y0).__name__ if not isinstance(y0, tuple) else "a tuple of " + ", ".join(
-            type(c).__name__ if not isinstance(c, Tensor) else str(c.dtype) for c in comps
+        got = (
+            type(y0).__name__
+            if not isinstance(y0, tuple)
+            else "a tuple of "
+            + ", ".join(
+                type(c).__name__ if not isinstance(c, Tensor) else str(c.dtype) for c in comps
+            )
         )
         raise ValueError(
             f"`y0` must be a floating-point tensor or a tuple of them, got {got}"[:300]
@@ -428,7 +433,9 @@ def _check_times(t: Any, y0: Any) -> Tensor:
     if not isinstance(t, Tensor):
         t = torch.as_tensor(t, dtype=ref.dtype, device=ref.device)
     if t.dim() != 1 or t.numel() < 2:
-        raise ValueError(f"`t` must be a 1-D tensor of at least 2 times, got shape {tuple(t.shape)}")
+        raise ValueError(
+            f"`t` must be a 1-D tensor of at least 2 times, got shape {tuple(t.shape)}"
+        )
     if not bool(torch.isfinite(t).all()):
         raise ValueError("`t` must be finite")
     d = t[1:] - t[:-1]
@@ -529,7 +536,9 @@ def integrate(
             forced = _on_grid(forced, grid, snap=isinstance(checkpoints, int), method=method)
         elif kind == "adaptive" and forced.numel():
             user = options.get("step_t")
-            step_t = forced if user is None else torch.cat([torch.as_tensor(user).to(forced), forced])
+            step_t = (
+                forced if user is None else torch.cat([torch.as_tensor(user).to(forced), forced])
+            )
             options["step_t"] = step_t.unique()
     probe = _Probe(func, adaptive=kind == "adaptive")
     kwargs: dict[str, Any] = {"rtol": rtol, "atol": atol, "method": method, "options": options}
@@ -596,7 +605,7 @@ def _trajectory(
     end = flat_sol[-1]
     end_time = event_t if event_t is not None else t[-1]
     times = torch.tensor([step_times[i] for i in keep] + [float(end_time)], dtype=t.dtype)
-    return Trajectory(
+    traj = Trajectory(
         func=flat_func,
         times=times.to(t.device),
         states=(*[step_states[i] for i in keep], end),
@@ -609,6 +618,12 @@ def _trajectory(
         event_t=event_t,
         funcs=(func,),
     )
+    if shapes is None:
+        # For the functional API's later evaluations (``sensitivities``): a field's held
+        # attributes (``ode_reg_snapshot``) as they were during this solve.
+        snap = func.ode_reg_snapshot() if hasattr(func, "ode_reg_snapshot") else None
+        traj.points = tuple(FieldPoint(func, traj.times[k], snap) for k in range(len(traj.states)))
+    return traj
 
 
 def starts_from_end(traj: Trajectory, z: Tensor) -> bool:
@@ -786,4 +801,3 @@ __all__ = [
     "checkpoint_grid",
     "integrate",
 ]
-

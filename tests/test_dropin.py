@@ -192,9 +192,12 @@ class Model(L.LightningModule):
 def _convert(src: str) -> str:
     """The user's two-line change: the import and the base class."""
     out = src.replace(
-        "from torchdiffeq import odeint, odeint_adjoint", "from ode_reg import odeint, odeint_adjoint"
+        "from torchdiffeq import odeint, odeint_adjoint",
+        "from ode_reg import odeint, odeint_adjoint",
     )
-    out = out.replace("class Model(L.LightningModule):", "class Model(ode_reg.RegularizedODEModule):")
+    out = out.replace(
+        "class Model(L.LightningModule):", "class Model(ode_reg.RegularizedODEModule):"
+    )
     return "import ode_reg\n" + out
 
 
@@ -217,7 +220,9 @@ def _batch(name: str) -> Any:
         return torch.randn(6, 2, generator=g), torch.randn(100, 6, 2, generator=g)
     if name == "closure_loop":
         return torch.randn(4, 6, 2, generator=g), torch.randn(4, 1, generator=g)
-    return torch.randn(5, 3, generator=g), torch.randn(5, 1 if name == "ode_block" else 3, generator=g)
+    return torch.randn(5, 3, generator=g), torch.randn(
+        5, 1 if name == "ode_block" else 3, generator=g
+    )
 
 
 def _fields(model: nn.Module) -> list[nn.Module]:
@@ -230,7 +235,9 @@ def _step(model: nn.Module, name: str) -> tuple[torch.Tensor, list[torch.Tensor]
     model.zero_grad()
     loss = model.training_step(_batch(name), 0)
     loss.backward()
-    grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+    grads = [
+        p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()
+    ]
     return loss.detach(), grads, sum(f.nfe for f in _fields(model))
 
 
@@ -312,7 +319,11 @@ def test_not_last_time_reference_and_explicit_checkpoint_equivalence():
         rec = ode_reg.recording.StepRecorder(adjoint_inputs=True)
         with rec.active():
             zs = ode_reg.odeint(
-                lambda s, z: field(z), z0, t, method="rk4", options={"step_size": 0.0625},
+                lambda s, z: field(z),
+                z0,
+                t,
+                method="rk4",
+                options={"step_size": 0.0625},
                 checkpoints=checkpoints,
             )
             loss = (zs[1] - y).pow(2).mean()
@@ -352,8 +363,13 @@ def test_skew_term_of_a_linear_field_is_T2_sym_M_over_d():
         skew=ode_reg.recording.SkewPlan(8, None, torch.Generator().manual_seed(0))
     )
     with rec.active():
-        zs = ode_reg.odeint(lambda t, z: z @ m.T, z0, torch.tensor([0.0, T], dtype=F64), method="rk4",
-                            options={"step_size": 0.25})
+        zs = ode_reg.odeint(
+            lambda t, z: z @ m.T,
+            z0,
+            torch.tensor([0.0, T], dtype=F64),
+            method="rk4",
+            options={"step_size": 0.25},
+        )
         loss = zs[-1].pow(2).mean()
     value = ode_reg.step_terms(loss, rec.records, [reg], step=0, params=[m]).values["skew_jacobian"]
     sym = 0.5 * (m + m.T)
@@ -368,10 +384,16 @@ def test_skew_term_of_a_linear_field_is_T2_sym_M_over_d():
             skew=ode_reg.recording.SkewPlan(4, None, torch.Generator().manual_seed(1))
         )
         with rec.active():
-            zs = ode_reg.odeint(lambda t, z: z @ mm.T, torch.randn(32, size, dtype=F64),
-                                torch.tensor([0.0, 1.0], dtype=F64), method="euler")
+            zs = ode_reg.odeint(
+                lambda t, z, mm=mm: z @ mm.T,
+                torch.randn(32, size, dtype=F64),
+                torch.tensor([0.0, 1.0], dtype=F64),
+                method="euler",
+            )
         loss = zs[-1].sum()
-        v = ode_reg.step_terms(loss, rec.records, [reg], step=0, params=[mm]).values["skew_jacobian"]
+        v = ode_reg.step_terms(loss, rec.records, [reg], step=0, params=[mm]).values[
+            "skew_jacobian"
+        ]
         assert abs(float(v) - 0.09) < 1e-9  # sym part 0.3 I: 0.09 d / d, exact (S v = 0.3 v)
 
 
@@ -491,8 +513,13 @@ def test_closure_over_a_loop_variable_equals_bound_values():
             x, y = batch
             h = torch.zeros(x.shape[0], 3)
             for s in range(x.shape[1]):
-                h = ode_reg.odeint(Bound(self.W, self.U, x[:, s]), h, torch.tensor([0.0, 0.5]),
-                                   method="rk4", options={"step_size": 0.25})[-1]
+                h = ode_reg.odeint(
+                    Bound(self.W, self.U, x[:, s]),
+                    h,
+                    torch.tensor([0.0, 0.5]),
+                    method="rk4",
+                    options={"step_size": 0.25},
+                )[-1]
             return (self.head(h) - y).pow(2).mean()
 
     b = BoundModel(regularizers=regs())
@@ -506,8 +533,14 @@ def test_errors_are_short():
         ode_reg.integrate(lambda t, z: z, torch.ones(2, 2), torch.tensor([0.0, 1.0, 0.5]))
     assert len(str(info.value)) < 200
     with pytest.raises(ValueError, match="not on the 'rk4' grid") as info:
-        ode_reg.integrate(lambda t, z: z, torch.ones(2, 2), torch.tensor([0.0, 1.0]), method="rk4",
-                          options={"step_size": 0.1}, checkpoints=torch.tensor([0.33]))
+        ode_reg.integrate(
+            lambda t, z: z,
+            torch.ones(2, 2),
+            torch.tensor([0.0, 1.0]),
+            method="rk4",
+            options={"step_size": 0.1},
+            checkpoints=torch.tensor([0.33]),
+        )
     assert len(str(info.value)) < 200
     rec = ode_reg.recording.StepRecorder(refuse_adjoint=("adjoint_magnitude",))
     with rec.active(), pytest.raises(ValueError, match="odeint_adjoint cannot be used") as info:
