@@ -231,6 +231,40 @@ def _next_direction(w: Tensor, basis: Tensor, fresh: Tensor) -> Tensor:
     return _unit(w)
 
 
+def _kept_coordinates(theta: Tensor, vecs: Tensor, k: int) -> Tensor:
+    """Orthonormal real coordinates ``(n, m, 4k)`` spanning the wanted Ritz vectors, per row.
+
+    Wanted: the ``k`` rightmost and the ``k`` largest-modulus Ritz values, one of each
+    conjugate pair; their Ritz vectors' real and imaginary parts are spanned (an SVD of
+    the masked coordinates, which depends only on that span, so that a row's result does not
+    depend on rounding elsewhere in the batch). Where the span has fewer than ``4k``
+    dimensions, coordinate vectors of the last Krylov directions, orthogonalized, fill up.
+    """
+    n, m = theta.shape
+    q = 4 * k
+    upper = theta.imag >= -1e-12 * theta.abs().amax(dim=1, keepdim=True)
+    low = torch.finfo(theta.real.dtype).min
+    wanted = torch.zeros_like(upper)
+    for score in (theta.real, theta.abs()):
+        idx = torch.where(upper, score, torch.full_like(score, low)).topk(k, dim=1).indices
+        wanted.scatter_(1, idx, True)
+    mask = wanted[:, None, :].to(vecs.real.dtype)
+    parts = torch.cat([vecs.real * mask, vecs.imag * mask], dim=2)  # (n, m, 2m)
+    u, sv, _ = torch.linalg.svd(parts, full_matrices=False)
+    u, sv = u[:, :, :q], sv[:, :q]
+    good = sv > 1e-8 * sv[:, :1]
+    cols: list[Tensor] = []
+    eye = torch.eye(m, dtype=u.dtype, device=u.device)
+    for j in range(q):
+        col = u[:, :, j]
+        fill = eye[m - 1 - j].expand(n, m)
+        for prev in cols * 2:  # Gram-Schmidt twice against the columns kept so far
+            fill = fill - (fill * prev).sum(1, keepdim=True) * prev
+        fill = fill / fill.norm(dim=1, keepdim=True).clamp_min(torch.finfo(u.dtype).tiny)
+        cols.append(torch.where(good[:, j : j + 1], col, fill))
+    return torch.stack(cols, dim=2)
+
+
 def krylov_eigvals(
     matvec: Callable[[Tensor], Tensor],
     start: Tensor,
@@ -308,14 +342,7 @@ def krylov_eigvals(
             res = (ay - theta.to(s.dtype)[:, :, None] * y).norm(dim=2)
             return theta, res.real.double() / y.norm(dim=2).real.double().clamp_min(1e-300)
         residual = _next_direction(images[-1], vs.transpose(0, 1), fresh[m])
-        picks = torch.cat(
-            [theta.real.topk(k, dim=1).indices, theta.abs().topk(k, dim=1).indices], dim=1
-        )  # (n, 2k)
-        chosen = vecs.gather(2, picks[:, None, :].expand(n, m, 2 * k))  # (n, m, 2k)
-        coef = torch.linalg.svd(torch.cat([chosen.real, chosen.imag], dim=2), full_matrices=False)[
-            0
-        ]
-        coef = coef.to(vs.dtype)  # (n, m, 4k) orthonormal columns: a real basis of the picks
+        coef = _kept_coordinates(theta, vecs, k).to(vs.dtype)  # (n, m, 4k)
         basis = [*torch.einsum("nmq,nmd->qnd", coef, vs), residual]
         images = [*torch.einsum("nmq,nmd->qnd", coef, avs), matvec(residual)]
     raise AssertionError("unreachable")  # pragma: no cover
