@@ -122,11 +122,13 @@ def test_skew_linear_flow_is_linear_in_initial_state(with_g):
 def test_skew_linear_adjoint_and_skew_jacobian_penalties_vanish(with_g):
     torch.manual_seed(6)
     f = SkewLinearODEFunc(4, alpha=1.3, g=bounded_g(7, 4) if with_g else None).double()
-    z0 = torch.randn(5, 4, dtype=F64)
+    # z0 requires grad, so that a_0 exists (not left to integrate).
+    z0 = torch.randn(5, 4, dtype=F64, requires_grad=True)
     target = torch.randn(5, 4, dtype=F64)
     traj = integrate(f, z0, torch.tensor([0.0, 5.0], dtype=F64), checkpoints=10, **rk4(0.01))
     loss = (traj.ys[-1] - target).pow(2).sum(-1).mean()  # read at the final time only
     a = adjoints(loss, traj)
+    assert traj.num_checkpoints == 11  # 10 explicit intervals on the 0.01 grid
     assert a.abs().min() >= 0 and a[0].norm() > 1e-3
     assert adjoint_magnitude_penalty(a) <= 1e-8
     if not with_g:

@@ -136,13 +136,15 @@ def test_adjoint_magnitude_zero_iff_norms_constant():
 def test_adjoint_magnitude_of_linear_flows():
     """Skew M: a_k = a_K expm(M tau) are rotations of a_K, R_adj = 0; general M: R_adj > 0."""
     a_m = rand(3, 3, seed=13)
-    y0 = rand(4, 3, seed=14)
+    # y0 requires grad, so that a_0 exists (not left to integrate).
+    y0 = rand(4, 3, seed=14, requires_grad=True)
     t = torch.tensor([0.0, 2.0], dtype=F64)
     for m, zero in ((a_m - a_m.T, True), (a_m, False)):
         traj = integrate(
             lambda t, z, m=m: z @ m.T, y0, t, method="rk4", options={"step_size": 1 / 32}
         )
         a = adjoints(traj.ys[-1].pow(3).sum(), traj)
+        assert (a.norm(dim=-1) > 0).all()  # every checkpoint, a_0 included, is reached
         r = adjoint_magnitude_penalty(a)
         assert (r < 1e-12) if zero else (r > 1e-2), r
 
@@ -229,7 +231,7 @@ def test_skew_jacobian_zero_for_skew_field_positive_otherwise():
 def test_penalties_unchanged_when_loss_scaled():
     torch.manual_seed(0)
     f = TanhField(d=3, seed=24, scale=1.5)
-    y0 = rand(5, 3, seed=25)
+    y0 = rand(5, 3, seed=25, requires_grad=True)  # so that a_0 exists
     traj = integrate(
         f, y0, torch.tensor([0.0, 1.0], dtype=F64), method="rk4", options={"step_size": 1 / 16}
     )
@@ -286,7 +288,7 @@ def test_scale_and_rotation_invariance(c, gamma, seed):
 
 
 def _penalty_of_field(f: TanhField, which: str) -> torch.Tensor:
-    y0 = rand(3, 2, seed=26)
+    y0 = rand(3, 2, seed=26, requires_grad=True)  # so that a_0 (and y_0, the reference) exists
     target = rand(3, 2, seed=27)
     traj = integrate(
         f,
