@@ -283,13 +283,16 @@ class PreStepMonitor(Callback):
     same batches, so collectives inside :meth:`measure_and_log` line up.
 
     The epoch aggregates (torchmetrics Metrics, reset by Lightning at each epoch end) are saved
-    with the epoch they belong to; :meth:`load_epoch_state` gives them back only if training
-    resumes inside that epoch, so a run resumed mid-epoch logs the same epoch aggregate as an
-    uninterrupted one.
+    with the epoch they belong to and whether that epoch was still running; a checkpoint taken
+    inside an epoch (``ModelCheckpoint(every_n_train_steps=...)``) gives them back when training
+    resumes inside that epoch (``on_train_start``), so a run resumed mid-epoch logs the same
+    epoch aggregate as an uninterrupted one; one taken at an epoch's end does not (the next
+    epoch starts empty).
     """
 
     _measured = False
     _state_epoch = -1
+    _in_epoch = False
     _pending_epoch_state: dict[str, Any] | None = None
 
     def measure_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -305,6 +308,7 @@ class PreStepMonitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._measured = False
+        self._state_epoch, self._in_epoch = int(trainer.current_epoch), True
 
     @override
     def on_before_optimizer_step(
@@ -328,22 +332,28 @@ class PreStepMonitor(Callback):
             self.measure_and_log(trainer, pl_module)
 
     @override
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._state_epoch = int(trainer.current_epoch)
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pending, self._pending_epoch_state = self._pending_epoch_state, None
-        if pending is None or int(pending["epoch"]) != trainer.current_epoch:
-            return  # a new epoch (or no checkpoint): the aggregates start empty
+        if pending is None or not pending.get("open", False):
+            return  # no checkpoint, or one from an epoch's end: the aggregates start empty
+        if int(pending["epoch"]) != trainer.current_epoch:
+            return
         for name, metric in self.epoch_metrics().items():
             if name in pending["metrics"]:
                 restore_metric_state(metric, pending["metrics"][name])
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._in_epoch = False
 
     def save_epoch_state(self) -> dict[str, Any]:
         """The epoch aggregates' states with their epoch (for ``state_dict``)."""
         return {
             "epoch": self._state_epoch,
+            "open": self._in_epoch,
             "metrics": {name: metric_state(m) for name, m in self.epoch_metrics().items()},
         }
 
     def load_epoch_state(self, state: Mapping[str, Any] | None) -> None:
-        """Keep saved epoch states until the next epoch start decides whether they apply."""
+        """Keep saved epoch states until ``on_train_start`` decides whether they apply."""
         self._pending_epoch_state = None if state is None else dict(state)

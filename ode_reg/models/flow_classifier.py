@@ -12,6 +12,7 @@ from ode_reg._checks import check_int, check_range
 from ode_reg.dynamics.antisymmetric import AntisymmetricODEFunc
 from ode_reg.dynamics.orthogonal_flow import OrthogonalFlow
 from ode_reg.dynamics.skew_linear import SkewLinearODEFunc
+from ode_reg.models._checkpoint import RegularizersInCheckpoint
 from ode_reg.models.fields import UnstructuredODEFunc
 from ode_reg.module import RegularizedODEModule
 from ode_reg.regularizers import Regularizer
@@ -19,7 +20,7 @@ from ode_reg.regularizers import Regularizer
 FLOWS = ("skew_linear", "antisymmetric", "orthogonal_flow", "unstructured")
 
 
-class FlowClassifier(RegularizedODEModule):
+class FlowClassifier(RegularizersInCheckpoint, RegularizedODEModule):
     """``logits = D z(T)``, ``z(0) = init_scale * E x``: linear encoder and decoder around a flow.
 
     With linear ``E`` and ``D`` the flow carries all the nonlinearity. The skew-linear flow is

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ode_reg._checks import check_int, check_range
 from ode_reg.dynamics.antisymmetric import AntisymmetricODEFunc
+from ode_reg.models._checkpoint import RegularizersInCheckpoint
 from ode_reg.models.fields import UnstructuredODEFunc
 from ode_reg.module import RegularizedODEModule
 from ode_reg.regularizers import Regularizer
@@ -19,7 +20,7 @@ TASKS = ("classification", "regression", "sequence")
 SOLVERS = ("euler", "midpoint", "rk4")
 
 
-class SequenceModel(RegularizedODEModule):
+class SequenceModel(RegularizersInCheckpoint, RegularizedODEModule):
     """An ODE-RNN: the hidden state follows a field for ``step`` time units per input step.
 
     At sequence step ``s`` the input ``x[:, s]`` is held (zero-order hold) while
@@ -142,11 +143,6 @@ class SequenceModel(RegularizedODEModule):
                 options=self.options,
                 checkpoints=1,
             )[-1]
-            if self._recording and self._step_trajectories:
-                # The solve's own end state rather than a view of the stacked output: the next
-                # solve then starts from the very tensor this one ended at, so the chained
-                # trajectory shares it and has T + 1 checkpoints (not 2 T).
-                h = self._step_trajectories[-1].states[-1]
             out.append(h)
         return torch.stack(out, dim=1)
 
