@@ -24,11 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ode_reg.functional.penalties import (
-    rademacher_probes,
-    skew_jacobian_penalty,
-    skew_sum_loop,
-)
+from ode_reg.functional.penalties import rademacher_probes
 from ode_reg.trajectory import Trajectory
 
 #: Graph nodes visited at most when looking for the solves a new ``y0`` depends on.
@@ -229,21 +225,34 @@ def _skew(traj: Trajectory, plan: SkewPlan) -> tuple[Tensor, int]:
         ks = torch.linspace(0, n - 1, plan.max_states).round().long().unique().tolist()
     shape = traj.states[0].shape
     batched = traj.shapes is None and len(shape) > 1
-    states = torch.stack([traj.states[k] if batched else traj.states[k].reshape(1, -1) for k in ks])
-    samples = states.shape[1]
+    states = [traj.states[k] if batched else traj.states[k].reshape(1, -1) for k in ks]
+    samples = states[0].shape[0]
+    vs = rademacher_probes(states, plan.probes, plan.generator)
+    total = states[0].new_zeros(())
     with torch.enable_grad():
-        if batched and traj.points is None and traj._field_at is None:
-            times = traj.times[ks].to(states.dtype)
-            mean = skew_jacobian_penalty(traj.func, times, states, plan.probes, plan.generator)
-        else:
-            vs = rademacher_probes(list(states.unbind(0)), plan.probes, plan.generator)
-
-            def at(k: int) -> Callable[[Tensor], Tensor]:
-                if batched:
-                    return lambda x: traj.field_at(k, x)
-                return lambda x: traj.field_at(k, x.reshape(shape)).reshape(1, -1)
-
-            total = skew_sum_loop([at(k) for k in ks], states, vs)
-            mean = total / (len(ks) * plan.probes)
+        for j, k in enumerate(ks):
+            z = states[j] if states[j].requires_grad else states[j].detach().requires_grad_(True)
+            out = traj.field_at(k, z if batched else z.reshape(shape))
+            out = out if batched else out.reshape(1, -1)
+            total = total + _skew_at(out, z, vs[j])
+    mean = total / (len(ks) * plan.probes)
     per_state = mean * samples / traj.states[0].numel()
     return per_state * len(ks), len(ks)
+
+
+def _skew_at(out: Tensor, z: Tensor, vs: Tensor) -> Tensor:
+    """``sum_p mean_i |1/2 (J + J^T) v_p|^2`` at one state, by plain autograd: ``J^T v`` is a
+    vector-Jacobian product, ``J v`` the VJP of the linear map ``u -> J^T u`` (double-VJP), so
+    no ``torch.func`` transform (and its per-call overhead) is needed. ``z`` may be the live
+    state: ``out = f(t, z)`` depends on it only through the field."""
+    if not out.requires_grad:
+        return out.new_zeros(())
+    u = torch.zeros_like(out, requires_grad=True)
+    (jtu,) = torch.autograd.grad(out, z, u, create_graph=True)
+    total = out.new_zeros(())
+    for v in vs:
+        (jv,) = torch.autograd.grad(jtu, u, v, create_graph=True, retain_graph=True)
+        (jtv,) = torch.autograd.grad(out, z, v, create_graph=True, retain_graph=True)
+        sv = 0.5 * (jv + jtv)
+        total = total + sv.pow(2).flatten(1).sum(1).mean()
+    return total

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ode_reg.adjoint import _through_state
 from ode_reg.recording import SolveRecord
-from ode_reg.trajectory import Trajectory, chain
+from ode_reg.trajectory import Trajectory, chain, starts_from_end
 
 
 def _zeros_like_flat(p: Tensor) -> Tensor:
@@ -220,8 +220,7 @@ class ChainContext:
             return self._cache["flow"]  # type: ignore[return-value]
         ks = self.kstar()
         raw = self.raw_adjoints()
-        only = len(self.records) == 1 and not self._adj.reads[self.records[0].index]
-        if only and ks == len(raw) - 1:
+        if self._reads_only_the_end() and ks == len(raw) - 1:
             flow = self.adjoints()[: ks + 1]
         else:
             rec, k = self.owners[ks]
@@ -255,6 +254,27 @@ class ChainContext:
             flow = self._samples(rows)
         self._cache["flow"] = flow
         return flow
+
+    def _reads_only_the_end(self) -> bool:
+        """Whether the loss reads the chain only at its end, so that ``ā_k = a_k``.
+
+        No solve has a read before its last output time, and each next solve starts from the
+        previous result with nothing else reading it: the adjoint arriving at that result (the
+        solution's last row, all its readers) equals the one entering the next solve (its
+        ``y0``). A link through other operations (an RNN cell update) cannot be told apart from
+        a read without a vector-Jacobian product, so it counts as "not only the end".
+        """
+        adj = self._adj
+        if any(adj.reads[r.index] for r in self.records):
+            return False
+        for prev, nxt in zip(self.records, self.records[1:]):
+            if not starts_from_end(prev.traj, nxt.traj.states[0]):
+                return False
+            arrived = adj.per_record[prev.index][-1]
+            entered = adj.per_record[nxt.index][0]
+            if not torch.equal(arrived, entered):
+                return False
+        return True
 
     # ------------------------------------------------------------------ sensitivities
     def sensitivities(self, detach_states: bool = False, detach_adjoints: bool = False) -> Tensor:

@@ -540,6 +540,12 @@ def integrate(
                 forced if user is None else torch.cat([torch.as_tensor(user).to(forced), forced])
             )
             options["step_t"] = step_t.unique()
+    if torch.is_grad_enabled() and not adjoint:
+        # A leaf that requires grad, so that a_0 = dL/dz_0 exists (values unchanged).
+        if isinstance(y0, tuple) and not any(c.requires_grad for c in y0):
+            y0 = tuple(c.detach().requires_grad_(True) for c in y0)
+        elif isinstance(y0, Tensor) and not y0.requires_grad:
+            y0 = y0.detach().requires_grad_(True)
     probe = _Probe(func, adaptive=kind == "adaptive")
     kwargs: dict[str, Any] = {"rtol": rtol, "atol": atol, "method": method, "options": options}
     if event_fn is not None:

@@ -42,29 +42,27 @@ def machine() -> str:
 def adjoint_profile(model: Any, x: Tensor, y: Tensor) -> Tensor:
     """``p_k = mean_i |a_{k,i}|`` of the task loss on a held-out batch, for a recipe model.
 
-    Runs the model's forward pass with trajectory recording on (as in a training step), chains
+    Runs the model's forward pass with a recorder current (as in a training step), chains
     the per-step trajectories and takes ``a_k = dL/dz_k`` with :func:`ode_reg.adjoints`.
     Needs a model whose hidden state is integrated by ``self.odeint`` (not ``cell="gru"``).
     """
     from ode_reg import adjoints
+    from ode_reg.recording import StepRecorder
     from ode_reg.trajectory import chain
 
     was_training = model.training
     model.eval()
-    model._recording, model._step_trajectories = True, []
+    rec = StepRecorder(adjoint_inputs=True)
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), rec.active():
             out = model(x)
             loss = (
                 model._loss(out, y)
                 if hasattr(model, "_loss")
                 else torch.nn.functional.cross_entropy(out, y)
             )
-            trajectories = model._step_trajectories
-            traj = chain(trajectories) if len(trajectories) > 1 else trajectories[0]
-            a = adjoints(loss, traj)
+        a = adjoints(loss, chain([r.traj for r in rec.records]))
     finally:
-        model._recording, model._step_trajectories = False, []
         model.train(was_training)
     return a.flatten(2).norm(dim=-1).mean(dim=1).detach()
 
