@@ -1,16 +1,25 @@
 """The ``ode-reg`` command: LightningCLI over the recipe models and data modules.
 
 ``ode-reg fit --config recipes/digits.yaml`` trains a recipe; after ``fit`` it evaluates the
-test split and prints a short summary (accuracy, adjoint ratio, orthogonality, where the run
-and its plots are). W&B runs offline unless an account is configured.
+test split and prints a short summary (accuracy, adjoint ratio, orthogonality, where the run,
+its checkpoints and its plots are). W&B runs offline unless an account is configured.
+
+A value an ode_reg class refuses (``weight: -1``, ``gamma: 2``) stops the command before any
+logger or W&B run starts, with one short message that names the class, the argument, its
+place in the configuration and the accepted range (:class:`ConfigError`).
 """
 
 from __future__ import annotations
 
 import netrc
 import os
+import re
 import sys
+import time
+import traceback
+import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
@@ -47,6 +56,14 @@ def _fallback_logger(trainer: L.Trainer, reason: str) -> None:
     trainer.loggers = [CSVLogger(save_dir)]
 
 
+def _drop_unset_wandb_options(logger: Any) -> None:
+    # Lightning's WandbLogger passes ``anonymous=None`` to ``wandb.init``, which makes W&B warn
+    # that "the anonymous setting has no effect" on every run; None means "not set" here.
+    init = getattr(logger, "_wandb_init", None)
+    if isinstance(init, dict) and init.get("anonymous") is None:
+        init.pop("anonymous", None)
+
+
 def ensure_logger_available(trainer: L.Trainer) -> None:
     """Replace an unusable WandbLogger by a CSVLogger, with a clear message, before training.
 
@@ -66,6 +83,7 @@ def ensure_logger_available(trainer: L.Trainer) -> None:
         return
     for lg in trainer.loggers:
         if isinstance(lg, WandbLogger):
+            _drop_unset_wandb_options(lg)
             try:
                 lg.experiment  # noqa: B018 - starts wandb.init
             except Exception as exc:  # wandb raises many error types on init failure
@@ -90,10 +108,168 @@ def configure_threads() -> int:
     return n
 
 
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+_GROUP_HELP = {"model": "--model.help", "data": "--data.help"}
+
+
+class ConfigError(ValueError):
+    """A configuration value that an ode_reg class refused, as one short message.
+
+    Raised by :func:`run` (and printed without a traceback by ``ode-reg``) before any logger
+    or W&B run is created.
+
+    Args:
+        message: the whole message (what was wrong, where it is set, where to read more).
+
+    Example::
+
+        >>> str(ConfigError("`weight` must lie in [0.0, inf), got -1.0"))
+        '`weight` must lie in [0.0, inf), got -1.0'
+    """
+
+
+def _exception_chain(exc: BaseException) -> list[BaseException]:
+    chain, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return chain
+
+
+def _ode_reg_class(exc: BaseException) -> type | None:
+    """The outermost ode_reg class whose ``__init__`` is on ``exc``'s traceback, if any."""
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        if not frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+            continue
+        obj = frame.f_locals.get("self")
+        if frame.f_code.co_name == "__init__" and obj is not None:
+            return type(obj)
+    return None
+
+
+def _raised_in_ode_reg(exc: BaseException) -> bool:
+    frames = [f for f, _ in traceback.walk_tb(exc.__traceback__)]
+    return bool(frames) and frames[-1].f_code.co_filename.startswith(_PACKAGE_DIR)
+
+
+def _find_setting(
+    node: Any, cls_name: str | None, arg: str | None, path: str = ""
+) -> list[tuple[str, str, Any]]:
+    """``(place of the class in the config, its class_path, the value of arg)`` matches."""
+    found: list[tuple[str, str, Any]] = []
+    if isinstance(node, dict):
+        class_path = node.get("class_path")
+        init_args = node.get("init_args")
+        if isinstance(class_path, str) and isinstance(init_args, dict):
+            name_ok = cls_name is None or class_path.rsplit(".", 1)[-1] == cls_name
+            if name_ok and (arg is None or arg in init_args):
+                found.append((path, class_path, init_args.get(arg) if arg else None))
+        for key, value in node.items():
+            found += _find_setting(value, cls_name, arg, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, list):
+        for n, value in enumerate(node):
+            found += _find_setting(value, cls_name, arg, f"{path}[{n}]")
+    return found
+
+
+def config_error(exc: BaseException, config: dict[str, Any] | None = None) -> ConfigError | None:
+    """Turn an error raised while instantiating the configuration into a :class:`ConfigError`.
+
+    Only errors that an ode_reg class raised on one of its arguments (a ``ValueError`` or
+    ``TypeError`` from its argument checks, possibly wrapped by jsonargparse) are turned; any
+    other error is left alone (``None``).
+
+    Args:
+        exc: the error LightningCLI's instantiation raised.
+        config: the parsed configuration of the subcommand as a dict (to find where the
+            refused value is set); ``None`` leaves the place out.
+
+    Returns:
+        The short error, or ``None``.
+
+    Example::
+
+        >>> from ode_reg import AdjointMagnitude
+        >>> try:
+        ...     AdjointMagnitude(weight=-1.0)
+        ... except ValueError as exc:
+        ...     err = config_error(exc, {"model": {"class_path": "ode_reg.models.SequenceModel",
+        ...         "init_args": {"regularizers": [{"class_path": "ode_reg.AdjointMagnitude",
+        ...         "init_args": {"weight": -1.0}}]}}})
+        >>> print(str(err).splitlines()[0])
+        AdjointMagnitude: `weight` must lie in [0.0, inf), got -1.0
+    """
+    root = None
+    for e in _exception_chain(exc):
+        if isinstance(e, (ValueError, TypeError)) and _raised_in_ode_reg(e):
+            root = e
+    if root is None:
+        return None
+    cls = _ode_reg_class(root)
+    message = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
+    match = re.search(r"`(\w+)`", message)
+    arg = match.group(1) if match else None
+    cls_name = cls.__name__ if cls is not None else None
+    lines = [f"{cls_name}: {message}" if cls_name else message]
+    hits = _find_setting(config or {}, cls_name, arg) if config else []
+    if not hits and config and arg:
+        hits = _find_setting(config, None, arg)
+    group = None
+    if hits:
+        place, class_path, _ = hits[0]
+        group = place.split(".", 1)[0].split("[", 1)[0]
+        setting = f"{place}.init_args.{arg}" if arg else place
+        if arg and "[" not in setting:
+            lines.append(f"  set by --{setting} (in the config file or on the command line)")
+        else:
+            lines.append(f"  set by {setting} in the config file ({class_path})")
+    top = None
+    if group in _GROUP_HELP and config and isinstance(config.get(group), dict):
+        top = config[group].get("class_path")
+    if top:
+        lines.append(f"  arguments and ranges: ode-reg fit {_GROUP_HELP[group]} {top}")
+    lines.append("  all options: ode-reg fit --help")
+    return ConfigError("\n".join(lines))
+
+
+def _subcommand_config(cli: LightningCLI) -> dict[str, Any] | None:
+    try:
+        config = cli.config[cli.subcommand] if cli.subcommand else cli.config
+        return config.as_dict()
+    except Exception:  # noqa: BLE001 - the place in the config is a nicety
+        return None
+
+
 class ODERegCLI(LightningCLI):
-    """LightningCLI that checks the logger before ``fit``, tests after it and prints a summary."""
+    """LightningCLI that checks the configuration and the logger before ``fit``, tests after it
+    and prints a summary.
+
+    Configuration errors of ode_reg classes become :class:`ConfigError`; the data module's
+    :meth:`~ode_reg.data._base.SplitDataModule.check_trainer` runs before the logger starts.
+    """
+
+    _started: float | None = None
+
+    def instantiate_classes(self) -> None:
+        """Instantiate as LightningCLI does; an ode_reg argument error becomes ConfigError."""
+        self._started = time.perf_counter()
+        try:
+            super().instantiate_classes()
+        except Exception as exc:
+            err = config_error(exc, _subcommand_config(self))
+            if err is None:
+                raise
+            raise err from None
 
     def before_fit(self) -> None:
+        check = getattr(self.datamodule, "check_trainer", None)
+        if check is not None:
+            try:
+                check(self.trainer)
+            except ValueError as exc:
+                name = type(self.datamodule).__name__
+                raise ConfigError(f"{name}: {exc}\n  all options: ode-reg fit --help") from None
         ensure_logger_available(self.trainer)
 
     def after_fit(self) -> None:
@@ -109,36 +285,62 @@ class ODERegCLI(LightningCLI):
         if trainer.is_global_zero:
             from ode_reg.summary import print_summary
 
-            print_summary(trainer, model, results[0] if results else {}, fit_metrics)
+            wall = None if self._started is None else time.perf_counter() - self._started
+            print_summary(trainer, model, results[0] if results else {}, fit_metrics, wall)
+
+
+def _register_recipe_classes() -> None:
+    # LightningCLI lists the subclasses of LightningModule / LightningDataModule that are
+    # imported: import the recipe models and data modules so `--help` names them.
+    import ode_reg.data  # noqa: F401
+    import ode_reg.models  # noqa: F401
 
 
 def run(args: list[str] | None = None) -> ODERegCLI:
     """Run the CLI in-process (recipes, tests).
 
     Args:
-        args: command-line arguments (default ``sys.argv[1:]``).
+        args: command-line arguments; ``None`` reads ``sys.argv[1:]``.
 
     Returns:
         The :class:`ODERegCLI` instance (its ``trainer`` and ``model`` hold the run).
 
+    Raises:
+        ConfigError: if an ode_reg class refuses a configured value (before any logger or
+            W&B run is created).
+
     Example::
 
         >>> from ode_reg.cli import run  # doctest: +SKIP
-        >>> cli = run(["fit", "--config", "recipes/digits.yaml", "--trainer.fast_dev_run", "2"])
+        >>> cli = run(["fit", "--config", "recipes/digits.yaml", "--trainer.fast_dev_run", "2"])  # doctest: +SKIP
     """
     configure_wandb_mode()
     configure_threads()
     os.environ.setdefault("ODE_REG_ROOT", str(Path.cwd()))
-    return ODERegCLI(
-        L.LightningModule,
-        L.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=args if args is not None else sys.argv[1:],
-        save_config_kwargs={"overwrite": True},
-    )
+    _register_recipe_classes()
+    with warnings.catch_warnings():
+        if args is not None:
+            # Arguments given in Python are meant to replace sys.argv (that of pytest or of a
+            # script calling run): LightningCLI's warning about the two is then noise.
+            warnings.filterwarnings("ignore", message=".*both args and command line arguments")
+        return ODERegCLI(
+            L.LightningModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=args,
+            save_config_kwargs={"overwrite": True},
+        )
 
 
 def main() -> None:
-    """Entry point of ``ode-reg`` and ``python -m ode_reg``."""
-    run()
+    """Entry point of ``ode-reg`` and ``python -m ode_reg``.
+
+    A :class:`ConfigError` is printed as ``ode-reg: error: ...`` (no traceback) and the
+    process exits with status 2.
+    """
+    try:
+        run()
+    except ConfigError as exc:
+        print(f"ode-reg: error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -9,6 +9,7 @@ of one split never changes the samples of another.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,6 +74,24 @@ class SplitDataModule(LightningDataModule):
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None
         self.test_set: TensorDataset | None = None
+
+    def check_trainer(self, trainer: Any) -> None:
+        """Raise ``ValueError`` if ``trainer`` cannot run this data module as configured.
+
+        The ``ode-reg`` command calls it before ``fit`` starts any logger, so a misconfigured
+        run stops before a W&B run is created. The base class accepts every trainer.
+
+        Args:
+            trainer: the ``lightning.Trainer`` about to fit.
+
+        Raises:
+            ValueError: naming the trainer setting (as its ``ode-reg`` flag) to change.
+
+        Example::
+
+            >>> import lightning as L
+            >>> SplitDataModule().check_trainer(L.Trainer(logger=False))  # accepted
+        """
 
     def _generate(self) -> dict[str, tuple[Tensor, Tensor]]:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from sklearn.datasets import load_digits
@@ -203,6 +205,44 @@ class DigitsDataModule(SplitDataModule):
         )
         return torch.from_numpy(noise)
 
+    def check_trainer(self, trainer: Any) -> None:
+        """Raise ``ValueError`` unless ``trainer`` rebuilds the training loader every epoch
+        while ``resample_noise`` or ``pixel_noise_std`` asks for fresh noise every epoch.
+
+        Args:
+            trainer: the ``lightning.Trainer`` about to fit.
+
+        Raises:
+            ValueError: naming ``--trainer.reload_dataloaders_every_n_epochs 1`` (the
+                ``ode-reg`` flag; ``Trainer(reload_dataloaders_every_n_epochs=1)`` in Python).
+
+        Example::
+
+            >>> import lightning as L
+            >>> dm = DigitsDataModule(pixel_noise_std=0.5)
+            >>> dm.check_trainer(L.Trainer(logger=False, reload_dataloaders_every_n_epochs=1))
+        """
+        if not self.resample_noise and self.pixel_noise_std == 0:
+            return
+        every = getattr(trainer, "reload_dataloaders_every_n_epochs", None)
+        if every != 1:
+            options = []
+            if self.resample_noise:
+                options.append("--data.init_args.resample_noise true")
+            if self.pixel_noise_std > 0:
+                options.append(f"--data.init_args.pixel_noise_std {self.pixel_noise_std:g}")
+            verbs = (
+                "draw fresh training noise every epoch and need"
+                if len(options) > 1
+                else ("draws fresh training noise every epoch and needs")
+            )
+            raise ValueError(
+                f"{' and '.join(options)} {verbs} "
+                "--trainer.reload_dataloaders_every_n_epochs 1 "
+                "(Trainer(reload_dataloaders_every_n_epochs=1) in Python; Lightning builds the "
+                f"training loader once per fit otherwise), got {every}"
+            )
+
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches; with ``resample_noise`` / ``pixel_noise_std``, this
         epoch's padding noise / pixel perturbation.
@@ -216,13 +256,7 @@ class DigitsDataModule(SplitDataModule):
         trainer = self.trainer
         epoch = 0
         if trainer is not None:
-            if trainer.reload_dataloaders_every_n_epochs != 1:
-                raise ValueError(
-                    "`resample_noise=True` and `pixel_noise_std > 0` need "
-                    "Trainer(reload_dataloaders_every_n_epochs=1) (Lightning builds the "
-                    "training loader once per fit otherwise), got "
-                    f"reload_dataloaders_every_n_epochs={trainer.reload_dataloaders_every_n_epochs}"
-                )
+            self.check_trainer(trainer)
             epoch = trainer.current_epoch
         self.setup()
         if self._clean_train is None:
