@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -41,3 +43,62 @@ def test_plain_pytorch_example_runs_and_prints_what_the_readme_says(tmp_path: Pa
 def test_every_python_block_at_least_compiles() -> None:
     for block in _python_blocks():
         compile(block, "README.md", "exec")
+
+
+# --------------------------------------------------------------------------- main-job figures
+
+
+def _figures_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "readme_figures", ROOT / "scripts" / "readme_figures.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_main_job_figures_equal_the_record_it_names() -> None:
+    import json
+
+    from ode_reg.summary import format_summary
+
+    figs = _figures_script()
+    readme = (ROOT / "README.md").read_text()
+    record_file = figs.record_path(readme)
+    assert record_file == ROOT / "results" / "main_job" / "summary.json"
+    record = json.loads(record_file.read_text())
+    assert figs.differences(readme, record) == [], (
+        "README disagrees with its record: .venv/bin/python scripts/readme_figures.py write"
+    )
+    # The block is what `ode-reg` printed for that run, and the prose quotes the same run.
+    block = figs.BLOCK.search(readme)["body"]
+    assert block == "```\n" + format_summary(record) + "\n```\n"
+    assert f"{record['test_acc']:.4f}" in block
+    prose = {m["name"]: m["value"] for m in figs.FIG.finditer(readme)}
+    assert {"adjoint_ratio", "first_last", "wall_s", "steps", "machine"} <= set(prose)
+    ratio = float(prose["adjoint_ratio"])
+    assert ratio == pytest.approx(record["adjoint_ratio_max_min"], rel=5e-3)
+    # "the first pixel's adjoint is N x the last one's" cannot exceed the max/min ratio.
+    assert float(prose["first_last"]) <= ratio * 1.05
+    # The images beside the figures come from the same record's plots.
+    for key, image in figs.IMAGES:
+        assert key in record["latest_plots"] and (ROOT / image).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_readme_check_fails_on_a_figure_typed_by_hand() -> None:
+    import json
+
+    figs = _figures_script()
+    readme = (ROOT / "README.md").read_text()
+    record = json.loads(figs.record_path(readme).read_text())
+    typed = re.sub(
+        r"<!--fig:adjoint_ratio-->[^<]*<!--/fig-->",
+        "<!--fig:adjoint_ratio-->19.85<!--/fig-->",
+        readme,
+    )
+    assert any("adjoint_ratio" in d for d in figs.differences(typed, record))
+    block = figs.BLOCK.search(readme)["body"]
+    edited = readme.replace(block, block.replace(f"{record['test_acc']:.4f}", "0.9999"))
+    assert any("summary block" in d for d in figs.differences(edited, record))
