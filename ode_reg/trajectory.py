@@ -546,6 +546,10 @@ def integrate(
             y0 = tuple(c.detach().requires_grad_(True) for c in y0)
         elif isinstance(y0, Tensor) and not y0.requires_grad:
             y0 = y0.detach().requires_grad_(True)
+        if isinstance(y0, Tensor):
+            # The solve starts from its own alias of y0 (same values, no copy): the adjoint
+            # there is what flows into this solve, not what other readers of y0 add.
+            y0 = y0.view_as(y0)
     probe = _Probe(func, adaptive=kind == "adaptive")
     kwargs: dict[str, Any] = {"rtol": rtol, "atol": atol, "method": method, "options": options}
     if event_fn is not None:

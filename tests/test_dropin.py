@@ -546,3 +546,84 @@ def test_errors_are_short():
     with rec.active(), pytest.raises(ValueError, match="odeint_adjoint cannot be used") as info:
         ode_reg.odeint_adjoint(nn.Linear(2, 2), torch.ones(3, 2), torch.tensor([0.0, 1.0]))
     assert len(str(info.value)) < 300
+
+
+def _ode_rnn_terms(read_all: bool, force_vjp: bool, monkeypatch) -> tuple[float, Any]:
+    torch.manual_seed(0)
+    cell = nn.Linear(4, 4).double()
+    xs = torch.randn(6, 3, 4, dtype=F64)
+    if force_vjp:
+        monkeypatch.setattr(ode_reg.terms.ChainContext, "_reads_only_the_end", lambda self: False)
+    rec = ode_reg.recording.StepRecorder(adjoint_inputs=True)
+    with rec.active():
+        h = torch.zeros(3, 4, dtype=F64)
+        hs = []
+        for x in xs:  # the input enters through the field: each solve starts from the last result
+            h = ode_reg.odeint(
+                lambda t, z, x=x: torch.tanh(cell(z) + x),
+                h,
+                torch.tensor([0.0, 0.5], dtype=F64),
+                method="euler",
+                options={"step_size": 0.25},
+            )[-1]
+            hs.append(h)
+        loss = torch.stack(hs).pow(2).mean() if read_all else hs[-1].pow(2).mean()
+    res = ode_reg.step_terms(
+        loss, rec.records, [AdjointMagnitude()], step=0, params=list(cell.parameters())
+    )
+    return float(res.values["adjoint_magnitude"]), res.chains
+
+
+def test_ode_rnn_chain_read_only_at_the_end_needs_no_extra_vjp(monkeypatch):
+    fast, chains = _ode_rnn_terms(False, False, monkeypatch)
+    assert len(chains) == 1 and chains[0]._reads_only_the_end()
+    slow, _ = _ode_rnn_terms(False, True, monkeypatch)
+    assert fast == pytest.approx(slow, rel=1e-12)
+    # reading every hidden state: the flow-only adjoint differs from the total one
+    monkeypatch.undo()
+    total_read, chains = _ode_rnn_terms(True, False, monkeypatch)
+    assert not chains[0]._reads_only_the_end()
+    a = chains[0].adjoints()
+    total_def = float(
+        ode_reg.functional.adjoint_magnitude_penalty(a[:, chains[0].reached_samples()])
+    )
+    assert abs(total_read - total_def) > 1e-3
+
+
+@pytest.mark.parametrize("method", ["dopri5", "rk4", "adjoint"])
+def test_solver_statistics_equal_an_independent_count(method):
+    field = nn.Sequential(nn.Linear(3, 3), nn.Tanh())
+    calls = {"n": 0}
+    field.register_forward_pre_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+    z0 = torch.randn(4, 3)
+    t = torch.linspace(0, 2, 20)
+    kw = {"method": "rk4", "options": {"step_size": 0.1}} if method == "rk4" else {}
+
+    def f(s, z):
+        return field(z)
+
+    f_mod = type("F", (nn.Module,), {"forward": lambda self, s, z: field(z)})()
+    f_mod.field = field
+    traj = ode_reg.integrate(
+        f_mod if method == "adjoint" else f, z0, t, adjoint=method == "adjoint", **kw
+    )
+    assert traj.stats.nfe == calls["n"] > 0
+    if method == "rk4":
+        assert traj.stats.accepted == 20 and traj.stats.rejected == 0
+        assert traj.stats.dt_min == pytest.approx(0.1) and traj.stats.dt_max == pytest.approx(0.1)
+    if method == "dopri5":  # 2 initial evaluations, then 6 per attempted step (FSAL)
+        assert traj.stats.nfe == 2 + 6 * (traj.stats.accepted + traj.stats.rejected)
+        assert sum(traj.stats.step_sizes) >= 2.0
+    if method == "adjoint":
+        before = calls["n"]
+        traj.ys[-1].sum().backward()
+        assert traj.stats.nfe_backward == calls["n"] - before > 0
+    # with a term active the recorded solve costs no extra field evaluation (AdjointMagnitude)
+    calls["n"] = 0
+    torchdiffeq.odeint(f, z0, t, **kw)
+    plain = calls["n"]
+    calls["n"] = 0
+    rec = ode_reg.recording.StepRecorder(adjoint_inputs=True)
+    with rec.active():
+        ode_reg.odeint(f, z0, t, **kw)
+    assert calls["n"] == plain
