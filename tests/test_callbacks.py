@@ -127,7 +127,10 @@ class Declared(nn.Module):
 
 
 class Model(RegularizedODEModule):
-    """``z(1)`` of ``dz/dt = f(z)`` from ``z(0) = x`` (or ``ortho(x)``); loss ``mean_i |z_i(1)|^2``."""
+    """``z(1)`` of ``dz/dt = f(z)`` from ``z(0) = x`` (or ``ortho(x)``); loss ``mean_i |z_i(1)|^2``.
+
+    ``input_grad``: ``z(0)`` requires grad, so the training backward delivers ``a_0`` as well.
+    """
 
     def __init__(
         self,
@@ -140,8 +143,10 @@ class Model(RegularizedODEModule):
         input_dim: int | None = None,
         closure: bool = False,
         single: bool = False,
+        input_grad: bool = True,
     ) -> None:
         super().__init__(regularizers)
+        self.input_grad = input_grad
         self.closure = closure
         self.single = single
         self.field = field
@@ -161,6 +166,8 @@ class Model(RegularizedODEModule):
         z0 = self.ortho(x) if self.ortho is not None else x
         if self.single:  # a 1-D state: one sample
             z0 = z0[0]
+        if self.input_grad and not z0.requires_grad:  # so that the backward gives a_0 too
+            z0 = z0.detach().requires_grad_(True)
         zs = self.odeint(
             (lambda t, z: self.field(t, z)) if self.closure else self.field,
             z0,
@@ -436,6 +443,28 @@ def test_adjoint_profile_matches_closed_form(regularizers, source):
     assert ratio > 1.05  # a non-trivial profile
 
 
+def test_checkpoint_the_backward_does_not_reach_is_left_out():
+    """z_0 = an input without grad and no regularizer: the backward gives no a_0; the profile
+    has NaN there and the ratios are over the other checkpoints (closed form)."""
+    m = general_matrix()
+    mon = GradientNormMonitor(every_n_steps=1, compute_sensitivities=True)
+    trainer = fit(Model(LinearField(m), input_grad=False), [mon])
+    (entry,) = mon.last_profiles
+    expected = closed_form_profile(m, data())
+    got = entry["adjoint"]
+    if bool(torch.isnan(got[0])):  # a core that records z_0 = y0 itself
+        torch.testing.assert_close(got[1:], expected[1:], rtol=1e-6, atol=0)
+        tail = expected[1:]
+        assert entry["bound_ratio"] is None  # y_k needs every a_k
+        assert "sensitivity/bound_ratio" not in trainer.callback_metrics
+    else:  # a core that makes z_0 differentiable by itself
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+        tail = expected
+    ratio = float(tail.max() / tail.min())
+    assert metric(trainer, "adjoint/ratio_max_min") == pytest.approx(ratio, rel=1e-6)
+    assert metric(trainer, "adjoint/norm_first") == pytest.approx(float(tail[0]), rel=1e-6)
+
+
 @pytest.mark.parametrize("regularizers", [(), (AdjointMagnitude(0.5),)])
 def test_adjoint_profile_under_gradient_accumulation(regularizers):
     # Two micro-batches of 4 make one step of 8: the profile is that of the effective loss
@@ -501,7 +530,7 @@ def test_gradient_norms_per_module_and_total():
 def direct_ratios(field: nn.Module, x: torch.Tensor) -> tuple[float, float, torch.Tensor]:
     traj = integrate(
         field,
-        x,
+        x.clone().requires_grad_(True),  # a_0 = dL/dz_0 exists
         torch.tensor([0.0, 1.0], dtype=F64),
         checkpoints=CHECKPOINTS,
         method="rk4",

@@ -58,7 +58,7 @@ def test_logged_spectrum_is_that_of_the_pre_step_field(method):
 def profiles_of(field: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     traj = integrate(
         field,
-        x,
+        x.clone().requires_grad_(True),  # a_0 = dL/dz_0 exists
         torch.tensor([0.0, 1.0], dtype=F64),
         checkpoints=4,
         method="rk4",

@@ -107,6 +107,33 @@ def _sample_norms(x: Tensor) -> Tensor:
     return x.flatten(2).norm(dim=2)
 
 
+def _adjoint_targets(traj: Trajectory) -> list[tuple[Tensor, bool]]:
+    """For each checkpoint ``k``: the tensor whose gradient in the backward is ``a_k``, and
+    whether ``a_k`` is its last row.
+
+    As :func:`ode_reg.adjoint.adjoints_and_grads` reads them: a checkpoint state, or, where
+    the end state ``z_K`` of a solve is a row of the solution the caller received (so the
+    loss reads that tensor, not the solver's state), that solution. A chained trajectory names
+    the solve and index each of its checkpoints comes from (``owners``).
+    """
+    owners = getattr(traj, "owners", None) or [(traj, k) for k in range(traj.num_checkpoints)]
+    out = []
+    for tr, j in owners:
+        end = bool(getattr(tr, "end_from_solution", False)) and j == tr.num_checkpoints - 1
+        solution = getattr(tr, "flat_solution", None) if end else None
+        out.append((solution, True) if solution is not None else (tr.states[j], False))
+    return out
+
+
+def _first_last_finite(p: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    """``(max/min ratio, first, last)`` over the finite entries of a profile (``None``: none)."""
+    ok = torch.isfinite(p)
+    if not bool(ok.any()):
+        return None
+    q = p[ok]
+    return q.max() / q.min().clamp_min(_TINY), q[0], q[-1]
+
+
 def _loss_scale(trainer: pl.Trainer) -> float:
     """The AMP loss scale in effect for this backward (1 without a grad scaler)."""
     scaler = getattr(trainer.precision_plugin, "scaler", None)
@@ -161,7 +188,11 @@ class GradientNormMonitor(PreStepMonitor):
     - ``grad/total_norm``, ``grad/norm/<child>`` (``<child>`` a top-level child module's
       name, ``_self`` for parameters held by the LightningModule itself);
     - ``adjoint/ratio_max_min``: ``max_k p_k / min_k p_k`` (explosion or vanishing),
-      ``adjoint/norm_first`` (``p_0``), ``adjoint/norm_last`` (``p_K``);
+      ``adjoint/norm_first`` (``p_0``), ``adjoint/norm_last`` (``p_K``); a checkpoint the
+      training backward does not reach (``z_0`` an input that does not require grad, when no
+      regularizer asked for ``a_0``) has no adjoint: it is NaN in the profile and left out
+      (``norm_first`` is then the first checkpoint that has one, and the sensitivities from
+      the backward are skipped);
     - ``adjoint/ratio_running_max`` (max since the start, kept in the checkpoint) and
       ``adjoint/ratio_epoch_geomean`` (a :class:`~ode_reg.metrics.MeanAdjointRatio`, geometric,
       logged ``on_epoch``; its state is kept in the checkpoint, so a run resumed mid-epoch
@@ -191,6 +222,10 @@ class GradientNormMonitor(PreStepMonitor):
         >>> from ode_reg.callbacks import GradientNormMonitor
         >>> trainer = L.Trainer(callbacks=[GradientNormMonitor(compute_sensitivities=True)])
     """
+
+    #: The profile wants ``a_0``: a module that can make ``y0`` a leaf requiring grad for
+    #: monitored steps may read this flag (the backward then delivers ``dL/dz_0`` too).
+    needs_adjoint_inputs = True
 
     def __init__(
         self,
@@ -263,11 +298,15 @@ class GradientNormMonitor(PreStepMonitor):
             h.remove()
         self._hooks = []
 
-    def _make_hook(self, slots: list[Tensor | None], k: int) -> Callable[[Tensor], None]:
+    def _make_hook(
+        self, slots: list[Tensor | None], k: int, last_row: bool
+    ) -> Callable[[Tensor], None]:
         keep_full = self.compute_sensitivities
 
         def hook(grad: Tensor) -> None:
             g = grad.detach()
+            if last_row:
+                g = g[-1]
             slots[k] = g.clone() if keep_full else _sample_norms(g.unsqueeze(0))[0]
 
         return hook
@@ -289,9 +328,9 @@ class GradientNormMonitor(PreStepMonitor):
                 continue
             slots: list[Tensor | None] = [None] * traj.num_checkpoints
             captured[g] = slots
-            for k, z in enumerate(traj.states):
-                if z.requires_grad:
-                    self._hooks.append(z.register_hook(self._make_hook(slots, k)))
+            for k, (x, last_row) in enumerate(_adjoint_targets(traj)):
+                if x.requires_grad:
+                    self._hooks.append(x.register_hook(self._make_hook(slots, k, last_row)))
         self._captured = captured
         self._capture_scale = _loss_scale(trainer)
 
@@ -347,21 +386,27 @@ class GradientNormMonitor(PreStepMonitor):
             return None
         slots = self._captured[g]
         scale = self._capture_scale
+        # A checkpoint the backward did not reach (z_0 = an input that does not require grad)
+        # has no adjoint: NaN in the profile, left out of the ratios, no sensitivities.
         if self.compute_sensitivities:
             full = (
                 torch.stack(
                     [
-                        torch.zeros_like(z) if s is None else s
+                        torch.full_like(z, float("nan")) if s is None else s
                         for s, z in zip(slots, traj.states, strict=True)
                     ]
                 ).detach()
                 / scale
             )
-            return _sample_norms(full), full, "backward"
+            complete = all(s is not None for s in slots)
+            return _sample_norms(full), full if complete else None, "backward"
         b = traj.states[0].shape[0] if traj.states[0].dim() > 1 else 1
         like = traj.states[0].detach()
+        nan = float("nan")
         norms = (
-            torch.stack([like.new_zeros(b) if s is None else s.to(like.dtype) for s in slots])
+            torch.stack(
+                [like.new_full((b,), nan) if s is None else s.to(like.dtype) for s in slots]
+            )
             / scale
         )
         return norms, None, "backward"
@@ -483,12 +528,14 @@ class GradientNormMonitor(PreStepMonitor):
             ratios = []
             for g, entry in enumerate(profiles):
                 s = "" if g == 0 else f"/group{g}"
-                p = entry["adjoint"]
-                ratio = p.max() / p.min().clamp_min(_TINY)
+                found = _first_last_finite(entry["adjoint"])
+                if found is None:
+                    continue
+                ratio, first, last = found
                 ratios.append(ratio)
                 metrics[f"adjoint/ratio_max_min{s}"] = ratio
-                metrics[f"adjoint/norm_first{s}"] = p[0]
-                metrics[f"adjoint/norm_last{s}"] = p[-1]
+                metrics[f"adjoint/norm_first{s}"] = first
+                metrics[f"adjoint/norm_last{s}"] = last
                 if entry["bound_ratio"] is not None:
                     metrics[f"sensitivity/bound_ratio{s}"] = entry["bound_ratio"]
                     metrics[f"sensitivity/cancellation_ratio{s}"] = entry["cancellation_ratio"]
