@@ -62,6 +62,11 @@ def _drop_unset_wandb_options(logger: Any) -> None:
     init = getattr(logger, "_wandb_init", None)
     if isinstance(init, dict) and init.get("anonymous") is None:
         init.pop("anonymous", None)
+    # W&B looks for a git repository from its folder and warns "git root ... does not exist"
+    # when the folder is not made yet (the recipes' runs/<recipe> on a first run).
+    save_dir = getattr(logger, "save_dir", None)
+    if isinstance(save_dir, str) and save_dir:
+        os.makedirs(save_dir, exist_ok=True)
 
 
 def ensure_logger_available(trainer: L.Trainer) -> None:
@@ -316,6 +321,9 @@ def run(args: list[str] | None = None) -> ODERegCLI:
     """
     configure_wandb_mode()
     configure_threads()
+    # Lightning 2.x calls a torch.utils._pytree API that torch 2.13 deprecates, on every
+    # evaluation loop; nothing a user of ode-reg can change.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     os.environ.setdefault("ODE_REG_ROOT", str(Path.cwd()))
     _register_recipe_classes()
     with warnings.catch_warnings():

@@ -186,7 +186,13 @@ def test_readme_commands_work_from_a_fresh_shell(tmp_path: Path) -> None:
     for (command, form), res in results:
         if res.returncode != 0:
             failures.append(f"{command!r} as {form!r}: rc {res.returncode}\n{res.stderr[-1500:]}")
-        for warning in ("both args and command line arguments", "anonymous setting"):
+        for warning in (
+            "both args and command line arguments",
+            "anonymous setting",
+            "git root",
+            "LeafSpec",
+            "Trying to infer the `batch_size`",
+        ):
             if warning in res.stderr:
                 failures.append(f"{command!r} prints a warning nobody can act on: {warning!r}")
     assert not failures, "\n\n".join(failures)
