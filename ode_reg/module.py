@@ -57,6 +57,16 @@ def _use_shared_backward(module: RegularizedODEModule, active: Sequence[Regulari
     )
 
 
+def _evaluation_mode(active: Sequence[Regularizer]) -> bool | str:
+    """Which field evaluations the recorder makes for the sensitivity terms."""
+    modes = {bool(getattr(r, "detach_states", False)) for r in active if r.needs_field_evaluations}
+    if not modes:
+        return False
+    if modes == {True}:
+        return "detached"
+    return "both" if True in modes else "full"
+
+
 def _is_monitor(callback: object) -> bool:
     return type(callback).__module__.startswith("ode_reg.callbacks")
 
@@ -175,7 +185,7 @@ class RegularizedODEModule(L.LightningModule):
             gen = skew.generator(self.global_step, self.device, micro=batch_idx)
             plan = SkewPlan(skew.probes, skew.max_states, gen)
         return StepRecorder(
-            evaluate_fields=any(r.needs_field_evaluations for r in active),
+            evaluate_fields=_evaluation_mode(active),
             skew=plan,
             adjoint_inputs=any(r.needs_adjoints for r in active),
             refuse_adjoint=tuple(r.name for r in active if r.needs_adjoints),

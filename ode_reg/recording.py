@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ode_reg.functional.penalties import rademacher_probes
 from ode_reg.trajectory import Trajectory
@@ -38,6 +38,24 @@ class Evaluation:
     out: Tensor
     leaf: Tensor
     state: Tensor
+
+
+@dataclass
+class BatchedEvaluation:
+    """The field at all checkpoints of one solve in one ``vmap`` call, each checkpoint with its
+    own alias of every parameter (``p`` expanded along a new leading dimension): the gradient in
+    the aliases is the partial derivative ``df(t_k, z_k)/dtheta`` per checkpoint, while ``z_k``
+    stays attached (so ``y_k``'s own gradient is the full one, with no extra term).
+
+    Attributes:
+        out: ``(n, *state.shape)`` the field at the ``n`` checkpoints.
+        params: the field's trainable parameters (the real ones).
+        aliases: their per-checkpoint aliases, ``(n, *p.shape)`` each.
+    """
+
+    out: Tensor
+    params: list[Tensor]
+    aliases: list[Tensor]
 
 
 @dataclass
@@ -65,6 +83,7 @@ class SolveRecord:
     traj: Trajectory
     parents: list[int] = field(default_factory=list)
     evaluations: list[Evaluation] | None = None
+    batched: BatchedEvaluation | None = None
     skew: tuple[Tensor, int] | None = None
 
     @property
@@ -88,7 +107,9 @@ class StepRecorder:
 
     Args:
         evaluate_fields: evaluate the field at every checkpoint during the call (for the
-            sensitivity density).
+            sensitivity density): ``"full"`` (the terms' gradient goes through ``z_k``; one
+            vectorized call per solve where the field allows), ``"detached"`` (``z_k`` constant),
+            ``"both"``, or ``False``.
         skew: draw and evaluate the skew-Jacobian probes during the call.
         adjoint_inputs: make a ``y0`` that does not require grad a leaf that does, so that
             ``a_0 = dL/dz_0`` exists (value and result unchanged).
@@ -99,7 +120,7 @@ class StepRecorder:
     def __init__(
         self,
         *,
-        evaluate_fields: bool = False,
+        evaluate_fields: bool | str = False,
         skew: SkewPlan | None = None,
         adjoint_inputs: bool = False,
         refuse_adjoint: tuple[str, ...] = (),
@@ -110,6 +131,7 @@ class StepRecorder:
         self.adjoint_inputs = adjoint_inputs
         self.refuse_adjoint = refuse_adjoint
         self.records: list[SolveRecord] = []
+        self._substitutable: dict[int, bool] = {}
         self._nodes: dict[Any, int] = {}
         self._warn = warn or _warn_once
 
@@ -141,7 +163,10 @@ class StepRecorder:
         """Add a finished solve: its parents, and the field evaluations the terms need."""
         rec = SolveRecord(len(self.records), traj)
         rec.parents = self._parents(traj.states[0])
-        if self.evaluate_fields:
+        mode = "full" if self.evaluate_fields is True else self.evaluate_fields
+        if mode in ("full", "both"):
+            rec.batched = self._batched(traj)
+        if mode == "detached" or mode == "both" or (mode == "full" and rec.batched is None):
             rec.evaluations = _evaluate(traj)
         if self.skew is not None:
             rec.skew = _skew(traj, self.skew)
@@ -150,6 +175,48 @@ class StepRecorder:
         if node is not None:
             self._nodes[node] = rec.index
         return rec
+
+    def _batched(self, traj: Trajectory) -> BatchedEvaluation | None:
+        """The vectorized evaluation, or ``None`` where it does not apply: a field that is not an
+        ``nn.Module``, tuple states, a field that reaches its parameters through tensors cached
+        outside its forward (checked once per field and step), or one ``vmap`` cannot trace."""
+        func = traj.func
+        if not isinstance(func, nn.Module) or traj.shapes is None and traj.states[0].dim() < 2:
+            return None
+        if traj.shapes is not None or traj.weights is not None:
+            return None
+        named = [(n, p) for n, p in func.named_parameters() if p.requires_grad]
+        if not named:
+            return None
+        names = [n for n, _ in named]
+        params = [p for _, p in named]
+        key = id(func)
+        ok = self._substitutable.get(key)
+        with torch.enable_grad():
+            if ok is None:
+                consts = {n: p.detach() for n, p in named}
+                z = traj.states[0].detach()
+                try:
+                    probe = torch.func.functional_call(func, consts, (traj.times[0].to(z.dtype), z))
+                    ok = not probe.requires_grad
+                except Exception:  # noqa: BLE001 - a field functional_call cannot run
+                    ok = False
+                self._substitutable[key] = ok
+            if not ok:
+                return None
+            n = traj.num_checkpoints
+            zs = torch.stack(traj.states)
+            ts = traj.times.to(zs.dtype)
+            aliases = [p.unsqueeze(0).expand(n, *p.shape) for p in params]
+
+            def one(t: Tensor, z: Tensor, *ps: Tensor) -> Tensor:
+                return torch.func.functional_call(func, dict(zip(names, ps)), (t, z))
+
+            try:
+                out = torch.func.vmap(one)(ts, zs, *aliases)
+            except Exception:  # noqa: BLE001 - a field vmap cannot trace: checkpoint by checkpoint
+                return None
+        return BatchedEvaluation(out, params, aliases)
 
     # ------------------------------------------------------------------ graph
     def _parents(self, y0: Tensor) -> list[int]:

@@ -283,17 +283,52 @@ class ChainContext:
         if key in self._cache:
             return self._cache[key]  # type: ignore[return-value]
         raw = self.raw_adjoints()
-        rows = []
-        for j in range(self.kstar() + 1):
+        ks = self.kstar()
+        rows: list[Tensor | None] = [None] * (ks + 1)
+        batched: dict[int, list[int]] = {}
+        for j in range(ks + 1):
             rec, k = self.owners[j]
+            if rec.batched is not None and not detach_states:
+                batched.setdefault(rec.index, []).append(j)
+                continue
             if rec.evaluations is None:
                 raise RuntimeError("the field was not evaluated during the solve")
             ev = rec.evaluations[k]
             a = raw[j].detach() if detach_adjoints else raw[j]
-            rows.append(_sensitivity(ev.out, ev.leaf, ev.state, a, self.params, detach_states))
+            rows[j] = _sensitivity(ev.out, ev.leaf, ev.state, a, self.params, detach_states)
+        by_index = {r.index: r for r in self.records}
+        for index, js in batched.items():
+            rec = by_index[index]
+            for j, row in zip(js, self._batched_rows(rec, js, raw, detach_adjoints)):
+                rows[j] = row
         y = self.reduce_mean(torch.stack(rows))
         self._cache[key] = y
         return y
+
+    def _batched_rows(
+        self, rec: SolveRecord, js: list[int], raw: list[Tensor], detach_adjoints: bool
+    ) -> list[Tensor]:
+        """``y_k`` of the chain positions ``js`` (all in ``rec``) from its vectorized
+        evaluation: one VJP in the per-checkpoint parameter aliases."""
+        ev = rec.batched
+        assert ev is not None
+        cot = torch.zeros_like(ev.out)
+        for j in js:
+            a = raw[j].detach() if detach_adjoints else raw[j]
+            cot = cot.index_put((torch.tensor([self.owners[j][1]]),), a.unsqueeze(0))
+        grads = torch.autograd.grad(
+            ev.out, ev.aliases, cot, create_graph=True, retain_graph=True, allow_unused=True
+        )
+        where = {id(p): g for p, g in zip(ev.params, grads)}
+        out = []
+        for j in js:
+            k = self.owners[j][1]
+            parts = []
+            for p in self.params:
+                g = where.get(id(p))
+                parts.append(_zeros_like_flat(p) if g is None else g[k].reshape(-1))
+            out.append(torch.cat(parts))
+        return out
 
     # ------------------------------------------------------------------ skew
     def skew(self) -> Tensor:
