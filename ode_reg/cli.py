@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 
 def wandb_account_configured() -> bool:
@@ -111,6 +111,66 @@ def configure_threads() -> int:
     n = int(os.environ.get("ODE_REG_NUM_THREADS", "1"))
     torch.set_num_threads(n)
     return n
+
+
+_NOISE = re.compile(
+    r"^\s*(Does not validate against any of the Union subtypes|Subtypes: |Errors:|"
+    r"Given value( type)?: |- Expected a <class 'NoneType'>)"
+)
+
+
+def short_parse_error(message: str) -> str:
+    r"""One line for a jsonargparse error: the path to the refused key and the reason.
+
+    jsonargparse explains a wrong type inside nested classes with one paragraph per level
+    (each union alternative, each given value); the user needs the key and the reason.
+
+    Args:
+        message: the error message jsonargparse produced.
+
+    Returns:
+        ``"model (ode_reg.models.SequenceModel) > regularizers (...) > weight: reason"``, or
+        the message's first informative lines when it has no nested keys.
+
+    Example::
+
+        >>> short_parse_error('Parser key "model":\n  Problem with given class_path '
+        ...     "'ode_reg.models.SequenceModel':\n    Parser key \"lr\":\n"
+        ...     "      Expected a <class 'float'>. Got value: abc")
+        "model (ode_reg.models.SequenceModel) > lr: Expected a <class 'float'>. Got value: abc"
+    """
+    keep = [ln for ln in message.splitlines() if ln.strip() and not _NOISE.match(ln)]
+    path: list[str] = []
+    reason: str | None = None
+    for line in keep:
+        text = line.strip().lstrip("- ").strip()
+        key = re.match(r'^Parser key "([^"]+)":$', text)
+        cls = re.match(r"^Problem with given class_path '([^']+)':$", text)
+        if key:
+            path.append(key.group(1))
+        elif cls and path:
+            path[-1] += f" ({cls.group(1)})"
+        elif reason is None:
+            reason = text
+    if path and reason:
+        return f"{' > '.join(path)}: {reason}"
+    return "\n".join(ln.strip() for ln in keep[:6]) or message
+
+
+class ODERegArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser with a short error: one line naming the key, then the help hint."""
+
+    def error(self, message: str, ex: Exception | None = None):  # noqa: ANN201 - NoReturn
+        """Print ``ode-reg: error: <key path>: <reason>`` and the ``--help`` hint; exit 2."""
+        from jsonargparse import ArgumentParser
+
+        if not self.exit_on_error:
+            return ArgumentParser.error(self, message, ex)
+        words = self.prog.replace(" [options]", "").split()
+        prog = " ".join(["ode-reg", *words[1:]])  # also under `python -m ode_reg`
+        sys.stderr.write(f"ode-reg: error: {short_parse_error(message)}\n")
+        sys.stderr.write(f"  all options: {prog} --help\n")
+        sys.exit(2)
 
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)
@@ -338,6 +398,7 @@ def run(args: list[str] | None = None) -> ODERegCLI:
             subclass_mode_data=True,
             args=args,
             save_config_kwargs={"overwrite": True},
+            parser_class=ODERegArgumentParser,
         )
 
 

@@ -95,7 +95,10 @@ def fast_form(command: str, out: str) -> str | None:
         return f"{command} --help"
     if command.startswith("wandb sync "):
         return "wandb sync --help"
-    if re.match(r"^\.venv/bin/python scripts/readme_figures\.py \w+$", command):
+    if command == "bash scripts/refresh_readme.sh" or re.match(
+        r"^\.venv/bin/python scripts/readme_figures\.py \w+$", command
+    ):
+        # Both would rewrite the README; their read-only part compares it with the record.
         return ".venv/bin/python scripts/readme_figures.py check"
     return "UNKNOWN"
 
@@ -290,6 +293,25 @@ def test_bad_value_from_the_command_prints_a_few_lines_and_no_traceback(
     error = [ln for ln in lines if ln.startswith("ode-reg: error:")]
     assert error == ["ode-reg: error: AdjointMagnitude: `weight` must lie in [0.0, inf), got -1.0"]
     assert len(lines) <= 8, res.stderr
+    assert not list(tmp_path.rglob("offline-run-*"))
+
+
+def test_wrong_type_in_a_recipe_is_one_line_naming_the_key(
+    tmp_path: Path, offline_wandb: Path, capsys: pytest.CaptureFixture
+) -> None:
+    recipe = _bad_recipe(
+        tmp_path,
+        lambda c: c["model"]["init_args"]["regularizers"][0]["init_args"].update(weight="abc"),
+    )
+    with pytest.raises(SystemExit) as info:
+        run(["fit", "--config", str(recipe)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "ode-reg: error: model (ode_reg.models.SequenceModel) > regularizers "
+        "(ode_reg.AdjointMagnitude) > weight: Expected a <class 'float'>. Got value: abc",
+        "  all options: ode-reg fit --help",
+    ]
     assert not list(tmp_path.rglob("offline-run-*"))
 
 
