@@ -10,7 +10,7 @@ from ode_reg.callbacks import GradientNormMonitor, OrthogonalityMonitor, Spectru
 from ode_reg.dynamics import AntisymmetricODEFunc, OrthogonalFlow, SkewLinearODEFunc
 from ode_reg.functional import cayley, orthogonality_defect, scaled_cayley
 from ode_reg.metrics import MaxOrthogonalityDefect, MeanAdjointRatio, MeanSpectralAbscissa
-from ode_reg.module import RegularizedODEModule, StepRecord
+from ode_reg.module import RegularizedODEMixin, RegularizedODEModule, StepRecord
 from ode_reg.regularizers import (
     AdjointMagnitude,
     DirectionalConstraint,
@@ -46,6 +46,7 @@ __all__ = [
     "IntegrationError",
     "OrthogonalFlow",
     "Regularizer",
+    "RegularizedODEMixin",
     "RegularizedODEModule",
     "SensitivityMagnitude",
     "SkewJacobianPenalty",

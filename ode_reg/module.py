@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -67,32 +68,74 @@ def _evaluation_mode(active: Sequence[Regularizer]) -> bool | str:
     return "both" if True in modes else "full"
 
 
+def _detached(x: Any) -> Any:
+    if isinstance(x, Tensor):
+        return x.detach()
+    if isinstance(x, tuple):
+        return tuple(_detached(c) for c in x)
+    return x
+
+
+def _released(record: StepRecord) -> StepRecord:
+    """``record`` with every tensor detached from the step's autograd graph."""
+
+    def light(tr: Trajectory) -> Trajectory:
+        parts = tuple(light(p) for p in tr.parts)
+        out = dataclasses.replace(
+            tr,
+            states=_detached(tr.states),
+            solution=_detached(tr.solution),
+            weights=_detached(tr.weights),
+            parts=parts,
+            _field_at=None,
+        )
+        owners = getattr(tr, "owners", None)
+        if owners is not None:
+            index = {id(p): q for p, q in zip(tr.parts, parts)}
+            out.owners = tuple((index.get(id(p), p), k) for p, k in owners)  # type: ignore[attr-defined]
+        return out
+
+    return StepRecord(
+        [light(t) for t in record.trajectories],
+        [light(t) for t in record.groups],
+        [_detached(a) for a in record.adjoints],
+        [_detached(a) for a in record.sensitivities],
+        list(record.left_out),
+    )
+
+
 def _is_monitor(callback: object) -> bool:
     return type(callback).__module__.startswith("ode_reg.callbacks")
 
 
-class RegularizedODEModule(L.LightningModule):
-    """A LightningModule whose ``training_step`` loss gets the ode_reg terms added.
+class RegularizedODEMixin:
+    """The ode_reg plug-in as a mixin: ``class M(RegularizedODEMixin, LightningModule)`` for
+    either namespace (``lightning.LightningModule`` or ``pytorch_lightning.LightningModule``).
 
-    Replace ``torchdiffeq.odeint(func, y0, t, ...)`` by ``self.odeint(func, y0, t, ...)`` and
-    the base class ``LightningModule`` by this one; ``training_step`` stays as it is. In each
-    training step, the trajectories of all ``self.odeint`` calls are recorded (calls whose
-    states have the same shape are chained, as an ODE-RNN's steps are), the active
-    regularizers are evaluated on them, and their weighted sum is added to the returned loss.
-    Each term is logged as ``reg/<name>``, their sum as ``reg/total``. Validation and test steps
+    The loss ``training_step`` returns gets the weighted sum of the active terms added
+    (automatic optimization), or ``self.manual_backward(loss)`` adds the terms of the solves
+    recorded since the previous ``manual_backward`` call of the step (manual optimization; with
+    several optimizers, each call regularizes the solves made before it). Every
+    ``ode_reg.odeint`` / ``ode_reg.odeint_adjoint`` call made during the step — anywhere: a
+    submodule, a cell, a helper — is recorded, one torchdiffeq solve each; solves are chained by
+    data dependency (MATH.md). Each term is logged as ``reg/<name>``, their sum as
+    ``reg/total``. ``training_step`` may be defined anywhere in the class hierarchy (a mixin,
+    a parent); a ``super().training_step`` call adds the terms once. Validation and test steps
     are untouched.
 
     Args:
         regularizers: the loss terms, e.g. ``[AdjointMagnitude(0.1), SkewJacobianPenalty(0.01)]``.
         nonfinite: ``"skip"`` drops a term that is NaN/Inf on a step (the decision is collective
             under DDP), counts it and logs ``reg/skipped``; ``"raise"`` raises instead.
-        shared_backward: when the active terms need adjoints but none differentiates them
-            (``detach_adjoints=True``), take the task gradient of the module's parameters from
-            the same plain backward pass that gives the adjoints, and return a loss whose
-            backward adds it as a constant, instead of differentiating the task loss again in
-            Lightning's backward (same value, same gradient, one backward pass less; automatic
-            optimization only). Set ``False`` if the task loss must also send gradients to
-            tensors that are not parameters of this module.
+        shared_backward: opt-in. When the active terms need adjoints but none differentiates
+            them (``detach_adjoints=True``), take the task gradient of the module's parameters
+            from the plain backward pass that gives the adjoints, and return a loss whose
+            backward adds it as a constant (same value and gradient, one backward pass of the
+            task loss less; automatic optimization only). Caveats, why it is off by default:
+            a tensor hook on a parameter sees that gradient in two parts; the task loss sends
+            gradients to this module's parameters only; under 16-bit AMP the task gradient is
+            taken from the unscaled loss.
+        **kwargs: passed on to the LightningModule.
 
     Raises:
         ValueError: if ``nonfinite`` is not one of ``"skip"``, ``"raise"`` or an element of
@@ -101,13 +144,14 @@ class RegularizedODEModule(L.LightningModule):
     Example::
 
         >>> import torch
-        >>> from ode_reg import RegularizedODEModule, AdjointMagnitude
-        >>> class Model(RegularizedODEModule):
+        >>> import lightning as L
+        >>> from ode_reg import AdjointMagnitude, RegularizedODEMixin, odeint
+        >>> class Model(RegularizedODEMixin, L.LightningModule):
         ...     def __init__(self):
         ...         super().__init__(regularizers=[AdjointMagnitude(weight=0.1)])
         ...         self.field = torch.nn.Linear(2, 2)
         ...     def training_step(self, batch, batch_idx):
-        ...         z = self.odeint(lambda t, z: self.field(z), batch, torch.tensor([0.0, 1.0]))
+        ...         z = odeint(lambda t, z: self.field(z), batch, torch.tensor([0.0, 1.0]))
         ...         return z[-1].pow(2).mean()
         >>> Model().regularizers[0].name
         'adjoint_magnitude'
@@ -118,7 +162,7 @@ class RegularizedODEModule(L.LightningModule):
         regularizers: Sequence[Regularizer] = (),
         *,
         nonfinite: str = "skip",
-        shared_backward: bool = True,
+        shared_backward: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -144,9 +188,12 @@ class RegularizedODEModule(L.LightningModule):
     # ------------------------------------------------------------------ the plug-in contract
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        step = cls.__dict__.get("training_step")
+        # Wherever the MRO finds training_step (this class, a mixin, a parent): wrap it once.
+        step = getattr(cls, "training_step", None)
         if step is None or getattr(step, "_ode_reg_wrapped", False):
             return
+        if (getattr(step, "__module__", None) or "").startswith(("lightning.", "pytorch_lightning.")):
+            return  # Lightning's placeholder: leave "not implemented" to Lightning
 
         @functools.wraps(step)
         def training_step(self: RegularizedODEModule, *args: Any, **kw: Any) -> Any:
@@ -248,21 +295,77 @@ class RegularizedODEModule(L.LightningModule):
     def _log_term(self, name: str, value: Tensor, **kw: Any) -> None:
         self.log(name, value, on_step=True, batch_size=1, **kw)
 
-    def _add_regularization(self, out: Any, rec: StepRecorder) -> Any:
-        loss = out["loss"] if isinstance(out, dict) else out
-        records = rec.records
-        record = StepRecord([r.traj for r in records], [], [], [])
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """After the callbacks' ``on_train_batch_end`` (Lightning calls them first): keep the
+        step's record, but detached, so that the forward graph is freed now, not at the next
+        step (it is referenced by the recorded states until then).
+
+        Args:
+            outputs: the training step's outputs.
+            batch: the batch.
+            batch_idx: its index.
+        """
+        super().on_train_batch_end(outputs, batch, batch_idx)  # type: ignore[misc]
+        if self.ode_step is not None:
+            self.ode_step = _released(self.ode_step)
+
+    def _step_record(self, rec: StepRecorder) -> StepRecord:
+        record = getattr(rec, "step_record", None)
+        if record is None:
+            record = StepRecord([], [], [], [])
+            rec.step_record = record  # type: ignore[attr-defined]
+        record.trajectories = [r.traj for r in rec.records]
         self.ode_step = record
-        step = self.global_step
+        return record
+
+    def _add_regularization(self, out: Any, rec: StepRecorder) -> Any:
+        """After the user's ``training_step``: add the terms to the returned loss (automatic
+        optimization), or only record the step (manual optimization, where
+        ``manual_backward`` added them)."""
+        loss = out["loss"] if isinstance(out, dict) else out
+        record = self._step_record(rec)
+        pending = rec.records[getattr(rec, "consumed", 0) :]
         active = self._active()
-        if not isinstance(loss, Tensor) or not active:
-            if isinstance(loss, Tensor) and loss.requires_grad and records:
-                live = [r for r in records if r.node is not None]
+        if not self.automatic_optimization or not isinstance(loss, Tensor) or not active:
+            if isinstance(loss, Tensor) and loss.requires_grad and pending and not record.groups:
+                live = [r for r in pending if r.node is not None]
                 reached = reached_records(live, read_directly(loss, live))
                 record.groups = [chain([r.traj for r in c]) for c in build_chains(live, reached)]
                 record.adjoints = [None] * len(record.groups)
                 record.sensitivities = [None] * len(record.groups)
             return out
+        new_loss = self._regularized(loss, pending, record, rec)
+        if isinstance(out, dict):
+            return {**out, "loss": new_loss}
+        return new_loss
+
+    def manual_backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        """Lightning's ``manual_backward``, with the step's terms added to ``loss`` first.
+
+        Each call regularizes the solves recorded since the previous call in the same step
+        (with two optimizers and two backward passes, each pass gets the terms of its own
+        solves).
+
+        Args:
+            loss: the loss to backpropagate.
+            *args: passed to Lightning's ``manual_backward``.
+            **kwargs: passed to Lightning's ``manual_backward``.
+        """
+        rec = self._recorder
+        if rec is not None and isinstance(loss, Tensor) and self._active():
+            start = getattr(rec, "consumed", 0)
+            pending = rec.records[start:]
+            rec.consumed = len(rec.records)  # type: ignore[attr-defined]
+            if pending:
+                loss = self._regularized(loss, pending, self._step_record(rec), rec)
+        super().manual_backward(loss, *args, **kwargs)  # type: ignore[misc]
+
+    def _regularized(
+        self, loss: Tensor, records: Sequence[Any], record: StepRecord, rec: StepRecorder
+    ) -> Tensor:
+        """``loss`` plus the weighted active terms on ``records``; logs them, fills ``record``."""
+        step = self.global_step
+        active = self._active()
         own = [p for p in self.parameters() if p.requires_grad]
         for r in records:  # fields that are modules outside this one (rare)
             own.extend(p for p in r.traj.parameters() if all(p is not q for q in own))
@@ -311,11 +414,10 @@ class RegularizedODEModule(L.LightningModule):
         self._log_term("reg/total", total.detach(), on_epoch=True, sync_dist=True)
         skipped = sum(int(r.skipped) for r in self.regularizers)
         self._log_term("reg/skipped", float(skipped), on_epoch=False, reduce_fx="max")
-        record.groups = [ctx.trajectory for ctx in res.chains]
-        record.adjoints = [
+        record.groups.extend(ctx.trajectory for ctx in res.chains)
+        record.adjoints.extend(
             ctx.adjoints().detach() if res.adjoints is not None else None for ctx in res.chains
-        ]
-        record.sensitivities = []
+        )
         for ctx in res.chains:
             sens = next((v for k, v in ctx._cache.items() if isinstance(k, tuple)), None)
             record.sensitivities.append(None if sens is None else sens.detach())
@@ -327,6 +429,36 @@ class RegularizedODEModule(L.LightningModule):
             # computed, plus total's.
             linear = sum((p * g.detach()).sum() for p, g in zip(own, task_grads) if g is not None)
             new_loss = loss.detach() + total + (linear - linear.detach())
-        if isinstance(out, dict):
-            return {**out, "loss": new_loss}
         return new_loss
+
+
+class RegularizedODEModule(RegularizedODEMixin, L.LightningModule):
+    """A ``lightning.LightningModule`` with the ode_reg plug-in (:class:`RegularizedODEMixin`).
+
+    Converting a project: ``from torchdiffeq import odeint`` -> ``from ode_reg import odeint``
+    and the base class ``LightningModule`` -> ``RegularizedODEModule``; ``training_step`` stays
+    as it is.
+
+    Args:
+        regularizers: the loss terms.
+        nonfinite: ``"skip"`` or ``"raise"`` (see :class:`RegularizedODEMixin`).
+        shared_backward: opt-in shared backward (see :class:`RegularizedODEMixin`).
+        **kwargs: passed on to ``LightningModule``.
+
+    Raises:
+        ValueError: as :class:`RegularizedODEMixin`.
+
+    Example::
+
+        >>> import torch
+        >>> from ode_reg import RegularizedODEModule, AdjointMagnitude, odeint
+        >>> class Model(RegularizedODEModule):
+        ...     def __init__(self):
+        ...         super().__init__(regularizers=[AdjointMagnitude(weight=0.1)])
+        ...         self.field = torch.nn.Linear(2, 2)
+        ...     def training_step(self, batch, batch_idx):
+        ...         z = odeint(lambda t, z: self.field(z), batch, torch.tensor([0.0, 1.0]))
+        ...         return z[-1].pow(2).mean()
+        >>> Model().regularizers[0].name
+        'adjoint_magnitude'
+    """
