@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ __all__ = [
     "near_zero",
     "plot_cadence",
     "print_summary",
+    "process_age",
     "run_dir",
 ]
 
@@ -182,6 +184,28 @@ def near_zero(value: float, scale: float | None, eps: float) -> bool:
     return abs(value) <= ZERO_ULPS * eps * s
 
 
+def process_age() -> float | None:
+    """Seconds since this process started (Linux ``/proc``), or ``None`` elsewhere.
+
+    The summary's ``process_s``: start-up (imports) included, unlike ``wall_s``.
+
+    Example::
+
+        >>> age = process_age()
+        >>> age is None or age > 0
+        True
+    """
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        # Field 22 (starttime, in clock ticks since boot); the command name (field 2) may
+        # hold spaces, so count from its closing parenthesis.
+        start_ticks = int(stat[stat.rindex(")") + 2 :].split()[19])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
 def _scalar(metrics: dict[str, Any], *keys: str) -> float | None:
     for key in keys:
         if key in metrics:
@@ -292,7 +316,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         add("regularizer total (last epoch)", _g3(s["reg_total"]))
     add("epochs / steps", f"{s['epochs']} / {s['steps']}")
     if s.get("wall_s") is not None:
-        add("wall time (fit + test)", f"{s['wall_s']:.0f} s")
+        text = f"{s['wall_s']:.0f} s"
+        if s.get("process_s") is not None:
+            text += f" ({s['process_s']:.0f} s since the command started)"
+        add("wall time (fit + test)", text)
     add("run folder", str(s["run_dir"]))
     ckpt = s.get("checkpoints")
     if ckpt:
@@ -375,6 +402,7 @@ def print_summary(
         "reg_total": _scalar(metrics, "reg/total_epoch", "reg/total"),
         "float_eps": _model_eps(model),
         "wall_s": wall_s,
+        "process_s": process_age(),
         "run_dir": str(folder),
         "checkpoints": _checkpoints(trainer, folder),
         "plot_cadence": plot_cadence(trainer),

@@ -79,6 +79,11 @@ def figures(record: dict[str, Any]) -> dict[str, str]:
         "adjoint_ratio": _g3(record["adjoint_ratio_max_min"]),
         "first_last": f"{first / last:.2g}" if first / last < 100 else f"{first / last:.0f}",
         "wall_s": f"{record['wall_s']:.0f} s",
+        "startup_s": (
+            f"{record['process_s'] - record['wall_s']:.0f} s"
+            if record.get("process_s") is not None
+            else "a few seconds"
+        ),
         "epochs": str(record["epochs"]),
         "steps": str(record["steps"]),
         "plot_cadence": str(record.get("plot_cadence")),
