@@ -165,3 +165,64 @@ def test_jacobian_ritz_values_of_a_row_wise_field_match_dense():
 def test_bad_arguments_raise_value_error_naming_the_argument(call, argname):
     with pytest.raises(ValueError, match=f"`{argname}`"):
         call()
+
+
+# --------------------------------------------------------------------------- in the monitor
+
+
+class TimeField(torch.nn.Module):
+    """``tanh(z W^T + t b)``: the field differs between checkpoints."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(7)
+        self.w = torch.nn.Parameter(torch.randn(3, 3, generator=g, dtype=F64))
+        self.b = torch.nn.Parameter(torch.randn(3, generator=g, dtype=F64))
+
+    def forward(self, t, z):
+        return torch.tanh(z @ self.w.T + t * self.b)
+
+
+@pytest.mark.parametrize(
+    ("field", "input_dim", "alone", "same"),
+    [
+        ("tanh", None, True, True),  # rows alone, one Arnoldi run for all checkpoints
+        ("time", None, True, False),  # rows alone, one run per checkpoint
+        ("held", 2, False, False),  # a per-sample held input: the whole batch
+    ],
+)
+def test_monitor_krylov_paths_match_dense(field, input_dim, alone, same):
+    from test_callbacks import Model, TanhField, fit, metric
+
+    from ode_reg.callbacks import SpectrumMonitor
+    from ode_reg.callbacks.spectrum import _flat_field, _rows_alone, _same_field
+    from ode_reg.dynamics import AntisymmetricODEFunc
+
+    def make():
+        torch.manual_seed(0)
+        f = {
+            "tanh": TanhField,
+            "time": TimeField,
+            "held": lambda: AntisymmetricODEFunc(3, gamma=0.1, input_dim=2).double(),
+        }[field]()
+        return Model(f, input_dim=input_dim)
+
+    logged = {}
+    for method in ("dense", "krylov"):
+        mon = SpectrumMonitor(every_n_steps=1, num_samples=2, method=method, krylov_dim=3)
+        model = make()
+        trainer = fit(model, [mon])
+        logged[method] = [
+            metric(trainer, k)
+            for k in ("spectrum/abscissa", "spectrum/abscissa_mean", "spectrum/radius")
+        ]
+        assert mon.last_methods == [method]
+    assert logged["krylov"] == pytest.approx(logged["dense"], rel=1e-9, abs=1e-12)
+    chain = model.ode_step.groups[0]
+    parts = []
+    for k in (0, chain.num_checkpoints - 1):
+        flat, f = _flat_field(chain, k)
+        assert _rows_alone(f, chain.times[k], flat, [0, 7]) is alone
+        parts.append((f, chain.times[k], flat[[0, 7]], None))
+    if alone:
+        assert _same_field(parts) is same

@@ -100,6 +100,48 @@ def _sampled_jacobians(traj: Trajectory, k: int, rows: list[int]) -> Tensor:
     return torch.stack(cols, dim=1).detach()
 
 
+def _rows_alone(field: Any, t: Tensor, flat: Tensor, rows: list[int]) -> bool:
+    """Whether the field evaluated on the rows ``rows`` alone gives those rows of its value on
+    the whole batch (it does for a row-wise field without per-sample held inputs; a held input
+    of the whole batch fails to broadcast or changes the shape, and the batch is kept)."""
+    with torch.no_grad():
+        try:
+            part = field(t, flat[rows])
+        except Exception:  # noqa: BLE001 - e.g. a held per-sample input of the whole batch
+            return False
+        if not isinstance(part, Tensor) or part.shape != (len(rows), flat.shape[1]):
+            return False
+        whole = field(t, flat)[rows]
+    return _close(part, whole)
+
+
+def _close(a: Tensor, b: Tensor) -> bool:
+    """Equal up to the rounding of a reordered float sum (a wrong held input is off by O(1))."""
+    tol = 1e-8 if a.dtype == torch.float64 else 1e-3
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    return bool(torch.allclose(a, b, rtol=tol, atol=tol * scale))
+
+
+def _same_field(parts: list[tuple[Any, Tensor, Tensor, Any]]) -> bool:
+    """Whether the fields of several checkpoints agree on all their sampled states."""
+    if len(parts) < 2:
+        return True
+    stacked = torch.cat([p[2] for p in parts])
+    with torch.no_grad():
+        try:
+            ref = parts[0][0](parts[0][1], stacked)
+            scale = 1e-6 * float(ref.abs().max())
+            for field, t, _, _ in parts[1:]:
+                other = field(t, stacked)
+                if other.shape != ref.shape or not torch.allclose(
+                    other, ref, rtol=1e-5, atol=scale
+                ):
+                    return False
+        except Exception:  # noqa: BLE001 - a field that takes no stacked batch: keep them apart
+            return False
+    return True
+
+
 def _skew_matrices(pl_module: torch.nn.Module) -> list[Tensor]:
     from ode_reg.dynamics import AntisymmetricODEFunc, SkewLinearODEFunc
 
@@ -271,20 +313,35 @@ class SpectrumMonitor(PreStepMonitor):
             return self.method
         return "dense" if d <= self.dense_max_dim else "krylov"
 
-    def _jacobian_eigs(self, traj: Trajectory, k: int, rows: list[int]) -> tuple[Tensor, str]:
-        flat, field = _flat_field(traj, k)
-        method = self._method_for(flat.shape[1])
+    def _chain_eigs(self, traj: Trajectory) -> tuple[list[Tensor], str]:
+        """Eigenvalues (or Ritz values) of the sampled Jacobians of one chained trajectory."""
+        ks = _spread(traj.num_checkpoints, self.num_checkpoints)
+        d = _flat_field(traj, ks[0])[0].shape[1]
+        method = self._method_for(d)
         if method == "dense":
-            return torch.linalg.eigvals(_sampled_jacobians(traj, k, rows)), method
-        ritz = jacobian_ritz_values(
-            field,
-            traj.times[k],
-            flat,
-            rows,
-            krylov_dim=self.krylov_dim,
-            restarts=self.restarts,
-        )
-        return ritz, method
+            eigs = []
+            for k in ks:
+                z = traj.states[k]
+                rows = _spread(z.shape[0] if z.dim() > 1 else 1, self.num_samples)
+                eigs.append(torch.linalg.eigvals(_sampled_jacobians(traj, k, rows)))
+            return eigs, method
+        # Krylov: the field on the sampled rows alone where it allows it (the products then
+        # cost n / B of the batch's), and, if every sampled checkpoint has the same field (an
+        # autonomous field without held inputs), all checkpoints' rows in one Arnoldi run, so
+        # that each product reads the weights once for all of them.
+        parts = []
+        for k in ks:
+            flat, field = _flat_field(traj, k)
+            rows = _spread(flat.shape[0], self.num_samples)
+            t = traj.times[k]
+            alone = len(rows) == flat.shape[0] or _rows_alone(field, t, flat, rows)
+            parts.append((field, t, flat[rows] if alone else flat, None if alone else rows))
+        kw = {"krylov_dim": self.krylov_dim, "restarts": self.restarts}
+        if all(p[3] is None for p in parts) and _same_field(parts):
+            stacked = torch.cat([p[2] for p in parts])
+            ritz = jacobian_ritz_values(parts[0][0], parts[0][1], stacked, **kw)
+            return list(ritz.split([p[2].shape[0] for p in parts])), method
+        return [jacobian_ritz_values(f, t, z, rows, **kw) for f, t, z, rows in parts], method
 
     def measure(self, pl_module: pl.LightningModule) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """Compute the spectra now (rank-local): ``(scalars, eigenvalues)``.
@@ -302,11 +359,8 @@ class SpectrumMonitor(PreStepMonitor):
             if record is not None:
                 chains = getattr(record, "chains", None) or record.groups
                 for traj in chains:
-                    for k in _spread(traj.num_checkpoints, self.num_checkpoints):
-                        z = traj.states[k]
-                        rows = _spread(z.shape[0] if z.dim() > 1 else 1, self.num_samples)
-                        eigs, method = self._jacobian_eigs(traj, k, rows)
-                        jac_eigs.append(eigs)
+                    eigs, method = self._chain_eigs(traj)
+                    jac_eigs.extend(eigs)
                     methods.append(method)
         self.last_methods = methods
         with torch.no_grad():

@@ -201,14 +201,14 @@ def _start_vectors(d: int, count: int, dtype: torch.dtype, device: torch.device)
 
 
 def _orthogonalize(w: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
-    """Classical Gram-Schmidt twice (CGS2), batched over rows: ``w (n, d)``, ``basis (j, n, d)``.
+    """Classical Gram-Schmidt twice (CGS2), batched over rows: ``w (n, d)``, ``basis (n, j, d)``.
 
-    Returns the projected-out ``w`` and the coefficients ``(j, n)``.
+    Returns the projected-out ``w`` and the coefficients ``(n, j)``.
     """
-    h = torch.einsum("jnd,nd->jn", basis, w)
-    w = w - torch.einsum("jn,jnd->nd", h, basis)
-    h2 = torch.einsum("jnd,nd->jn", basis, w)
-    return w - torch.einsum("jn,jnd->nd", h2, basis), h + h2
+    h = (basis @ w[:, :, None])[..., 0]
+    w = w - (h[:, None, :] @ basis)[:, 0]
+    h2 = (basis @ w[:, :, None])[..., 0]
+    return w - (h2[:, None, :] @ basis)[:, 0], h + h2
 
 
 def _unit(w: Tensor) -> Tensor:
@@ -231,17 +231,17 @@ def _next_direction(w: Tensor, basis: Tensor, fresh: Tensor) -> Tensor:
     return _unit(w)
 
 
-def _kept_coordinates(theta: Tensor, vecs: Tensor, k: int) -> Tensor:
-    """Orthonormal real coordinates ``(n, m, 4k)`` spanning the wanted Ritz vectors, per row.
+def _kept_coordinates(theta: Tensor, vecs: Tensor, k: int, q: int) -> Tensor:
+    """Orthonormal real coordinates ``(n, m, q)`` spanning the wanted Ritz vectors, per row.
 
     Wanted: the ``k`` rightmost and the ``k`` largest-modulus Ritz values, one of each
     conjugate pair; their Ritz vectors' real and imaginary parts are spanned (an SVD of
     the masked coordinates, which depends only on that span, so that a row's result does not
-    depend on rounding elsewhere in the batch). Where the span has fewer than ``4k``
-    dimensions, coordinate vectors of the last Krylov directions, orthogonalized, fill up.
+    depend on rounding elsewhere in the batch), at most ``q`` directions. Where the span has
+    fewer than ``q`` dimensions, coordinate vectors of the last Krylov directions,
+    orthogonalized, fill up.
     """
     n, m = theta.shape
-    q = 4 * k
     upper = theta.imag >= -1e-12 * theta.abs().amax(dim=1, keepdim=True)
     low = torch.finfo(theta.real.dtype).min
     wanted = torch.zeros_like(upper)
@@ -318,33 +318,42 @@ def krylov_eigvals(
     check_int("restarts", restarts, 0)
     n, d = start.shape
     m = min(krylov_dim, d)
-    if m == d:
-        restarts = 0  # the whole space: exact after one cycle
+    if m == d or m < 3:
+        restarts = 0  # the whole space (exact after one cycle), or no room to restart
     k = max(1, m // 8)
+    kept = min(4 * k, m - 1)
     fresh = _start_vectors(d, m + 1, start.dtype, start.device)
-    basis = [_unit(start)]
-    images = [matvec(basis[0])]
+    vs = start.new_zeros(n, m, d)  # orthonormal basis rows v_j
+    avs = start.new_zeros(n, m, d)  # their images A v_j
+    vs[:, 0] = _unit(start)
+    avs[:, 0] = matvec(vs[:, 0])
+    j = 1
     for cycle in range(restarts + 1):
-        while len(basis) < m:
-            v = _next_direction(images[-1], torch.stack(basis), fresh[len(basis)])
-            basis.append(v)
-            images.append(matvec(v))
-        vs, avs = torch.stack(basis, dim=1), torch.stack(images, dim=1)  # (n, m, d)
-        proj = torch.einsum("nad,nbd->nab", vs, avs).double()  # V^T A V
+        while j < m:
+            vs[:, j] = _next_direction(avs[:, j - 1], vs[:, :j], fresh[j])
+            avs[:, j] = matvec(vs[:, j])
+            j += 1
+        proj = (vs @ avs.mT).double()  # V^T A V: [a, b] = v_a . A v_b
         theta, vecs = torch.linalg.eig(proj)
         if cycle == restarts:
             if not return_residuals:
                 return theta
             # |A y - theta y| of each unit Ritz vector y = V s, from the stored products.
             s = vecs.to(torch.promote_types(vs.dtype, torch.complex64))
-            ay = torch.einsum("nmq,nmd->nqd", s, avs.to(s.dtype))
-            y = torch.einsum("nmq,nmd->nqd", s, vs.to(s.dtype))
+            ay = s.mT @ avs.to(s.dtype)
+            y = s.mT @ vs.to(s.dtype)
             res = (ay - theta.to(s.dtype)[:, :, None] * y).norm(dim=2)
             return theta, res.real.double() / y.norm(dim=2).real.double().clamp_min(1e-300)
-        residual = _next_direction(images[-1], vs.transpose(0, 1), fresh[m])
-        coef = _kept_coordinates(theta, vecs, k).to(vs.dtype)  # (n, m, 4k)
-        basis = [*torch.einsum("nmq,nmd->qnd", coef, vs), residual]
-        images = [*torch.einsum("nmq,nmd->qnd", coef, avs), matvec(residual)]
+        residual = _next_direction(avs[:, m - 1], vs, fresh[m])
+        coef = _kept_coordinates(theta, vecs, k, kept).to(vs.dtype)  # (n, m, kept)
+        q = coef.shape[2]
+        kept_v, kept_av = coef.mT @ vs, coef.mT @ avs
+        vs = torch.zeros_like(vs)
+        avs = torch.zeros_like(avs)
+        vs[:, :q], avs[:, :q] = kept_v, kept_av
+        vs[:, q] = residual
+        avs[:, q] = matvec(residual)
+        j = q + 1
     raise AssertionError("unreachable")  # pragma: no cover
 
 
