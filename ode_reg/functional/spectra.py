@@ -371,8 +371,9 @@ def jacobian_ritz_values(
     The eigenvalues of ``J_i`` are those of ``J_i^T``, and the rows of one vector-Jacobian
     product ``v^T df/dz`` of a row-wise field on the whole batch are ``J_i^T v_i``: the field
     is evaluated once, and each Arnoldi step is one ``torch.autograd.grad`` through that
-    graph, for all sampled rows together. Cost: ``(restarts + 1) * krylov_dim`` backward
-    passes of the field on the batch, instead of ``d`` backward passes and a dense
+    graph, for all sampled rows together. Cost: one backward pass of the field on the batch
+    per product, ``krylov_dim + restarts * (krylov_dim - 4 (krylov_dim // 8))`` of them (64
+    with the defaults), instead of ``d`` backward passes and a dense
     ``O(d^3)`` eigendecomposition per sample (:func:`jacobian_eigvals`). Accuracy: see
     :func:`krylov_eigvals` (extreme Ritz values; for a normal Jacobian the estimated abscissa
     and radius are lower bounds that converge to the true values).

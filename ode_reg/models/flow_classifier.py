@@ -27,6 +27,10 @@ class FlowClassifier(RegularizersInCheckpoint, RegularizedODEModule):
     ``z(T) = Q_T z(0)``, linear in ``x``: it classifies no better than a linear classifier
     (MATH.md), whereas the antisymmetric field is nonlinear.
 
+    Checkpoints carry the regularizers (class, arguments, counters, probe seeds):
+    ``FlowClassifier.load_from_checkpoint(path)`` rebuilds them and loads strictly (see
+    :class:`~ode_reg.models._checkpoint.RegularizersInCheckpoint`).
+
     Args:
         input_dim: input features, ``>= 1``.
         num_classes: classes, ``>= 2``.

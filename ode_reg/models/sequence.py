@@ -29,6 +29,10 @@ class SequenceModel(RegularizersInCheckpoint, RegularizedODEModule):
     The per-step trajectories are chained, so the regularizers and monitors see one trajectory
     over the whole sequence (``T + 1`` checkpoints).
 
+    Checkpoints carry the regularizers (class, arguments, counters, probe seeds):
+    ``SequenceModel.load_from_checkpoint(path)`` rebuilds them and loads strictly (see
+    :class:`~ode_reg.models._checkpoint.RegularizersInCheckpoint`).
+
     Args:
         input_dim: features per sequence step, ``>= 1``.
         output_dim: classes (``classification``/``sequence``) or outputs (``regression``).
