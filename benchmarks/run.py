@@ -442,21 +442,25 @@ def _raise(*args: Any, **kwargs: Any) -> Any:
 #: Fast paths switched off one at a time (module attribute -> replacement).
 ABLATIONS: dict[str, dict[str, Any]] = {
     "all fast paths": {},
-    "integrate: odeint per interval": {"ode_reg.trajectory._steps_directly": lambda *a: False},
-    "sensitivities: direct (_through_state)": {
-        "ode_reg.adjoint._sensitivities_batched": lambda *a: None
+    "sensitivities: per checkpoint (no vmap)": {
+        "ode_reg.recording.StepRecorder._batched": lambda *a: None
     },
-    "sensitivities: aliases, loop over k": {"ode_reg.adjoint._sensitivities_vmap": _raise},
-    "skew: loop over k": {"ode_reg._batched.skew_sum_vmap": _raise},
-    "shared backward off (two backwards)": {
-        "ode_reg.module._use_shared_backward": lambda *a: False
+    "adjoint term: always the extra VJP": {
+        "ode_reg.terms.ChainContext._reads_only_the_end": lambda *a: False
+    },
+    "shared backward on (opt-in)": {
+        "ode_reg.module._use_shared_backward": lambda module, active: (
+            module.automatic_optimization
+            and any(r.needs_adjoints for r in active)
+            and not any(r.needs_differentiable_adjoints for r in active)
+        )
     },
 }
 #: All of the above at once: the direct implementation.
 ABLATIONS["all fast paths off (direct)"] = {
     path: value
     for name, patch in ABLATIONS.items()
-    if name != "sensitivities: aliases, loop over k"
+    if name != "shared backward on (opt-in)"
     for path, value in patch.items()
 }
 
@@ -467,7 +471,11 @@ def _patched(replacements: dict[str, Any]):
     try:
         for path, value in replacements.items():
             module, name = path.rsplit(".", 1)
-            mod = importlib.import_module(module)
+            try:
+                mod = importlib.import_module(module)
+            except ModuleNotFoundError:  # a class attribute: module.Class.name
+                parent, cls = module.rsplit(".", 1)
+                mod = getattr(importlib.import_module(parent), cls)
             saved.append((mod, name, getattr(mod, name)))
             setattr(mod, name, value)
         yield
