@@ -398,7 +398,16 @@ def test_skew_term_of_a_linear_field_is_T2_sym_M_over_d():
 
 
 @pytest.mark.parametrize(
-    "name", ["ode_block", "dopri5_100_all", "not_last", "no_grad_rollout", "closure_loop"]
+    "name",
+    [
+        "ode_block",
+        "dopri5_100_all",
+        "not_last",
+        "no_grad_rollout",
+        "closure_loop",
+        "latent_ode",
+        "branches",
+    ],
 )
 def test_terms_are_finite_and_train(name):
     regs = [
@@ -700,3 +709,42 @@ def test_vectorized_field_evaluation_equals_the_per_checkpoint_one(monkeypatch):
     assert torch.allclose(out[False][0], out[True][0], rtol=1e-12)
     for a, b in zip(out[False][1], out[True][1]):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-14)
+
+
+def test_tuple_state_under_odeint_adjoint_with_the_skew_term():
+    """Tuple states under odeint_adjoint: the adjoint-based terms are refused (short message);
+    the skew term is finite, positive, and trains (its probes act on the concatenated state)."""
+    plain, conv = _pair("tuple_adjoint", [AdjointMagnitude(0.1)])
+    with pytest.raises(ValueError, match="odeint_adjoint cannot be used"):
+        conv.training_step(_batch("tuple_adjoint"), 0)
+    plain, conv = _pair("tuple_adjoint", [SkewJacobianPenalty(0.1, seed=0)])
+    l0, _, n0 = _step(plain, "tuple_adjoint")
+    l1, g1, n1 = _step(conv, "tuple_adjoint")
+    traj = conv.ode_step.trajectories[0]
+    # torchdiffeq's own forward and adjoint-backward evaluations, plus one evaluation per
+    # checkpoint for the probes (made during the call)
+    assert n1 == n0 + traj.num_checkpoints
+    assert traj.stats.nfe + traj.stats.nfe_backward == n0
+    assert float(l1) > float(l0) and all(torch.isfinite(g).all() for g in g1)
+    assert traj.shapes is not None and traj.states[0].shape == (4 * 2 + 4 * 2,)
+    assert traj.stats.nfe_backward > 0
+
+
+def test_event_fn_is_passed_through_and_recorded():
+    z0 = torch.tensor([[1.0, 0.0]], requires_grad=True)
+
+    def field(t, z):
+        return torch.stack([z[:, 1], -z[:, 0]], dim=1)
+
+    def event(t, z):
+        return z[..., 0].sum() + 0.5  # z_0 = cos t reaches -0.5 at t = 2 pi / 3
+
+    t = torch.tensor([0.0, 5.0])
+    ref_t, ref = torchdiffeq.odeint(field, z0, t, event_fn=event)
+    rec = ode_reg.recording.StepRecorder(adjoint_inputs=True)
+    with rec.active():
+        ev_t, sol = ode_reg.odeint(field, z0, t, event_fn=event)
+    assert torch.equal(ev_t, ref_t) and torch.equal(sol, ref)
+    assert abs(float(ev_t) - 2.0943951) < 1e-4
+    traj = rec.records[0].traj
+    assert torch.equal(traj.event_t, ev_t) and float(traj.times[-1]) == pytest.approx(float(ev_t))
