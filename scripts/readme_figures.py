@@ -87,6 +87,12 @@ def figures(record: dict[str, Any]) -> dict[str, str]:
         "epochs": str(record["epochs"]),
         "steps": str(record["steps"]),
         "plot_cadence": str(record.get("plot_cadence")),
+        # The monitors plot on the steps s with (s + 1) % cadence == 0 (Lightning's convention).
+        "last_plot_step": (
+            str(record["steps"] // record["plot_cadence"] * record["plot_cadence"] - 1)
+            if record.get("plot_cadence")
+            else "?"
+        ),
         "machine": record.get("recorded", {}).get("machine", "unknown machine"),
     }
     return out
