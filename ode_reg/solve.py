@@ -63,7 +63,7 @@ def odeint(
     kw = {"rtol": rtol, "atol": atol, "method": method, "options": options, "event_fn": event_fn}
     _check_checkpoints(checkpoints, t)
     rec = current_recorder()
-    if rec is None:
+    if rec is None and not hasattr(func, "ode_reg_integrate"):
         return torchdiffeq.odeint(func, y0, t, **kw)
     return _recorded(rec, func, y0, t, checkpoints, False, kw)
 
@@ -151,7 +151,7 @@ def _check_checkpoints(checkpoints: Any, t: Any) -> None:
 
 
 def _recorded(
-    rec: StepRecorder,
+    rec: StepRecorder | None,
     func: Callable[..., Any],
     y0: Any,
     t: Tensor,
@@ -160,7 +160,9 @@ def _recorded(
     kw: dict[str, Any],
 ) -> Any:
     solve = torchdiffeq.odeint_adjoint if adjoint else torchdiffeq.odeint
-    if not torch.is_grad_enabled():
+    if rec is None:  # a field that integrates itself (OrthogonalFlow's Lie steps), unrecorded
+        return integrate(func, y0, t, checkpoints=checkpoints, **_drop_none(kw)).ys
+    if not torch.is_grad_enabled() and not hasattr(func, "ode_reg_integrate"):
         rec.warn(
             "no_grad",
             "ode_reg: a solve ran without grad inside a training step; the loss cannot reach "
@@ -181,7 +183,12 @@ def _recorded(
         adjoint=adjoint,
         **{k: v for k, v in kw.items() if k != "event_fn" or v is not None},
     )
-    rec.record(traj)
+    if torch.is_grad_enabled():
+        rec.record(traj)
     if traj.event_t is not None:
         return traj.event_t, traj.solution
-    return traj.solution
+    return traj.ys
+
+
+def _drop_none(kw: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in kw.items() if v is not None}
