@@ -6,12 +6,15 @@ pre-hook on the field) and wall-time ratios, for the plain torchdiffeq module, t
 module with no active term, with ``AdjointMagnitude``, and with the headline exact terms
 (adjoint + sensitivity + directional).
 
-Run: ``python -m benchmarks.dropin [--rounds 15]`` (prints a table; about 1-2 minutes).
+NFE counts calls of the field's ``forward``: the sensitivity terms' evaluation of the field at
+all checkpoints of a solve is one vectorized call. Run: ``python -m benchmarks.dropin
+[--rounds 15]`` (about 2-4 minutes; writes ``benchmarks/results/dropin.md``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import warnings
 
 import torch
@@ -69,11 +72,14 @@ def make(solve, regularizers, case: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--out", default="benchmarks/results/dropin.md", help="markdown table")
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message=".*self.trainer. reference is not registered")
-    print("| case | variant | NFE per step | NFE / torchdiffeq | time / torchdiffeq |")
-    print("|---|---|---|---|---|")
+    lines = [
+        "| case | variant | NFE per step | NFE / torchdiffeq | time / torchdiffeq |",
+        "|---|---|---|---|---|",
+    ]
     for case in ("dopri5", "dopri5_100", "rk4"):
         variants = {
             "torchdiffeq": make(torchdiffeq.odeint, [], case),
@@ -92,10 +98,15 @@ def main() -> None:
         nfe = {name: fn() for name, fn in variants.items()}
         times = alternate(variants, args.rounds, baseline="torchdiffeq")
         for name in variants:
-            print(
+            lines.append(
                 f"| {case} | {name} | {nfe[name]} | {nfe[name] / nfe['torchdiffeq']:.3f} | "
                 f"{times[name]['paired']:.3f} |"
             )
+            print(lines[-1], flush=True)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    print(f"written: {args.out}")
 
 
 if __name__ == "__main__":
