@@ -81,7 +81,8 @@ def fast_form(command: str, out: str) -> str | None:
     if command == "source .venv/bin/activate":
         return None  # run before every command
     if command.startswith("bash scripts/main_job.sh"):
-        return f"{command} {fast}"
+        cpu = " ".join(f"{k} {v}" for k, v in _GPU.items() if k in words)
+        return " ".join(x for x in (command, cpu, fast) if x)
     if command.startswith("bash scripts/test.sh"):
         return "bash scripts/test.sh --version"
     if re.match(r"^(\.venv/bin/)?(ode-reg|python -m ode_reg) ", command):
@@ -93,6 +94,11 @@ def fast_form(command: str, out: str) -> str | None:
         return "torchrun --help"
     if re.match(r"^python (recipes/\w+\.py|-m benchmarks)$", command):
         return f"{command} --help"
+    if m := re.match(r"^python -m (benchmarks\.\w+)$", command):
+        # A benchmark module without --help (it would run): it must import from the shell.
+        return f'python -c "import {m.group(1)}"'
+    if m := re.match(r"^(?:\.venv/bin/)?python -m pytest(?: .*)?$", command):
+        return "python -m pytest --version"
     if command.startswith("wandb sync "):
         return "wandb sync --help"
     if command == "bash scripts/refresh_readme.sh" or re.match(
@@ -120,6 +126,13 @@ def merged_training_commands(commands: list[str]) -> list[str]:
         flags = merged.setdefault(m.group(1), {})
         pairs = words[4:]
         flags.update(zip(pairs[::2], pairs[1::2], strict=True))
+    # scripts/main_job.sh is `ode-reg fit --config recipes/digits.yaml "$@"`: the digits
+    # commands' flags ride on it.
+    main = "bash scripts/main_job.sh"
+    if main in others and "recipes/digits.yaml" in merged:
+        assert "--config recipes/digits.yaml" in (ROOT / "scripts" / "main_job.sh").read_text()
+        flags = merged.pop("recipes/digits.yaml")
+        others[others.index(main)] = " ".join([main, *(f"{k} {v}" for k, v in flags.items())])
     out = [
         " ".join(["ode-reg fit --config", config, *(f"{k} {v}" for k, v in flags.items())])
         for config, flags in merged.items()
@@ -472,6 +485,7 @@ def test_summary_json_of_a_run_lists_latest_plots_and_cadence(
     assert summary["plot_cadence"] == 100 and summary["latest_plots"] == {}
     assert "none yet: the monitors plot every 100 steps and this run" in out
     assert summary["wall_s"] is not None and summary["wall_s"] > 0
+    assert Path(summary["checkpoints"]["dir"]).is_dir() and summary["checkpoints"]["dir"] in out
     assert format_summary(summary) in out
 
 
@@ -483,6 +497,12 @@ def test_training_commands_merge_by_recipe() -> None:
         "ode-reg fit --config recipes/digits.yaml --trainer.devices 4 --trainer.max_epochs 2",
         "ode-reg fit --help",
     ]
+    assert merged_training_commands([*commands, "bash scripts/main_job.sh"])[-1:] == [
+        "ode-reg fit --config recipes/adding.yaml --trainer.max_epochs 5"
+    ]
+    assert merged_training_commands([*commands, "bash scripts/main_job.sh"])[1] == (
+        "bash scripts/main_job.sh --trainer.max_epochs 2 --trainer.devices 4"
+    )
     assert merged_training_commands(commands) == [
         "ode-reg fit --help",
         "ode-reg fit --config recipes/digits.yaml --trainer.max_epochs 2 --trainer.devices 4",
