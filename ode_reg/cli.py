@@ -11,6 +11,7 @@ place in the configuration and the accepted range (:class:`ConfigError`).
 
 from __future__ import annotations
 
+import logging
 import netrc
 import os
 import re
@@ -94,6 +95,26 @@ def ensure_logger_available(trainer: L.Trainer) -> None:
             except Exception as exc:  # wandb raises many error types on init failure
                 _fallback_logger(trainer, f"wandb.init failed: {type(exc).__name__}: {exc}")
                 return
+
+
+class _DropLightningTips(logging.Filter):
+    """Drops Lightning's "💡 Tip: try installing ..." advertisements (two per run)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("💡 Tip:")
+
+
+def quiet_lightning_tips() -> None:
+    """Leave Lightning's "💡 Tip" lines (suggestions to install other packages) out of a run.
+
+    Example::
+
+        >>> quiet_lightning_tips()  # idempotent
+    """
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropLightningTips) for f in log.filters):
+            log.addFilter(_DropLightningTips())
 
 
 def configure_threads() -> int:
@@ -381,6 +402,7 @@ def run(args: list[str] | None = None) -> ODERegCLI:
     """
     configure_wandb_mode()
     configure_threads()
+    quiet_lightning_tips()
     # Lightning 2.x calls a torch.utils._pytree API that torch 2.13 deprecates, on every
     # evaluation loop; nothing a user of ode-reg can change.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
