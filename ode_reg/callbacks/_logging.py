@@ -214,7 +214,12 @@ def log_figure(trainer: pl.Trainer, key: str, fig: Figure, step: int | None = No
 
 
 def log_histogram(
-    trainer: pl.Trainer, key: str, values: Tensor, step: int | None = None, bins: int = 64
+    trainer: pl.Trainer,
+    key: str,
+    values: Tensor,
+    step: int | None = None,
+    bins: int = 64,
+    xlabel: str = "value",
 ) -> list[str]:
     """Send a histogram of ``values`` to every logger of the trainer (rank zero only).
 
@@ -244,7 +249,9 @@ def log_histogram(
             continue
         log_dir = _file_dir(logger)
         if log_dir is not None:
-            fig = histogram_figure(v, bins=bins, title=f"{key} (step {step})")
+            fig = histogram_figure(
+                v, bins=bins, title=f"{key} (training step {step})", xlabel=xlabel
+            )
             written.append(save_figure(fig, plot_path(log_dir, key, step)))
     return written
 

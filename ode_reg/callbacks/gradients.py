@@ -23,6 +23,7 @@ from ode_reg.callbacks._logging import (
     is_due,
     log_figure,
     log_scalars,
+    logger_step,
     resolve_every_n,
 )
 from ode_reg.metrics import MeanAdjointRatio
@@ -477,6 +478,7 @@ class GradientNormMonitor(PreStepMonitor):
                 "bound_ratio": None,
                 "cancellation_ratio": None,
                 "source": source,
+                "samples": int(count.item()),
             }
             if y is not None:
                 entry["sensitivity"] = y.norm(dim=1)
@@ -563,7 +565,9 @@ class GradientNormMonitor(PreStepMonitor):
                     entry["times"],
                     entry["adjoint"],
                     entry["sensitivity"],
-                    title=f"adjoint profile ({entry['source']}) and sensitivity norms",
+                    title=f"adjoint profile ({entry['source']})",
+                    step=logger_step(trainer),
+                    samples=entry["samples"],
                 )
                 log_figure(trainer, f"adjoint/profile{s}", fig)
 

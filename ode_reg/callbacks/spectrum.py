@@ -25,6 +25,7 @@ from ode_reg.callbacks._logging import (
     log_figure,
     log_histogram,
     log_scalars,
+    logger_step,
     reduce_values,
     resolve_every_n,
 )
@@ -432,13 +433,25 @@ class SpectrumMonitor(PreStepMonitor):
         if plot_due and trainer.is_global_zero and has_plot_sink(trainer):
             if eig["jacobian"] is not None:
                 log_histogram(
-                    trainer, "spectrum/jacobian_real", eig["jacobian"].real, bins=self.bins
+                    trainer,
+                    "spectrum/jacobian_real",
+                    eig["jacobian"].real,
+                    bins=self.bins,
+                    xlabel="Re λ of ∂f/∂z (1 / unit of ODE time)",
                 )
             if eig["flow_q"] is not None:
-                log_histogram(trainer, "spectrum/flow_q_real", eig["flow_q"].real, bins=self.bins)
+                log_histogram(
+                    trainer,
+                    "spectrum/flow_q_real",
+                    eig["flow_q"].real,
+                    bins=self.bins,
+                    xlabel="Re λ(W_kᵀ W_*) (dimensionless)",
+                )
             if eig["jacobian"] is not None or eig["flow_q"] is not None:
                 jac = eig["jacobian"] if eig["jacobian"] is not None else torch.zeros(0)
-                fig = eigenvalue_figure(jac, flow_eigs=eig["flow_q"])
+                fig = eigenvalue_figure(
+                    jac, flow_eigs=eig["flow_q"], step=logger_step(trainer), samples=len(jac)
+                )
                 log_figure(trainer, "spectrum/eigenvalues", fig)
 
     @override
