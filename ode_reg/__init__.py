@@ -6,7 +6,12 @@ in ``ode_reg.callbacks`` are thin Lightning shells over it.
 """
 
 from ode_reg.adjoint import adjoints, sensitivities
-from ode_reg.callbacks import GradientNormMonitor, OrthogonalityMonitor, SpectrumMonitor
+from ode_reg.callbacks import (
+    GradientNormMonitor,
+    OrthogonalityMonitor,
+    SolverStatsMonitor,
+    SpectrumMonitor,
+)
 from ode_reg.dynamics import AntisymmetricODEFunc, OrthogonalFlow, SkewLinearODEFunc
 from ode_reg.functional import cayley, orthogonality_defect, scaled_cayley
 from ode_reg.metrics import MaxOrthogonalityDefect, MeanAdjointRatio, MeanSpectralAbscissa
@@ -42,6 +47,7 @@ __all__ = [
     "MeanAdjointRatio",
     "MeanSpectralAbscissa",
     "OrthogonalityMonitor",
+    "SolverStatsMonitor",
     "SpectrumMonitor",
     "IntegrationError",
     "OrthogonalFlow",

@@ -232,6 +232,25 @@ def _checkpoints(trainer: L.Trainer, folder: Path) -> dict[str, str | None] | No
     }
 
 
+def _solver_nfe(trainer: L.Trainer) -> dict[str, dict[str, float]] | None:
+    """Forward and backward field evaluations per training step in the first and last epoch,
+    from a :class:`~ode_reg.callbacks.SolverStatsMonitor` (``None`` when none ran)."""
+    from ode_reg.callbacks.solver_stats import SolverStatsMonitor
+
+    for cb in trainer.callbacks:
+        if isinstance(cb, SolverStatsMonitor) and cb.history:
+            pick = {"first": cb.history[0], "last": cb.history[-1]}
+            return {
+                k: {
+                    "epoch": e["epoch"],
+                    "nfe": e["nfe_per_step"],
+                    "nfe_backward": e["nfe_backward_per_step"],
+                }
+                for k, e in pick.items()
+            }
+    return None
+
+
 def _model_eps(model: L.LightningModule) -> float:
     for p in model.parameters():
         if p.is_floating_point():
@@ -314,6 +333,13 @@ def format_summary(summary: dict[str, Any]) -> str:
         add("max |Re lambda(W - W^T)| (0 for a skew W)", _zero_or(s["skew_real_max"], radius, eps))
     if s.get("reg_total") is not None:
         add("regularizer total (last epoch)", _g3(s["reg_total"]))
+    nfe = s.get("solver_nfe")
+    if nfe:  # SolverStatsMonitor ran: field evaluations per training step
+        first, last = nfe["first"], nfe["last"]
+        text = f"{first['nfe']:.0f} / {last['nfe']:.0f} (epochs {first['epoch']} / {last['epoch']})"
+        if first["nfe_backward"] or last["nfe_backward"]:
+            text += f"; adjoint backward {first['nfe_backward']:.0f} / {last['nfe_backward']:.0f}"
+        add("solver NFE per step (first / last epoch)", text)
     add("epochs / steps", f"{s['epochs']} / {s['steps']}")
     if s.get("wall_s") is not None:
         text = f"{s['wall_s']:.0f} s"
@@ -400,6 +426,7 @@ def print_summary(
         "spectral_radius": _scalar(metrics, "spectrum/radius"),
         "skew_real_max": _scalar(metrics, "spectrum/skew_real_max"),
         "reg_total": _scalar(metrics, "reg/total_epoch", "reg/total"),
+        "solver_nfe": _solver_nfe(trainer),
         "float_eps": _model_eps(model),
         "wall_s": wall_s,
         "process_s": process_age(),

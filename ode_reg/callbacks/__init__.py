@@ -12,12 +12,14 @@ from ode_reg.callbacks.orthogonality import (
     OrthogonalityMonitor,
     find_orthogonal_matrices,
 )
+from ode_reg.callbacks.solver_stats import SolverStatsMonitor
 from ode_reg.callbacks.spectrum import SpectrumMonitor
 
 __all__ = [
     "GradientNormMonitor",
     "HasOrthogonalWeights",
     "OrthogonalityMonitor",
+    "SolverStatsMonitor",
     "SpectrumMonitor",
     "find_orthogonal_matrices",
     "sensitivity_ratios",

@@ -1,0 +1,292 @@
+"""Overhead of ``SolverStatsMonitor`` at its default cadence, as a ratio of training-epoch times.
+
+Four kinds of run of the same training epoch, alternated so that drifts in machine load hit all
+of them: no monitor; ``SolverStatsMonitor`` alone (attaching any ode_reg monitor also turns on
+the recording of the step's solves, included here); the three other monitors; the three plus
+``SolverStatsMonitor`` (its own cost where the recording is on anyway). The CPU time spent
+inside the monitor's own hooks is measured as well, as a share of the epoch. Default cadence:
+scalars every ``log_every_n_steps`` = 50 batches, step-size histograms every 500, the NFE plot
+at the epoch end; every run logs to a ``CSVLogger`` in a temporary folder (plots included).
+Prints the median epoch times (process CPU time and wall clock) and the ratios side by side.
+
+Usage::
+
+    python benchmarks/solver_stats_overhead.py [--steps 300] [--repeats 3] [--dim 32]
+        [--batch 64] [--method rk4|dopri5] [--threads 1]
+
+With ``--nfe-example`` it measures instead the worked example of the README: the two-moons
+recipe's model (``recipes/two_moons.yaml``: antisymmetric flow, hidden 16, horizon 2, lr 0.01,
+batch 64) for ``--epochs`` epochs with and without ``SkewJacobianPenalty(weight)``, once with
+the recipe's solver (rk4, step 0.1) and once with dopri5 (torchdiffeq's default tolerances),
+and prints the forward field evaluations per training step of each epoch, as
+``SolverStatsMonitor`` logs them (``solver/epoch_nfe_per_step``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+import warnings
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from ode_reg import RegularizedODEModule
+from ode_reg.callbacks import (
+    GradientNormMonitor,
+    OrthogonalityMonitor,
+    SolverStatsMonitor,
+    SpectrumMonitor,
+)
+from ode_reg.dynamics import AntisymmetricODEFunc
+
+KINDS = ("none", "solver", "three", "three+solver")
+
+
+class Model(RegularizedODEModule):
+    def __init__(self, dim: int, method: str) -> None:
+        super().__init__()
+        self.encoder = nn.utils.parametrizations.orthogonal(nn.Linear(dim, dim))
+        self.field = AntisymmetricODEFunc(dim, gamma=0.01)
+        self.head = nn.Linear(dim, 1)
+        self.method = method
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        kw = {"options": {"step_size": 0.1}} if self.method == "rk4" else {"rtol": 1e-5}
+        zs = self.odeint(
+            self.field, self.encoder(x), torch.tensor([0.0, 1.0]), method=self.method, **kw
+        )
+        return nn.functional.mse_loss(self.head(zs[-1]).squeeze(-1), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+class EpochTimer(Callback):
+    """Wall-clock and process CPU time of the training epoch."""
+
+    def __init__(self) -> None:
+        self.wall = self.cpu = float("nan")
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._t0, self._c0 = time.perf_counter(), time.process_time()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.wall = time.perf_counter() - self._t0
+        self.cpu = time.process_time() - self._c0
+
+
+def monitors(kind: str) -> list[Callback]:
+    out: list[Callback] = []
+    if kind.startswith("three"):
+        out += [OrthogonalityMonitor(), SpectrumMonitor(), GradientNormMonitor()]
+    if kind.endswith("solver"):
+        out.append(SolverStatsMonitor())
+    return out
+
+
+def epoch_time(
+    kind: str, args: argparse.Namespace, loader: DataLoader, root: str
+) -> tuple[float, float, float]:
+    torch.manual_seed(0)
+    timer = EpochTimer()
+    # The timer last: its epoch-end hook runs after the monitors' epoch-end work.
+    trainer = L.Trainer(
+        max_epochs=1,
+        callbacks=[*monitors(kind), timer],
+        logger=CSVLogger(root, name=kind.replace("+", "_")),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    inside = [0.0]
+    for cb in trainer.callbacks:
+        if isinstance(cb, SolverStatsMonitor):  # time spent inside its own hooks
+            for name in ("on_train_batch_end", "on_train_epoch_end"):
+                setattr(cb, name, _timed(getattr(cb, name), inside))
+    trainer.fit(Model(args.dim, args.method), loader)
+    return timer.wall, timer.cpu, inside[0]
+
+
+def _timed(hook, total: list[float]):
+    def wrapper(*a, **kw):
+        start = time.process_time()
+        try:
+            return hook(*a, **kw)
+        finally:
+            total[0] += time.process_time() - start
+
+    return wrapper
+
+
+def nfe_example(args: argparse.Namespace) -> None:
+    from ode_reg import SkewJacobianPenalty
+    from ode_reg.data import TwoMoonsDataModule
+    from ode_reg.models import FlowClassifier
+
+    class Dopri5Classifier(FlowClassifier):
+        """The recipe's model with dopri5 (its own steps as checkpoints) instead of rk4."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            z0 = self.hparams.init_scale * self.encoder(x)
+            zs = self.odeint(self.field, z0, self.span.to(x.dtype), method="dopri5")
+            return self.decoder(zs[-1])
+
+    print(
+        f"two moons (recipes/two_moons.yaml model), {args.epochs} epochs each; forward NFE per "
+        "training step, by epoch (SolverStatsMonitor, solver/epoch_nfe_per_step):"
+    )
+    curves: list = []
+    for solver, cls in (
+        ("rk4 step 0.1 (the recipe)", FlowClassifier),
+        ("dopri5", Dopri5Classifier),
+    ):
+        for reg in (None, args.skew_weight):
+            L.seed_everything(0, verbose=False)
+            regs = [] if reg is None else [SkewJacobianPenalty(weight=reg)]
+            model = cls(
+                input_dim=2,
+                num_classes=2,
+                flow="antisymmetric",
+                hidden_dim=16,
+                horizon=2.0,
+                step_size=0.1,
+                lr=0.01,
+                regularizers=regs,
+            )
+            data = TwoMoonsDataModule(n_samples=1000, noise=0.1, batch_size=64, seed=0)
+            mon = SolverStatsMonitor()
+            start = time.perf_counter()
+            trainer = L.Trainer(
+                max_epochs=args.epochs,
+                callbacks=[mon],
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                accelerator="cpu",
+                devices=1,
+            )
+            trainer.fit(model, datamodule=data)
+            wall = time.perf_counter() - start
+            acc = trainer.validate(model, datamodule=data, verbose=False)[0]["val/acc"]
+            nfe = " ".join(f"{e['nfe_per_step']:.0f}" for e in mon.history)
+            name = "no regularizer" if reg is None else f"SkewJacobianPenalty({reg})"
+            curves.append((f"{solver.split()[0]}, {name}", mon.history))
+            print(
+                f"  {solver:26s} {name:26s} NFE/step by epoch: {nfe}   "
+                f"rejected/step last epoch {mon.history[-1]['rejected_per_step']:.1f}, "
+                f"val acc {acc:.3f}, {wall:.0f} s"
+            )
+    if args.plot:
+        from ode_reg.plotting import new_figure, save_figure
+
+        fig = new_figure(6.4, 4.4)
+        ax = fig.add_subplot(1, 1, 1)
+        for i, (label, hist) in enumerate(curves):
+            ax.plot(
+                [e["epoch"] for e in hist],
+                [e["nfe_per_step"] for e in hist],
+                marker="os"[i % 2],
+                ls="-" if "no regularizer" in label else "--",
+                color=f"C{i // 2}",
+                label=label,
+            )
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("forward field evaluations per training step\n(mean over the epoch)")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8, frameon=False, loc="lower right")
+        ax.set_title(
+            "two moons: solver field evaluations per training step,\n"
+            f"with and without SkewJacobianPenalty ({args.epochs} epochs, seed 0)",
+            fontsize=9,
+        )
+        fig.subplots_adjust(left=0.16, right=0.97, bottom=0.12, top=0.86)
+        print(f"  plot: {save_figure(fig, args.plot)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300, help="batches per epoch")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each kind")
+    parser.add_argument("--dim", type=int, default=32, help="state dimension")
+    parser.add_argument("--batch", type=int, default=64, help="batch size")
+    parser.add_argument("--method", default="rk4", choices=("rk4", "dopri5"), help="solver")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: default)")
+    parser.add_argument("--nfe-example", action="store_true", help="the README's worked example")
+    parser.add_argument("--epochs", type=int, default=5, help="epochs of the worked example")
+    parser.add_argument("--skew-weight", type=float, default=0.1, help="its regularizer weight")
+    parser.add_argument("--plot", default=None, help="PNG path for the example's NFE curves")
+    args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if args.nfe_example:
+        nfe_example(args)
+        return
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.steps * args.batch, args.dim, generator=g)
+    y = x[:, 0] * x[:, 1]
+    loader = DataLoader(TensorDataset(x, y), batch_size=args.batch, shuffle=False)
+    runs: dict[str, list[tuple[float, float, float]]] = {k: [] for k in KINDS}
+    with tempfile.TemporaryDirectory() as root:
+        epoch_time("three+solver", args, loader, root)  # warm-up (imports, font cache)
+        for _ in range(args.repeats):
+            for kind in KINDS:
+                runs[kind].append(epoch_time(kind, args, loader, root))
+    print(
+        f"epoch of {args.steps} steps ({args.method}, dim {args.dim}, batch {args.batch}, "
+        f"{torch.get_num_threads()} thread(s)), {args.repeats} alternating rounds; "
+        "median epoch time and ratios:"
+    )
+    for i, what in ((1, "cpu"), (0, "wall")):
+        med = {k: statistics.median(r[i] for r in runs[k]) for k in KINDS}
+        pair = {
+            (a, b): statistics.median(x[i] / y[i] for x, y in zip(runs[a], runs[b]))
+            for a, b in (("solver", "none"), ("three+solver", "three"))
+        }
+        print(
+            f"  {what:4s}: none {med['none']:.3f} s, solver {med['solver']:.3f} s, "
+            f"three {med['three']:.3f} s, three+solver {med['three+solver']:.3f} s"
+        )
+        print(
+            f"        solver / none {med['solver'] / med['none']:.4f} "
+            f"(pairwise {pair[('solver', 'none')]:.4f})   "
+            f"three+solver / three {med['three+solver'] / med['three']:.4f} "
+            f"(pairwise {pair[('three+solver', 'three')]:.4f})"
+        )
+    for kind in ("solver", "three+solver"):
+        own = statistics.median(r[2] / r[1] for r in runs[kind])
+        print(f"  CPU time inside SolverStatsMonitor's hooks ({kind}): {own:.2%} of the epoch")
+    from ode_reg.callbacks.solver_stats import nfe_figure
+    from ode_reg.plotting import save_figure
+
+    with tempfile.TemporaryDirectory() as root:
+        start = time.process_time()
+        save_figure(nfe_figure(list(range(30)), [50.0] * 30, step=1), f"{root}/nfe.png")
+        plot = time.process_time() - start
+    epoch = statistics.median(r[1] for r in runs["none"])
+    print(
+        f"  one NFE-per-epoch plot (drawn every 10 epochs and at the end, after the timed "
+        f"epoch here): {plot:.3f} s CPU, {plot / 10 / epoch:.2%} of this epoch per epoch"
+    )
+    print("  (CPU time is the robust figure on a shared machine; wall time includes others' load)")
+
+
+if __name__ == "__main__":
+    main()
