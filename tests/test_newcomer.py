@@ -92,7 +92,7 @@ def fast_form(command: str, out: str) -> str | None:
         return " ".join(x for x in (command, cpu, fast) if x)
     if command.startswith("torchrun "):
         return "torchrun --help"
-    if re.match(r"^python (recipes/\w+\.py|-m benchmarks)$", command):
+    if re.match(r"^python (recipes/\w+\.py|benchmarks/\w+\.py|-m benchmarks)$", command):
         return f"{command} --help"
     if m := re.match(r"^python -m (benchmarks\.\w+)$", command):
         # A benchmark module without --help (it would run): it must import from the shell.
