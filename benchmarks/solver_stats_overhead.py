@@ -14,6 +14,9 @@ Usage::
     python benchmarks/solver_stats_overhead.py [--steps 300] [--repeats 3] [--dim 32]
         [--batch 64] [--method rk4|dopri5] [--threads 1]
 
+With ``--digits`` it times one training epoch of the main job (``recipes/digits.yaml``, its
+three monitors with and without ``SolverStatsMonitor``, CSV logger, no validation).
+
 With ``--nfe-example`` it measures instead the worked example of the README: the two-moons
 recipe's model (``recipes/two_moons.yaml``: antisymmetric flow, hidden 16, horizon 2, lr 0.01,
 batch 64) for ``--epochs`` epochs with and without ``SkewJacobianPenalty(weight)``, once with
@@ -84,6 +87,72 @@ class EpochTimer(Callback):
         self.cpu = time.process_time() - self._c0
 
 
+def digits_epoch(kind: str, root: str) -> tuple[float, float, float, float]:
+    """One epoch of the main job (``recipes/digits.yaml``: ODE-RNN, 64 Euler solves a step,
+    ``AdjointMagnitude`` every 4th step, its three monitors, ``log_every_n_steps=10``)."""
+    from ode_reg import AdjointMagnitude
+    from ode_reg.data import DigitsDataModule
+    from ode_reg.models import SequenceModel
+
+    L.seed_everything(0, verbose=False)
+    model = SequenceModel(
+        input_dim=1, output_dim=10, task="classification", cell="antisymmetric",
+        hidden_dim=128, step=0.2, gamma=0.01, recurrent_std=1.0, solver="euler", lr=0.002,
+        cosine_epochs=30, regularizers=[AdjointMagnitude(weight=0.01, every_n_steps=4)],
+    )  # fmt: skip
+    data = DigitsDataModule(order="pixel", batch_size=32, seed=0, pixel_noise_std=0.5)
+    timer = EpochTimer()
+    trainer = L.Trainer(
+        max_epochs=1,
+        callbacks=[*monitors(kind), timer],
+        logger=CSVLogger(root, name=kind.replace("+", "_")),
+        log_every_n_steps=10,
+        reload_dataloaders_every_n_epochs=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        accelerator="cpu",
+        devices=1,
+    )
+    inside, plots = [0.0], [0.0]
+    for cb in trainer.callbacks:
+        if isinstance(cb, SolverStatsMonitor):
+            for name in ("on_train_batch_end", "on_train_epoch_end"):
+                setattr(cb, name, _timed(getattr(cb, name), inside))
+            cb._log_step_sizes = _timed(cb._log_step_sizes, plots)
+    trainer.fit(model, datamodule=data)
+    return timer.wall, timer.cpu, inside[0], plots[0]
+
+
+def digits(args: argparse.Namespace) -> None:
+    kinds = ("three", "three+solver")
+    runs: dict[str, list[tuple[float, float, float, float]]] = {k: [] for k in kinds}
+    with tempfile.TemporaryDirectory() as root:
+        digits_epoch("three+solver", root)  # warm-up
+        for _ in range(args.repeats):
+            for kind in kinds:
+                runs[kind].append(digits_epoch(kind, root))
+    med = {k: statistics.median(r[1] for r in runs[k]) for k in kinds}
+    pair = statistics.median(a[1] / b[1] for a, b in zip(runs["three+solver"], runs["three"]))
+    own = statistics.median(r[2] / r[1] for r in runs["three+solver"])
+    hist = statistics.median(r[3] / r[1] for r in runs["three+solver"])
+    print(
+        f"main job (recipes/digits.yaml), one training epoch, {args.repeats} alternating rounds, "
+        f"{torch.get_num_threads()} thread(s):"
+    )
+    print(
+        f"  cpu : three monitors {med['three']:.2f} s, three + SolverStatsMonitor "
+        f"{med['three+solver']:.2f} s; ratio {med['three+solver'] / med['three']:.4f} "
+        f"(pairwise {pair:.4f})"
+    )
+    print(
+        f"  CPU time inside SolverStatsMonitor's hooks: {own:.3%} of the epoch "
+        f"(step-size histogram PNGs {hist:.3%})"
+    )
+
+
 def monitors(kind: str) -> list[Callback]:
     out: list[Callback] = []
     if kind.startswith("three"):
@@ -95,7 +164,7 @@ def monitors(kind: str) -> list[Callback]:
 
 def epoch_time(
     kind: str, args: argparse.Namespace, loader: DataLoader, root: str
-) -> tuple[float, float, float]:
+) -> tuple[float, float, float, float]:
     torch.manual_seed(0)
     timer = EpochTimer()
     # The timer last: its epoch-end hook runs after the monitors' epoch-end work.
@@ -109,13 +178,14 @@ def epoch_time(
         accelerator="cpu",
         devices=1,
     )
-    inside = [0.0]
+    inside, plots = [0.0], [0.0]
     for cb in trainer.callbacks:
         if isinstance(cb, SolverStatsMonitor):  # time spent inside its own hooks
             for name in ("on_train_batch_end", "on_train_epoch_end"):
                 setattr(cb, name, _timed(getattr(cb, name), inside))
+            cb._log_step_sizes = _timed(cb._log_step_sizes, plots)  # the histogram PNG
     trainer.fit(Model(args.dim, args.method), loader)
-    return timer.wall, timer.cpu, inside[0]
+    return timer.wall, timer.cpu, inside[0], plots[0]
 
 
 def _timed(hook, total: list[float]):
@@ -226,6 +296,7 @@ def main() -> None:
     parser.add_argument("--method", default="rk4", choices=("rk4", "dopri5"), help="solver")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: default)")
     parser.add_argument("--nfe-example", action="store_true", help="the README's worked example")
+    parser.add_argument("--digits", action="store_true", help="one epoch of the main job instead")
     parser.add_argument("--epochs", type=int, default=5, help="epochs of the worked example")
     parser.add_argument("--skew-weight", type=float, default=0.1, help="its regularizer weight")
     parser.add_argument("--plot", default=None, help="PNG path for the example's NFE curves")
@@ -238,12 +309,15 @@ def main() -> None:
     if args.nfe_example:
         nfe_example(args)
         return
+    if args.digits:
+        digits(args)
+        return
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.steps * args.batch, args.dim, generator=g)
     y = x[:, 0] * x[:, 1]
     loader = DataLoader(TensorDataset(x, y), batch_size=args.batch, shuffle=False)
-    runs: dict[str, list[tuple[float, float, float]]] = {k: [] for k in KINDS}
+    runs: dict[str, list[tuple[float, float, float, float]]] = {k: [] for k in KINDS}
     with tempfile.TemporaryDirectory() as root:
         epoch_time("three+solver", args, loader, root)  # warm-up (imports, font cache)
         for _ in range(args.repeats):
@@ -272,7 +346,11 @@ def main() -> None:
         )
     for kind in ("solver", "three+solver"):
         own = statistics.median(r[2] / r[1] for r in runs[kind])
-        print(f"  CPU time inside SolverStatsMonitor's hooks ({kind}): {own:.2%} of the epoch")
+        hist = statistics.median(r[3] / r[1] for r in runs[kind])
+        print(
+            f"  CPU time inside SolverStatsMonitor's hooks ({kind}): {own:.2%} of the epoch, "
+            f"of which the step-size histogram PNG(s) {hist:.2%}, the rest {own - hist:.2%}"
+        )
     from ode_reg.callbacks.solver_stats import nfe_figure
     from ode_reg.plotting import save_figure
 

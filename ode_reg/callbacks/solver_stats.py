@@ -53,6 +53,8 @@ ON_WARNING = ("log", "stop")
 _INF = float("inf")
 #: The keys that also go to ``trainer.callback_metrics`` (all go to the loggers).
 _CALLBACK_METRICS = ("solver/nfe", "solver/nfe_backward", "solver/dt_min", "solver/warning")
+#: The epoch keys that also go to ``trainer.callback_metrics``.
+_EPOCH_CALLBACK_METRICS = ("solver/epoch_nfe_per_step", "solver/epoch_warnings")
 #: Counts summed over ranks; step sizes reduced by min / max.
 _COUNTS = ("nfe", "nfe_backward", "accepted", "rejected")
 
@@ -282,8 +284,9 @@ class SolverStatsMonitor(Callback):
 
     Every key reaches the loggers; ``solver/nfe``, ``solver/nfe_backward``, ``solver/dt_min``
     and ``solver/warning`` also reach ``trainer.callback_metrics`` (for ``ModelCheckpoint``,
-    ``EarlyStopping``, the progress bar), with the epoch keys; :attr:`last_metrics` holds all
-    of the last logged step.
+    ``EarlyStopping``, the progress bar), as do ``solver/epoch_nfe_per_step`` and
+    ``solver/epoch_warnings``; :attr:`last_metrics` holds all keys of the last logged step and
+    :attr:`history` all epoch figures.
 
     The checks start once ``warmup_steps`` steps are in the window. A warning logs
     ``solver/warning`` and prints one line (what, in which solve, on which rank, at which step)
@@ -768,26 +771,21 @@ class SolverStatsMonitor(Callback):
             self.history[-1] = entry
         else:
             self.history.append(entry)
-        for name in _COUNTS:
-            pl_module.log(
-                f"solver/epoch_{name}_per_step",
-                entry[f"{name}_per_step"],
-                on_step=False,
-                on_epoch=True,
-                batch_size=1,
-            )
+        epoch_keys = {f"solver/epoch_{n}_per_step": entry[f"{n}_per_step"] for n in _COUNTS}
         for name in ("dt_min", "dt_max"):
             if entry[name] is not None:
-                pl_module.log(
-                    f"solver/epoch_{name}", entry[name], on_step=False, on_epoch=True, batch_size=1
-                )
-        pl_module.log(
-            "solver/epoch_warnings",
-            float(entry["warnings"]),
-            on_step=False,
-            on_epoch=True,
-            batch_size=1,
-        )
+                epoch_keys[f"solver/epoch_{name}"] = entry[name]
+        epoch_keys["solver/epoch_warnings"] = float(entry["warnings"])
+        # Two keys also to callback_metrics (Lightning logs them at the epoch end); all of
+        # them to the loggers directly, at the epoch's last step (pl_module.log costs ~1 ms
+        # a key).
+        for key in _EPOCH_CALLBACK_METRICS:
+            pl_module.log(key, epoch_keys[key], on_step=False, on_epoch=True, batch_size=1)
+        if trainer.is_global_zero and trainer.loggers:
+            rest = {k: v for k, v in epoch_keys.items() if k not in _EPOCH_CALLBACK_METRICS}
+            step = max(logger_step(trainer) - 1, 0)
+            for logger in trainer.loggers:
+                logger.log_metrics(rest, step=step)
         every = self.plot_every_n_epochs
         if every is not None and (entry["epoch"] + 1) % every == 0:
             self._plot_nfe(trainer)
