@@ -52,7 +52,7 @@ ON_WARNING = ("log", "stop")
 
 _INF = float("inf")
 #: The keys that also go to ``trainer.callback_metrics`` (all go to the loggers).
-_CALLBACK_METRICS = ("solver/nfe", "solver/nfe_backward", "solver/dt_min", "solver/warning")
+_CALLBACK_METRICS = ("solver/nfe", "solver/warning")
 #: The epoch keys that also go to ``trainer.callback_metrics``.
 _EPOCH_CALLBACK_METRICS = ("solver/epoch_nfe_per_step", "solver/epoch_warnings")
 #: Counts summed over ranks; step sizes reduced by min / max.
@@ -282,8 +282,8 @@ class SolverStatsMonitor(Callback):
       the adjoints) rises by ``adjoint_orders`` orders of magnitude above its smallest value
       over the last ``adjoint_steps`` steps where it was measured.
 
-    Every key reaches the loggers; ``solver/nfe``, ``solver/nfe_backward``, ``solver/dt_min``
-    and ``solver/warning`` also reach ``trainer.callback_metrics`` (for ``ModelCheckpoint``,
+    Every key reaches the loggers; ``solver/nfe`` and ``solver/warning`` also reach
+    ``trainer.callback_metrics`` (for ``ModelCheckpoint``,
     ``EarlyStopping``, the progress bar), as do ``solver/epoch_nfe_per_step`` and
     ``solver/epoch_warnings``; :attr:`last_metrics` holds all keys of the last logged step and
     :attr:`history` all epoch figures.
