@@ -94,6 +94,8 @@ def fast_form(command: str, out: str) -> str | None:
         return "torchrun --help"
     if re.match(r"^python (recipes/\w+\.py|benchmarks/\w+\.py|-m benchmarks)$", command):
         return f"{command} --help"
+    if m := re.match(r"^python (benchmarks/\w+\.py) .*$", command):
+        return f"python {m.group(1)} --help"
     if m := re.match(r"^python -m (benchmarks\.\w+)$", command):
         # A benchmark module without --help (it would run): it must import from the shell.
         return f'python -c "import {m.group(1)}"'
