@@ -192,7 +192,9 @@ class RegularizedODEMixin:
         step = getattr(cls, "training_step", None)
         if step is None or getattr(step, "_ode_reg_wrapped", False):
             return
-        if (getattr(step, "__module__", None) or "").startswith(("lightning.", "pytorch_lightning.")):
+        if (getattr(step, "__module__", None) or "").startswith(
+            ("lightning.", "pytorch_lightning.")
+        ):
             return  # Lightning's placeholder: leave "not implemented" to Lightning
 
         @functools.wraps(step)
@@ -218,14 +220,21 @@ class RegularizedODEMixin:
     def _active(self) -> list[Regularizer]:
         return [r for r in self.regularizers if r.active(self.global_step)]
 
-    def _monitors_due(self) -> bool:
+    def _monitors(self) -> list[Any]:
         trainer = self._trainer
-        return trainer is not None and any(_is_monitor(c) for c in trainer.callbacks)
+        return [] if trainer is None else [c for c in trainer.callbacks if _is_monitor(c)]
+
+    def _monitors_due(self) -> bool:
+        return bool(self._monitors())
 
     def _new_recorder(self, batch_idx: int) -> StepRecorder | None:
         active = self._active()
-        if not active and not self._monitors_due():
+        monitors = self._monitors()
+        if not active and not monitors:
             return None
+        # A monitor that reads only solver statistics (``needs_chains = False``) needs neither
+        # the data dependency between solves nor a y0 that requires grad.
+        chains = bool(active) or any(getattr(m, "needs_chains", True) for m in monitors)
         skew = next((r for r in active if r.needs_skew_probes), None)
         plan = None
         if skew is not None:
@@ -236,6 +245,7 @@ class RegularizedODEMixin:
             skew=plan,
             adjoint_inputs=any(r.needs_adjoints for r in active),
             refuse_adjoint=tuple(r.name for r in active if r.needs_adjoints),
+            chains=chains,
         )
 
     def odeint(
@@ -327,7 +337,8 @@ class RegularizedODEMixin:
         pending = rec.records[getattr(rec, "consumed", 0) :]
         active = self._active()
         if not self.automatic_optimization or not isinstance(loss, Tensor) or not active:
-            if isinstance(loss, Tensor) and loss.requires_grad and pending and not record.groups:
+            structural = rec.chains and isinstance(loss, Tensor) and loss.requires_grad
+            if structural and pending and not record.groups:
                 live = [r for r in pending if r.node is not None]
                 reached = reached_records(live, read_directly(loss, live))
                 record.groups = [chain([r.traj for r in c]) for c in build_chains(live, reached)]

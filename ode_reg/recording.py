@@ -113,6 +113,8 @@ class StepRecorder:
         skew: draw and evaluate the skew-Jacobian probes during the call.
         adjoint_inputs: make a ``y0`` that does not require grad a leaf that does, so that
             ``a_0 = dL/dz_0`` exists (value and result unchanged).
+        chains: find each solve's parents (the data dependency); ``False`` when only solver
+            statistics are wanted.
         refuse_adjoint: names of active terms that cannot be computed on an
             ``odeint_adjoint`` solve (``odeint_adjoint`` is then refused with a short message).
     """
@@ -124,12 +126,14 @@ class StepRecorder:
         skew: SkewPlan | None = None,
         adjoint_inputs: bool = False,
         refuse_adjoint: tuple[str, ...] = (),
+        chains: bool = True,
         warn: Callable[[str, str], None] | None = None,
     ) -> None:
         self.evaluate_fields = evaluate_fields
         self.skew = skew
         self.adjoint_inputs = adjoint_inputs
         self.refuse_adjoint = refuse_adjoint
+        self.chains = chains
         self.records: list[SolveRecord] = []
         self._substitutable: dict[int, bool] = {}
         self._nodes: dict[Any, int] = {}
@@ -162,7 +166,7 @@ class StepRecorder:
     def record(self, traj: Trajectory) -> SolveRecord:
         """Add a finished solve: its parents, and the field evaluations the terms need."""
         rec = SolveRecord(len(self.records), traj)
-        rec.parents = self._parents(traj.states[0])
+        rec.parents = self._parents(traj.states[0]) if self.chains else []
         mode = "full" if self.evaluate_fields is True else self.evaluate_fields
         if mode in ("full", "both"):
             rec.batched = self._batched(traj)

@@ -181,6 +181,7 @@ def _recorded(
         t,
         checkpoints=checkpoints,
         adjoint=adjoint,
+        grad_leaf=rec.adjoint_inputs or rec.chains,
         **{k: v for k, v in kw.items() if k != "event_fn" or v is not None},
     )
     if torch.is_grad_enabled():

@@ -456,6 +456,7 @@ def integrate(
     atol: Any = 1e-9,
     event_fn: Callable[..., Tensor] | None = None,
     adjoint: bool = False,
+    grad_leaf: bool = True,
     **adjoint_kwargs: Any,
 ) -> Trajectory:
     """Solve ``dz/dt = func(t, z)`` with one torchdiffeq call, recording checkpoint states.
@@ -483,6 +484,9 @@ def integrate(
         atol: absolute tolerance of adaptive solvers.
         event_fn: torchdiffeq's event function (``len(t) == 2``); ``Trajectory.event_t``.
         adjoint: solve with ``torchdiffeq.odeint_adjoint`` (its backward is not differentiable).
+        grad_leaf: start the solve from an alias of ``y0`` (a grad-requiring leaf copy if ``y0``
+            does not require grad), so that ``a_0`` exists and is this solve's own; ``False``
+            passes ``y0`` as it is (solver statistics only).
         **adjoint_kwargs: ``adjoint_rtol``, ``adjoint_atol``, ``adjoint_method``,
             ``adjoint_options``, ``adjoint_params`` (passed to ``odeint_adjoint``).
 
@@ -540,7 +544,7 @@ def integrate(
                 forced if user is None else torch.cat([torch.as_tensor(user).to(forced), forced])
             )
             options["step_t"] = step_t.unique()
-    if torch.is_grad_enabled() and not adjoint:
+    if torch.is_grad_enabled() and not adjoint and grad_leaf:
         # A leaf that requires grad, so that a_0 = dL/dz_0 exists (values unchanged).
         if isinstance(y0, tuple) and not any(c.requires_grad for c in y0):
             y0 = tuple(c.detach().requires_grad_(True) for c in y0)

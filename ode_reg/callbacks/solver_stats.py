@@ -325,6 +325,10 @@ class SolverStatsMonitor(Callback):
         >>> trainer = L.Trainer(callbacks=[SolverStatsMonitor(on_warning="stop")])
     """
 
+    #: Reads solver statistics only: when it is the only monitor and no term is active, the
+    #: module records no data dependency between solves and leaves y0 as it is.
+    needs_chains = False
+
     def __init__(
         self,
         every_n_steps: int | None = None,
