@@ -111,8 +111,9 @@ class StepRecorder:
             vectorized call per solve where the field allows), ``"detached"`` (``z_k`` constant),
             ``"both"``, or ``False``.
         skew: draw and evaluate the skew-Jacobian probes during the call.
-        adjoint_inputs: make a ``y0`` that does not require grad a leaf that does, so that
-            ``a_0 = dL/dz_0`` exists (value and result unchanged).
+        adjoint_inputs: start each solve from a grad-requiring alias of ``y0``
+            (``integrate(grad_leaf=True)``), so that ``a_0 = dL/dz_0`` exists (value and result
+            unchanged).
         chains: find each solve's parents (the data dependency); ``False`` when only solver
             statistics are wanted.
         refuse_adjoint: names of active terms that cannot be computed on an
@@ -152,16 +153,6 @@ class StepRecorder:
     def warn(self, key: str, message: str) -> None:
         """Warn once per key and process."""
         self._warn(key, message)
-
-    def prepare(self, y0: Any) -> Any:
-        """``y0`` as the solve should get it (a grad-requiring leaf where adjoints need it)."""
-        if not self.adjoint_inputs:
-            return y0
-        if isinstance(y0, tuple):
-            if any(c.requires_grad for c in y0):
-                return y0
-            return tuple(c.detach().requires_grad_(True) for c in y0)
-        return y0 if y0.requires_grad else y0.detach().requires_grad_(True)
 
     def record(self, traj: Trajectory) -> SolveRecord:
         """Add a finished solve: its parents, and the field evaluations the terms need."""
@@ -226,21 +217,9 @@ class StepRecorder:
     def _parents(self, y0: Tensor) -> list[int]:
         """The recorded solves whose result ``y0`` was computed from (a bounded graph walk
         from ``y0`` that stops at recorded results)."""
-        if not self._nodes or y0.grad_fn is None:
+        if not self._nodes:
             return []
-        found: set[int] = set()
-        seen = {y0.grad_fn}
-        stack = [y0.grad_fn]
-        while stack and len(seen) < MAX_WALK:
-            node = stack.pop()
-            hit = self._nodes.get(node)
-            if hit is not None:
-                found.add(hit)
-                continue
-            for nxt, _ in node.next_functions:
-                if nxt is not None and nxt not in seen:
-                    seen.add(nxt)
-                    stack.append(nxt)
+        found, _ = _recorded_results(y0.grad_fn, self._nodes, MAX_WALK)
         return sorted(found)
 
 
@@ -248,11 +227,21 @@ def read_directly(loss: Tensor, records: list[SolveRecord]) -> set[int]:
     """Solves whose result the loss reads other than through a later recorded solve (a walk
     of the loss's graph that stops at recorded results)."""
     nodes = {r.node: r.index for r in records if r.node is not None}
+    found, complete = _recorded_results(loss.grad_fn, nodes, 20 * MAX_WALK)
+    if not complete:  # pathological graph: treat every solve as read
+        return {r.index for r in records}
+    return found
+
+
+def _recorded_results(start: Any, nodes: dict[Any, int], limit: int) -> tuple[set[int], bool]:
+    """The recorded results (``nodes``: result node -> solve index) that the autograd graph
+    reaches from ``start`` without passing through another recorded result, and whether the
+    walk finished (``False``: it stopped after ``limit`` nodes, with what it had found)."""
     found: set[int] = set()
-    if loss.grad_fn is None:
-        return found
-    seen = {loss.grad_fn}
-    stack = [loss.grad_fn]
+    if start is None:
+        return found, True
+    seen = {start}
+    stack = [start]
     while stack:
         node = stack.pop()
         hit = nodes.get(node)
@@ -263,9 +252,9 @@ def read_directly(loss: Tensor, records: list[SolveRecord]) -> set[int]:
             if nxt is not None and nxt not in seen:
                 seen.add(nxt)
                 stack.append(nxt)
-        if len(seen) > 20 * MAX_WALK:  # pathological graph: treat every solve as read
-            return {r.index for r in records}
-    return found
+        if len(seen) > limit:
+            return found, False
+    return found, True
 
 
 _WARNED: set[str] = set()

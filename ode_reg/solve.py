@@ -61,9 +61,9 @@ def odeint(
         torch.Size([2, 2])
     """
     kw = {"rtol": rtol, "atol": atol, "method": method, "options": options, "event_fn": event_fn}
-    _check_checkpoints(checkpoints, t)
     rec = current_recorder()
     if rec is None and not hasattr(func, "ode_reg_integrate"):
+        _check_checkpoints(checkpoints, t)  # the recorded path checks them in integrate
         return torchdiffeq.odeint(func, y0, t, **kw)
     return _recorded(rec, func, y0, t, checkpoints, False, kw)
 
@@ -137,9 +137,9 @@ def odeint_adjoint(
         "adjoint_params": adjoint_params,
     }
     kw.update({k: v for k, v in extra.items() if v is not None})
-    _check_checkpoints(checkpoints, t)
     rec = current_recorder()
     if rec is None:
+        _check_checkpoints(checkpoints, t)  # the recorded path checks them in integrate
         return torchdiffeq.odeint_adjoint(func, y0, t, **kw)
     return _recorded(rec, func, y0, t, checkpoints, True, kw)
 
@@ -163,6 +163,7 @@ def _recorded(
     if rec is None:  # a field that integrates itself (OrthogonalFlow's Lie steps), unrecorded
         return integrate(func, y0, t, checkpoints=checkpoints, **_drop_none(kw)).ys
     if not torch.is_grad_enabled() and not hasattr(func, "ode_reg_integrate"):
+        _check_checkpoints(checkpoints, t)
         rec.warn(
             "no_grad",
             "ode_reg: a solve ran without grad inside a training step; the loss cannot reach "
@@ -177,7 +178,7 @@ def _recorded(
         )
     traj = integrate(
         func,
-        rec.prepare(y0),
+        y0,
         t,
         checkpoints=checkpoints,
         adjoint=adjoint,
