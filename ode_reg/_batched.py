@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ode_reg.functional.penalties import rademacher_probes, skew_sum_loop, skew_sum_vmap
-from ode_reg.trajectory import FieldPoint, Trajectory
+from ode_reg.trajectory import FieldPoint
 
 
 @dataclass
@@ -119,43 +118,3 @@ def group_points(
             )
         )
     return groups
-
-
-def skew_jacobian_of_trajectory(
-    traj: Trajectory, ks: Sequence[int], probes: int, generator: torch.Generator | None
-) -> Tensor:
-    """The skew-Jacobian penalty at the checkpoints ``ks`` of ``traj`` (the mean over them and
-    the probes), each group of checkpoints in one ``vmap`` call.
-
-    The probes are drawn as :func:`~ode_reg.functional.skew_jacobian_penalty` draws them,
-    checkpoint by checkpoint, so the value equals that of the per-checkpoint loop; a group
-    whose field ``vmap`` cannot trace (or a trajectory without field points) is done by that
-    loop.
-    """
-    ks = list(ks)
-    vs = rademacher_probes([traj.states[k] for k in ks], probes, generator)
-    slot = {k: i for i, k in enumerate(ks)}
-    if traj.points is None:
-        groups = [(ks, None)]
-    else:
-        groups = [(g.index, g) for g in group_points(traj.points, ks)]
-    total = traj.states[0].new_zeros(())
-    for index, g in groups:
-        states = torch.stack([traj.states[k] for k in index])
-        v = vs[[slot[k] for k in index]]
-        if g is not None:
-            values = list(g.values) if g.weights is None else [*g.values, g.weights]
-
-            def evaluate(t: Tensor, z: Tensor, vals: Sequence[Tensor], g: PointGroup = g):
-                if g.weights is None:
-                    return g.evaluate(t, z, vals)
-                return g.evaluate(t, z, vals[:-1], vals[-1])
-
-            try:
-                total = total + skew_sum_vmap(evaluate, g.times, states, v, values)
-                continue
-            except Exception:  # noqa: BLE001 - a field vmap cannot trace: one by one
-                pass
-        fields = [lambda x, _k=k: traj.field_at(_k, x) for k in index]
-        total = total + skew_sum_loop(fields, states, v)
-    return total / (len(ks) * probes)

@@ -1,13 +1,14 @@
 """The fast paths against the direct implementations they replace (float64, 1e-10).
 
-- ``integrate`` steps fixed-grid methods itself (``_fixed_grid_states``) instead of one
-  ``torchdiffeq.odeint`` call per checkpoint interval;
-- ``sensitivities`` takes the partial derivative by substituted parameters, all checkpoints
+- ``integrate`` is one ``torchdiffeq.odeint`` call (the checkpoints are its step states);
+- the training step evaluates the field at all checkpoints of a solve in one ``vmap`` call
+  during the solve (``StepRecorder._batched``) instead of one checkpoint at a time;
+- the functional ``sensitivities`` takes the partial derivative by substituted parameters, all checkpoints
   of a group in one ``vmap`` call (``_sensitivities_vmap``), or one checkpoint at a time with
   ``p.view_as(p)`` aliases (``_sensitivities_aliased``), instead of one VJP per checkpoint at
   a detached state plus the zero-valued ``_through_state`` term (``_sensitivities_direct``);
-- the skew-Jacobian penalty evaluates all checkpoints in one ``vmap`` call
-  (``skew_sum_vmap``) instead of one at a time (``skew_sum_loop``).
+- the recorder's skew-Jacobian probes use plain-autograd double-VJPs at the live states
+  (``recording._skew``), checked against ``skew_sum_loop`` (``torch.func.jvp``).
 
 Values and gradients (of the penalties, in the field's parameters and in the initial state)
 must agree, for a time-dependent MLP field, an ODE-RNN whose steps hold different inputs
@@ -22,8 +23,8 @@ import torch
 import torchdiffeq
 from torch import nn
 
-import ode_reg._batched as batched_mod
 import ode_reg.adjoint as adj_mod
+import ode_reg.recording
 from ode_reg import (
     AdjointMagnitude,
     DirectionalConstraint,
@@ -34,11 +35,12 @@ from ode_reg import (
     integrate,
     sensitivities,
 )
-from ode_reg._batched import group_points, skew_jacobian_of_trajectory
+from ode_reg._batched import group_points
 from ode_reg.dynamics import AntisymmetricODEFunc, OrthogonalFlow
 from ode_reg.functional import directional_penalty, sensitivity_magnitude_penalty
 from ode_reg.functional.penalties import rademacher_probes, skew_sum_loop
 from ode_reg.models.fields import UnstructuredODEFunc
+from ode_reg.recording import SkewPlan, _skew
 from ode_reg.trajectory import chain
 
 F64 = torch.float64
@@ -356,10 +358,15 @@ def test_closure_field_parameters_take_the_direct_path():
 
 @pytest.mark.parametrize("problem", list(PROBLEMS))
 @pytest.mark.parametrize("probes", [1, 2])
-def test_skew_jacobian_vmap_equals_the_loop(problem, probes):
+def test_recorded_skew_probes_equal_the_loop(problem, probes):
+    """The skew-Jacobian value the recorder computes during the solve (plain-autograd
+    double-VJP at the live states) equals ``skew_sum_loop`` (torch.func jvp) with the same
+    probes: value and gradient."""
     wrt, _, traj, _ = PROBLEMS[problem]()
-    ks = list(range(0, traj.num_checkpoints, 2))
-    r = skew_jacobian_of_trajectory(traj, ks, probes, torch.Generator().manual_seed(3))
+    ks = list(range(traj.num_checkpoints))
+    total, count = _skew(traj, SkewPlan(probes, None, torch.Generator().manual_seed(3)))
+    per_sample = traj.states[0].numel() / traj.states[0].shape[0]
+    r = total / count * per_sample  # undo the 1/d normalisation: the batch mean of |S v|^2
     vs = rademacher_probes([traj.states[k] for k in ks], probes, torch.Generator().manual_seed(3))
     fields = [lambda x, _k=k: traj.field_at(_k, x) for k in ks]
     states = torch.stack([traj.states[k] for k in ks])
@@ -412,12 +419,9 @@ def test_training_step_with_all_terms_equals_the_direct_implementations(monkeypa
         return loss, torch.autograd.grad(loss, params)
 
     loss, grads = step()
-    monkeypatch.setattr(adj_mod, "_sensitivities_batched", lambda *a: None)
-
-    def no_vmap(*args, **kwargs):
-        raise RuntimeError("vmap disabled")
-
-    monkeypatch.setattr(batched_mod, "skew_sum_vmap", no_vmap)
+    # the direct implementation: the field evaluated checkpoint by checkpoint at a detached
+    # state (plus the through-state term), not in one vmap call per solve
+    monkeypatch.setattr(ode_reg.recording.StepRecorder, "_batched", lambda *a: None)
     loss_ref, grads_ref = step()
     torch.testing.assert_close(loss, loss_ref, **TOL)
     assert_grads_close(grads, grads_ref)
