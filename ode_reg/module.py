@@ -13,12 +13,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ode_reg.recording import SkewPlan, StepRecorder, read_directly
+from ode_reg.recording import SkewPlan, StepRecorder
 from ode_reg.regularizers import Regularizer, _distributed, all_reduce_mean
 from ode_reg.solve import odeint as _odeint
 from ode_reg.solve import odeint_adjoint as _odeint_adjoint
-from ode_reg.terms import build_chains, reached_records, step_terms
-from ode_reg.trajectory import Trajectory, chain
+from ode_reg.terms import step_terms
+from ode_reg.trajectory import Trajectory
 
 NONFINITE_POLICIES = ("skip", "raise")
 
@@ -339,9 +339,9 @@ class RegularizedODEMixin:
         if not self.automatic_optimization or not isinstance(loss, Tensor) or not active:
             structural = rec.chains and isinstance(loss, Tensor) and loss.requires_grad
             if structural and pending and not record.groups:
-                live = [r for r in pending if r.node is not None]
-                reached = reached_records(live, read_directly(loss, live))
-                record.groups = [chain([r.traj for r in c]) for c in build_chains(live, reached)]
+                # No term: the chains (for the monitors) by the same rules, without adjoints.
+                res = step_terms(loss, pending, [], step=self.global_step, params=[])
+                record.groups = [ctx.trajectory for ctx in res.chains]
                 record.adjoints = [None] * len(record.groups)
                 record.sensitivities = [None] * len(record.groups)
             return out
