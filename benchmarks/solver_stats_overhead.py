@@ -30,9 +30,14 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+import sys
 import tempfile
 import time
 import warnings
+from pathlib import Path
+
+if __package__ in (None, ""):  # python benchmarks/solver_stats_overhead.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import lightning as L
 import torch
@@ -41,6 +46,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from benchmarks.monitor_overhead import EpochTimer
 from ode_reg import RegularizedODEModule
 from ode_reg.callbacks import (
     GradientNormMonitor,
@@ -71,20 +77,6 @@ class Model(RegularizedODEModule):
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=1e-3)
-
-
-class EpochTimer(Callback):
-    """Wall-clock and process CPU time of the training epoch."""
-
-    def __init__(self) -> None:
-        self.wall = self.cpu = float("nan")
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        self._t0, self._c0 = time.perf_counter(), time.process_time()
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        self.wall = time.perf_counter() - self._t0
-        self.cpu = time.process_time() - self._c0
 
 
 def digits_epoch(kind: str, root: str) -> tuple[float, float, float, float]:
