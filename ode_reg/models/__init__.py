@@ -2,6 +2,15 @@
 
 from ode_reg.models.fields import UnstructuredODEFunc
 from ode_reg.models.flow_classifier import FLOWS, FlowClassifier
+from ode_reg.models.orthogonal_rnn import OrthogonalRNN
 from ode_reg.models.sequence import CELLS, TASKS, SequenceModel
 
-__all__ = ["CELLS", "FLOWS", "TASKS", "FlowClassifier", "SequenceModel", "UnstructuredODEFunc"]
+__all__ = [
+    "CELLS",
+    "FLOWS",
+    "TASKS",
+    "FlowClassifier",
+    "OrthogonalRNN",
+    "SequenceModel",
+    "UnstructuredODEFunc",
+]

@@ -12,10 +12,13 @@ from ode_reg._checks import check_int, check_range
 from ode_reg.dynamics.antisymmetric import AntisymmetricODEFunc
 from ode_reg.models._checkpoint import RegularizersInCheckpoint
 from ode_reg.models.fields import UnstructuredODEFunc
+from ode_reg.models.orthogonal_rnn import MAPS, OrthogonalRNN
 from ode_reg.module import RegularizedODEModule
 from ode_reg.regularizers import Regularizer
 
-CELLS = ("antisymmetric", "antisymmetric_gated", "unstructured", "gru")
+CELLS = ("antisymmetric", "antisymmetric_gated", "unstructured", "orthogonal", "gru")
+#: Cells that solve no ODE (no ode_reg regularizers).
+DISCRETE_CELLS = ("orthogonal", "gru")
 TASKS = ("classification", "regression", "sequence")
 SOLVERS = ("euler", "midpoint", "rk4")
 
@@ -39,13 +42,16 @@ class SequenceModel(RegularizersInCheckpoint, RegularizedODEModule):
         task: ``"classification"`` (read out the last state), ``"regression"`` (MSE on the last
             state) or ``"sequence"`` (a class at every step, e.g. the copying problem).
         cell: ``"antisymmetric"``, ``"antisymmetric_gated"``, ``"unstructured"`` (free ``W``,
-            the baseline) or ``"gru"`` (``nn.GRU``, no ODE, no regularizers).
+            the baseline), ``"orthogonal"`` (:class:`~ode_reg.models.OrthogonalRNN`: an exactly
+            orthogonal transition, the exact flow of a skew-linear field, with modReLU; no
+            regularizers) or ``"gru"`` (``nn.GRU``, no ODE, no regularizers).
         hidden_dim: state size, ``>= 1``.
         step: time per input step ``> 0`` (AntisymmetricRNN's epsilon).
         gamma: diffusion of the antisymmetric field, ``>= 0``.
         recurrent_std: initialization scale of the recurrent matrix, ``>= 0``.
         solver: ``"euler"``, ``"midpoint"`` or ``"rk4"``.
         substeps: solver steps per input step, ``>= 1``.
+        orthogonal_map: ``"exp"`` or ``"cayley"``, the map of ``cell="orthogonal"``.
         lr: Adam learning rate, ``> 0``.
         weight_decay: Adam weight decay, ``>= 0``.
         cosine_epochs: anneal the learning rate to 0 over this many epochs (``0``: constant).
@@ -53,7 +59,8 @@ class SequenceModel(RegularizersInCheckpoint, RegularizedODEModule):
         nonfinite: ``"skip"`` or ``"raise"`` (see :class:`~ode_reg.RegularizedODEModule`).
 
     Raises:
-        ValueError: on any argument out of its range, or regularizers with ``cell="gru"``.
+        ValueError: on any argument out of its range, or regularizers with ``cell="gru"`` or
+            ``cell="orthogonal"``.
 
     Example::
 
@@ -76,6 +83,7 @@ class SequenceModel(RegularizersInCheckpoint, RegularizedODEModule):
         recurrent_std: float = 1.0,
         solver: str = "euler",
         substeps: int = 1,
+        orthogonal_map: str = "exp",
         lr: float = 1e-2,
         weight_decay: float = 0.0,
         cosine_epochs: int = 0,
@@ -95,11 +103,13 @@ class SequenceModel(RegularizersInCheckpoint, RegularizedODEModule):
         if solver not in SOLVERS:
             raise ValueError(f"`solver` must be one of {SOLVERS}, got {solver!r}")
         check_int("substeps", substeps, 1)
+        if orthogonal_map not in MAPS:
+            raise ValueError(f"`orthogonal_map` must be one of {MAPS}, got {orthogonal_map!r}")
         check_range("lr", lr, 0.0, low_open=True)
         check_range("weight_decay", weight_decay, 0.0)
         check_int("cosine_epochs", cosine_epochs, 0)
-        if cell == "gru" and regularizers:
-            raise ValueError("`regularizers` must be empty for cell='gru' (it solves no ODE)")
+        if cell in DISCRETE_CELLS and regularizers:
+            raise ValueError(f"`regularizers` must be empty for cell={cell!r} (it solves no ODE)")
         super().__init__(regularizers=regularizers or [], nonfinite=nonfinite)
         self.save_hyperparameters(ignore=["regularizers"])
         self.task, self.cell, self.solver = task, cell, solver
@@ -107,6 +117,9 @@ class SequenceModel(RegularizersInCheckpoint, RegularizedODEModule):
         if cell == "gru":
             self.field = None
             self.rnn = nn.GRU(input_dim, hidden_dim, batch_first=True)
+        elif cell == "orthogonal":
+            self.field = None
+            self.rnn = OrthogonalRNN(input_dim, hidden_dim, orthogonal_map=orthogonal_map)
         elif cell == "unstructured":
             self.field = UnstructuredODEFunc(hidden_dim, input_dim, recurrent_std)
         else:
