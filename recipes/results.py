@@ -1,6 +1,6 @@
 """Run the headline recipes and write ``results/RESULTS.md`` (the README's results table).
 
-Each entry of :data:`RUNS` is one recipe config (``recipes/*.yaml``) with optional overrides
+Each entry of ``recipes/experiments.yaml`` (:data:`RUNS`) is one recipe config (``recipes/*.yaml``) with optional overrides
 (more epochs, another cell, no regularizer). Every run goes through the ``ode-reg`` CLI
 in-process (``ode_reg.cli.run``), in its own subprocess with one torch thread; at most
 ``--jobs`` run at once. Each run's record (command, seed, epochs, wall time, test metrics,
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import subprocess
 import sys
@@ -32,223 +31,40 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, ROOT, machine, md_table, write_json  # noqa: E402
 
-COPY_BASELINE_T100 = 10 * math.log(8) / 120  # memoryless cross-entropy, copying T = 100
+EXPERIMENTS = Path(__file__).resolve().parent / "experiments.yaml"
 
 
-#: The digits runs made before recipes/digits.yaml gained its pixel-noise augmentation.
-NO_AUGMENTATION = [
-    "--trainer.reload_dataloaders_every_n_epochs",
-    "0",
-    "--data.init_args.pixel_noise_std",
-    "0",
-]
+def load_runs(path: Path = EXPERIMENTS) -> dict[str, dict[str, Any]]:
+    """The run list of ``recipes/experiments.yaml``: key -> recipe (file name under
+    ``recipes/``), model label, overrides (flat argument list), metric, target
+    ``(comparison, value, text)`` or None.
+
+    Raises:
+        ValueError: on a duplicate key or a run without recipe, model or metric.
+    """
+    import yaml
+
+    runs: dict[str, dict[str, Any]] = {}
+    for entry in yaml.safe_load(path.read_text())["runs"]:
+        key = entry.get("key")
+        if key in runs:
+            raise ValueError(f"{path}: duplicate run key {key!r}")
+        missing = [f for f in ("key", "recipe", "model", "metric") if f not in entry]
+        if missing:
+            raise ValueError(f"{path}: run {key!r} lacks {missing}")
+        target = entry.get("target")
+        runs[key] = {
+            "recipe": Path(entry["recipe"]).name,
+            "model": entry["model"],
+            "metric": entry["metric"],
+            "overrides": [str(x) for kv in (entry.get("overrides") or {}).items() for x in kv],
+            "target": None if target is None else (target["op"], target["value"], target["text"]),
+            "readme": entry.get("readme"),
+        }
+    return runs
 
 
-def epochs(n: int) -> list[str]:
-    """Overrides: train ``n`` epochs, the cosine schedule over all of them."""
-    return ["--trainer.max_epochs", str(n), "--model.init_args.cosine_epochs", str(n)]
-
-
-def augmented(n_epochs: int, pixel_noise_std: float) -> list[str]:
-    """Overrides of a digits recipe: ``n_epochs`` epochs (cosine over all of them) with the
-    training pixels perturbed by N(0, pixel_noise_std²), drawn again every epoch."""
-    return [
-        "--trainer.max_epochs",
-        str(n_epochs),
-        "--trainer.reload_dataloaders_every_n_epochs",
-        "1",
-        "--model.init_args.cosine_epochs",
-        str(n_epochs),
-        "--data.init_args.pixel_noise_std",
-        str(pixel_noise_std),
-    ]
-
-
-#: key -> recipe, label, overrides, metric, target (comparison, value, text)
-RUNS: dict[str, dict[str, Any]] = {
-    "two_moons_antisymmetric": dict(
-        recipe="two_moons.yaml",
-        model="antisymmetric flow (16)",
-        metric="test_acc",
-        target=(">=", 0.97, "≥ 97 %"),
-    ),
-    "two_moons_skew_linear": dict(
-        recipe="two_moons_skew_linear.yaml",
-        model="skew-linear flow (16)",
-        metric="test_acc",
-        target=("<=", "logreg", "≤ logistic regression"),
-    ),
-    "digits_pixel": dict(
-        recipe="digits.yaml",
-        model="antisymmetric ODE-RNN + adjoint reg. (every 4th step)",
-        overrides=[
-            *epochs(60),
-            *NO_AUGMENTATION,
-        ],
-        metric="test_acc",
-        target=(">=", 0.97, "≥ 97 %"),
-    ),
-    "digits_pixel_noreg_lr0.01": dict(
-        recipe="digits.yaml",
-        model="antisymmetric ODE-RNN, no reg., lr 0.01, batch 64 (tuning)",
-        overrides=[
-            "--model.init_args.lr",
-            "0.01",
-            "--data.init_args.batch_size",
-            "64",
-            "--model.init_args.regularizers",
-            "[]",
-            *epochs(60),
-            *NO_AUGMENTATION,
-        ],
-        metric="test_acc",
-        target=(">=", 0.97, "≥ 97 %"),
-    ),
-    "digits_pixel_long": dict(
-        recipe="digits.yaml",
-        model="antisymmetric ODE-RNN + adjoint reg. (every 4th step), weight decay 1e-4",
-        overrides=[
-            *epochs(150),
-            "--model.init_args.weight_decay",
-            "0.0001",
-            *NO_AUGMENTATION,
-        ],
-        metric="test_acc",
-        target=(">=", 0.97, "≥ 97 %"),
-    ),
-    "digits_pixel_aug": dict(
-        recipe="digits.yaml",
-        model="antisymmetric ODE-RNN + adjoint reg. (every 4th step), pixel noise 0.4",
-        overrides=augmented(100, 0.4),
-        metric="test_acc",
-        target=(">=", 0.97, "≥ 97 %"),
-    ),
-    "digits_pixel_aug150": dict(
-        recipe="digits.yaml",
-        model="antisymmetric ODE-RNN + adjoint reg. (every 4th step), pixel noise 0.5",
-        overrides=augmented(150, 0.5),
-        metric="test_acc",
-        target=(">=", 0.97, "≥ 97 %"),
-    ),
-    "digits_permuted": dict(
-        recipe="digits_permuted.yaml",
-        model="antisymmetric ODE-RNN + adjoint reg. (every 4th step)",
-        metric="test_acc",
-        target=(">=", 0.95, "≥ 95 %"),
-    ),
-    "digits_permuted_aug": dict(
-        recipe="digits_permuted.yaml",
-        model="antisymmetric ODE-RNN + adjoint reg. (every 4th step), pixel noise 0.4",
-        overrides=augmented(100, 0.4),
-        metric="test_acc",
-        target=(">=", 0.95, "≥ 95 %"),
-    ),
-    "digits_permuted_h256": dict(
-        recipe="digits_permuted.yaml",
-        model="antisymmetric ODE-RNN (256) + adjoint reg. (every 4th step), pixel noise 0.5",
-        overrides=[*augmented(100, 0.5), "--model.init_args.hidden_dim", "256"],
-        metric="test_acc",
-        target=(">=", 0.95, "≥ 95 %"),
-    ),
-    "digits_permuted_h256_150": dict(
-        recipe="digits_permuted.yaml",
-        model="antisymmetric ODE-RNN (256) + adjoint reg. (every 4th step), pixel noise 0.5",
-        overrides=[*augmented(150, 0.5), "--model.init_args.hidden_dim", "256"],
-        metric="test_acc",
-        target=(">=", 0.95, "≥ 95 %"),
-    ),
-    "digits_permuted_h256_200": dict(
-        recipe="digits_permuted.yaml",
-        model="antisymmetric ODE-RNN (256) + adjoint reg. (every 4th step), pixel noise 0.5",
-        overrides=[*augmented(200, 0.5), "--model.init_args.hidden_dim", "256"],
-        metric="test_acc",
-        target=(">=", 0.95, "≥ 95 %"),
-    ),
-    "digits_permuted_h256_noise08": dict(
-        recipe="digits_permuted.yaml",
-        model="antisymmetric ODE-RNN (256) + adjoint reg. (every 4th step), pixel noise 0.8",
-        overrides=[*augmented(100, 0.8), "--model.init_args.hidden_dim", "256"],
-        metric="test_acc",
-        target=(">=", 0.95, "≥ 95 %"),
-    ),
-    "noise_padded_antisymmetric_adjoint": dict(
-        recipe="digits_noise_padded.yaml",
-        model="antisymmetric ODE-RNN (256) + adjoint reg. (every 4th step)",
-        metric="test_acc",
-        target=(">=", 0.85, "≥ 85 %"),
-    ),
-    "noise_padded_antisymmetric_adjoint_h64": dict(
-        recipe="digits_noise_padded.yaml",
-        model="antisymmetric ODE-RNN (64) + adjoint reg. (every 4th step)",
-        overrides=["--model.init_args.hidden_dim", "64"],
-        metric="test_acc",
-        target=(">=", 0.85, "≥ 85 %"),
-    ),
-    "noise_padded_unstructured": dict(
-        recipe="digits_noise_padded.yaml",
-        model="unstructured ODE-RNN (256, baseline)",
-        overrides=[
-            "--model.init_args.cell",
-            "unstructured",
-            "--model.init_args.regularizers",
-            "[]",
-        ],
-        metric="test_acc",
-        target=None,
-    ),
-    "noise_padded_gru": dict(
-        recipe="digits_noise_padded.yaml",
-        model="GRU (256, reference)",
-        overrides=[
-            "--model.init_args.cell",
-            "gru",
-            "--model.init_args.regularizers",
-            "[]",
-            "--trainer.callbacks",
-            "[]",
-        ],
-        metric="test_acc",
-        target=None,
-    ),
-    "adding_t200": dict(
-        recipe="adding.yaml",
-        model="gated antisymmetric ODE-RNN + adjoint reg. (every 4th step)",
-        metric="test_mse",
-        target=("<=", 0.01, "MSE ≤ 0.01 (baseline 0.167)"),
-    ),
-    "adding_t200_12ep": dict(
-        recipe="adding.yaml",
-        model="gated antisymmetric ODE-RNN + adjoint reg. (every 4th step)",
-        overrides=epochs(12),
-        metric="test_mse",
-        target=("<=", 0.01, "MSE ≤ 0.01 (baseline 0.167)"),
-    ),
-    "copying_t100": dict(
-        recipe="copying.yaml",
-        model="gated antisymmetric ODE-RNN + adjoint reg. (every 4th step)",
-        metric="test_loss",
-        target=(
-            "<=",
-            0.1 * COPY_BASELINE_T100,
-            f"CE ≤ {0.1 * COPY_BASELINE_T100:.4f} (10 % of 0.173)",
-        ),
-    ),
-    "copying_t100_long": dict(
-        recipe="copying.yaml",
-        model="gated antisymmetric ODE-RNN + adjoint reg. (every 4th step)",
-        overrides=[
-            "--data.init_args.n_train",
-            "10000",
-            *epochs(8),
-        ],
-        metric="test_loss",
-        target=(
-            "<=",
-            0.1 * COPY_BASELINE_T100,
-            f"CE ≤ {0.1 * COPY_BASELINE_T100:.4f} (10 % of 0.173)",
-        ),
-    ),
-}
+RUNS = load_runs()
 
 
 def command(key: str, fast: bool, root: Path, extra: list[str] | None = None) -> list[str]:
@@ -509,12 +325,110 @@ def render(records: dict[str, dict[str, Any]], out: Path) -> str:
     return md
 
 
+README = ROOT / "README.md"
+
+
+def _readme_table(records: dict[str, dict[str, Any]]) -> str:
+    """The README's results table: the runs with a ``readme`` label, in the YAML's order."""
+    logreg = records.get("two_moons_logreg", {}).get("test_acc")
+    rows = []
+    if logreg is not None:
+        rows.append(["two moons", "logistic regression on raw inputs", "–", "0 s"])
+        rows[-1] += [f"acc {100 * logreg:.1f} %", "–", "reference", ""]
+    for key, spec in RUNS.items():
+        r = records.get(key)
+        if not spec.get("readme"):
+            continue
+        target = spec["target"][2] if spec["target"] else "reference"
+        if r is None:
+            rows.append([spec["readme"], spec["model"], "–", "–", "not run yet", "–", target, ""])
+            continue
+        ratio = r.get("adjoint_ratio_held_out")
+        met = _met(r, logreg).replace("**", "").replace("(reference)", "")
+        rows.append(
+            [
+                spec["readme"],
+                spec["model"],
+                r["epochs"],
+                f"{r['wall_s']:.0f} s",
+                _metric_text(r),
+                "–" if ratio is None else f"{ratio:.3g}",
+                target,
+                met,
+            ]
+        )
+    header = ["recipe", "model", "epochs", "wall", "test metric", "held-out adjoint max/min"]
+    return md_table([*header, "target", "met?"], rows)
+
+
+def _sweep_table() -> str:
+    """The sweep's summary (mean ± std, success rate, ratio, wall) from its records."""
+    import sweep
+
+    spec = sweep.load_spec()
+    rows = sweep.summarize(spec, sweep.load_records(RESULTS / "sweep"))
+    if not rows:
+        return "(the sweep has not been run: `python recipes/sweep.py`)"
+    return md_table(
+        [
+            "model",
+            "T",
+            "test MSE (mean ± std, 3 seeds)",
+            "MSE < 0.01",
+            "adjoint max/min",
+            "wall / run",
+        ],
+        [
+            [
+                r["label"],
+                r["T"],
+                f"{r['mean']:.4f} ± {r['std']:.4f}",
+                f"{r['successes']}/{r['runs']}",
+                "–" if r["ratio_median"] is None else f"{r['ratio_median']:.3g}",
+                f"{r['wall_mean_s']:.0f} s",
+            ]
+            for r in rows
+        ],
+    )
+
+
+def readme_blocks(records: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """The README's generated blocks, by marker name (``<!-- NAME:begin -->``...``end``)."""
+    return {"results-table": _readme_table(records), "sweep-table": _sweep_table()}
+
+
+def update_readme(records: dict[str, dict[str, Any]], check: bool = False) -> list[str]:
+    """Rewrite (or with ``check`` only compare) the README's generated blocks; returns the
+    names of the blocks that were (or would be) changed.
+
+    Raises:
+        ValueError: if a block's markers are missing from the README.
+    """
+    text = README.read_text()
+    changed = []
+    for name, body in readme_blocks(records).items():
+        begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+        if begin not in text or end not in text:
+            raise ValueError(f"README.md lacks the markers {begin} ... {end}")
+        head, rest = text.split(begin, 1)
+        old, tail = rest.split(end, 1)
+        if old.strip() != body.strip():
+            changed.append(name)
+        text = f"{head}{begin}\n{body}\n{end}{tail}"
+    if changed and not check:
+        README.write_text(text)
+    return changed
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", nargs="*", default=None, help="run keys (default: all)")
     p.add_argument("--fast", action="store_true", help="2 steps per run, into results/fast/")
     p.add_argument("--jobs", type=int, default=2, help="runs at once")
-    p.add_argument("--render", action="store_true", help="only render RESULTS.md")
+    p.add_argument("--render", action="store_true", help="only render RESULTS.md and the README")
+    p.add_argument(
+        "--check-readme", action="store_true", help="exit 1 if the README's tables are stale"
+    )
     p.add_argument("--out", type=Path, default=None, help="output folder (default results/)")
     p.add_argument("--extra", default="", help="extra ode-reg overrides for every run, one string")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -528,6 +442,13 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     store = out / "results.json"
     records = load_records(out)
+    if args.check_readme:
+        stale = update_readme(records, check=True)
+        if stale:
+            sys.exit(
+                f"README.md blocks {stale} differ from the records: python recipes/results.py --render"
+            )
+        return
     if not args.render:
         keys = args.only if args.only is not None else ["two_moons_logreg", *RUNS]
         unknown = [k for k in keys if k not in RUNS and k != "two_moons_logreg"]
@@ -574,6 +495,8 @@ def main(argv: list[str] | None = None) -> None:
     records = load_records(out)
     write_json(store, records)
     print(render(records, out / "RESULTS.md"))
+    if out == RESULTS.resolve():
+        print(f"README.md blocks rewritten: {update_readme(records) or 'none changed'}")
 
 
 if __name__ == "__main__":

@@ -102,3 +102,15 @@ def test_readme_check_fails_on_a_figure_typed_by_hand() -> None:
     block = figs.BLOCK.search(readme)["body"]
     edited = readme.replace(block, block.replace(f"{record['test_acc']:.4f}", "0.9999"))
     assert any("summary block" in d for d in figs.differences(edited, record))
+
+
+def test_readme_results_tables_match_the_records() -> None:
+    """The README's results and sweep tables are what ``recipes/results.py --render`` makes of
+    the committed records (``results/records/``, ``results/sweep/records/``)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "recipes"))
+    import results
+
+    stale = results.update_readme(results.load_records(results.RESULTS), check=True)
+    assert stale == [], f"run `python recipes/results.py --render`: {stale} are stale"
