@@ -214,9 +214,16 @@ def _scalar(metrics: dict[str, Any], *keys: str) -> float | None:
 
 
 def _split_size(datamodule: Any, split: str) -> int | None:
+    """The number of predicted labels of a split: samples, or samples x steps when the target
+    is a label per step (``task="sequence"``), so that ``acc x n`` counts correct labels."""
     try:
         dataset = getattr(datamodule, f"{split}_set", None)
-        return None if dataset is None else len(dataset)
+        if dataset is None:
+            return None
+        tensors = getattr(dataset, "tensors", None)
+        if tensors and not tensors[-1].is_floating_point():
+            return int(tensors[-1].numel())
+        return len(dataset)
     except TypeError:
         return None
 
