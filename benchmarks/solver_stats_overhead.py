@@ -1,10 +1,16 @@
 """Overhead of ``SolverStatsMonitor`` at its default cadence, as a ratio of training-epoch times.
 
-Four kinds of run of the same training epoch, alternated so that drifts in machine load hit all
-of them: no monitor; ``SolverStatsMonitor`` alone (attaching any ode_reg monitor also turns on
-the recording of the step's solves, included here); the three other monitors; the three plus
-``SolverStatsMonitor`` (its own cost where the recording is on anyway). The CPU time spent
-inside the monitor's own hooks is measured as well, as a share of the epoch. Default cadence:
+Five kinds of run of the same training epoch, alternated (the order reversed every other round,
+so that drifts in machine load and position effects hit all of them alike): no monitor; the
+stats-only recording alone (``record``: a do-nothing monitor with ``needs_chains = False``, which
+the module recognizes as an ode_reg monitor, so each solve goes through ``ode_reg.integrate``;
+a callback defined outside ``ode_reg.callbacks`` turns nothing on and costs nothing);
+``SolverStatsMonitor`` alone (recording included: attaching it turns the recording on); the
+three other monitors; the three plus ``SolverStatsMonitor`` (its own cost where the recording is
+on anyway). The CPU time spent inside the monitor's own hooks is measured as well, as a share
+of the epoch. With ``--per-step`` the kinds ``none`` / ``record`` / ``solver`` are instead
+switched step by step inside one run (one Trainer, the callbacks swapped at each batch start),
+which on a shared machine is far less noisy than whole epochs in separate Trainers. Default cadence:
 scalars every ``log_every_n_steps`` = 50 batches, step-size histograms every 500, the NFE plot
 at the epoch end; every run logs to a ``CSVLogger`` in a temporary folder (plots included).
 Prints the median epoch times (process CPU time and wall clock) and the ratios side by side.
@@ -12,7 +18,7 @@ Prints the median epoch times (process CPU time and wall clock) and the ratios s
 Usage::
 
     python benchmarks/solver_stats_overhead.py [--steps 300] [--repeats 3] [--dim 32]
-        [--batch 64] [--method rk4|dopri5] [--threads 1]
+        [--batch 64] [--method rk4|dopri5] [--threads 1] [--per-step]
 
 With ``--digits`` it times one training epoch of the main job (``recipes/digits.yaml``, its
 three monitors with and without ``SolverStatsMonitor``, CSV logger, no validation).
@@ -56,7 +62,17 @@ from ode_reg.callbacks import (
 )
 from ode_reg.dynamics import AntisymmetricODEFunc
 
-KINDS = ("none", "solver", "three", "three+solver")
+KINDS = ("none", "record", "solver", "three", "three+solver")
+
+
+class RecordOnly(Callback):
+    """A monitor that does nothing, but turns on the module's stats-only recording (the module
+    treats callbacks from ``ode_reg.callbacks`` as monitors): the recording's own cost."""
+
+    needs_chains = False
+
+
+RecordOnly.__module__ = "ode_reg.callbacks.solver_stats"  # seen as a monitor by the module
 
 
 class Model(RegularizedODEModule):
@@ -151,7 +167,62 @@ def monitors(kind: str) -> list[Callback]:
         out += [OrthogonalityMonitor(), SpectrumMonitor(), GradientNormMonitor()]
     if kind.endswith("solver"):
         out.append(SolverStatsMonitor())
+    if kind == "record":
+        out.append(RecordOnly())
     return out
+
+
+def per_step(args: argparse.Namespace, loader: DataLoader) -> None:
+    """``none`` / ``record`` / ``solver`` switched at every batch in one run: per-step CPU
+    times (batch start to the next batch start, so the monitor's batch-end hook is included)."""
+    kinds = ("none", "record", "solver")
+    extra = {"none": [], "record": [RecordOnly()], "solver": [SolverStatsMonitor()]}
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+
+    class Switch(Callback):
+        kind: str | None = None
+        start = 0.0
+        others: list[Callback] | None = None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            now = time.process_time()
+            if self.kind is not None and batch_idx > 3 * len(kinds):  # after a warm-up
+                times[self.kind].append(now - self.start)
+            if self.others is None:  # Lightning's own callbacks, if any, stay
+                self.others = [c for c in trainer.callbacks if c is not self]
+            self.kind = kinds[batch_idx % len(kinds)]
+            trainer.callbacks = [self, *extra[self.kind], *self.others]
+            self.start = time.process_time()
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as root:
+        trainer = L.Trainer(
+            max_epochs=args.repeats,
+            callbacks=[Switch()],
+            logger=CSVLogger(root, name="per_step"),
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+            devices=1,
+        )
+        trainer.fit(Model(args.dim, args.method), loader)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    mean = {k: statistics.fmean(v) for k, v in times.items()}
+    print(
+        f"per-step switching, {args.repeats} epoch(s) of {args.steps} steps ({args.method}, dim "
+        f"{args.dim}, batch {args.batch}, {torch.get_num_threads()} thread(s)), "
+        f"{len(times['none'])} steps of each kind; CPU time per step:"
+    )
+    for k in kinds:
+        print(
+            f"  {k:6s}: median {1e3 * med[k]:.3f} ms (x{med[k] / med['none']:.4f}), "
+            f"mean {1e3 * mean[k]:.3f} ms (x{mean[k] / mean['none']:.4f})"
+        )
+    print(
+        f"  the monitor's own share over the recording: median "
+        f"{med['solver'] / med['record'] - 1:+.2%}, mean {mean['solver'] / mean['record'] - 1:+.2%}"
+    )
 
 
 def epoch_time(
@@ -289,6 +360,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: default)")
     parser.add_argument("--nfe-example", action="store_true", help="the README's worked example")
     parser.add_argument("--digits", action="store_true", help="one epoch of the main job instead")
+    parser.add_argument(
+        "--per-step", action="store_true", help="switch the kinds step by step in one run"
+    )
     parser.add_argument("--epochs", type=int, default=5, help="epochs of the worked example")
     parser.add_argument("--skew-weight", type=float, default=0.1, help="its regularizer weight")
     parser.add_argument("--plot", default=None, help="PNG path for the example's NFE curves")
@@ -309,11 +383,14 @@ def main() -> None:
     x = torch.randn(args.steps * args.batch, args.dim, generator=g)
     y = x[:, 0] * x[:, 1]
     loader = DataLoader(TensorDataset(x, y), batch_size=args.batch, shuffle=False)
+    if args.per_step:
+        per_step(args, loader)
+        return
     runs: dict[str, list[tuple[float, float, float, float]]] = {k: [] for k in KINDS}
     with tempfile.TemporaryDirectory() as root:
         epoch_time("three+solver", args, loader, root)  # warm-up (imports, font cache)
-        for _ in range(args.repeats):
-            for kind in KINDS:
+        for r in range(args.repeats):
+            for kind in KINDS if r % 2 == 0 else KINDS[::-1]:
                 runs[kind].append(epoch_time(kind, args, loader, root))
     print(
         f"epoch of {args.steps} steps ({args.method}, dim {args.dim}, batch {args.batch}, "
@@ -326,9 +403,22 @@ def main() -> None:
             (a, b): statistics.median(x[i] / y[i] for x, y in zip(runs[a], runs[b]))
             for a, b in (("solver", "none"), ("three+solver", "three"))
         }
+        pair.update(
+            {
+                (a, b): statistics.median(x[i] / y[i] for x, y in zip(runs[a], runs[b]))
+                for a, b in (("record", "none"), ("solver", "record"))
+            }
+        )
         print(
-            f"  {what:4s}: none {med['none']:.3f} s, solver {med['solver']:.3f} s, "
-            f"three {med['three']:.3f} s, three+solver {med['three+solver']:.3f} s"
+            f"  {what:4s}: none {med['none']:.3f} s, record {med['record']:.3f} s, "
+            f"solver {med['solver']:.3f} s, three {med['three']:.3f} s, "
+            f"three+solver {med['three+solver']:.3f} s"
+        )
+        print(
+            f"        record / none {med['record'] / med['none']:.4f} "
+            f"(pairwise {pair[('record', 'none')]:.4f})   "
+            f"solver / record {med['solver'] / med['record']:.4f} "
+            f"(pairwise {pair[('solver', 'record')]:.4f})"
         )
         print(
             f"        solver / none {med['solver'] / med['none']:.4f} "

@@ -76,28 +76,30 @@ def _detached(x: Any) -> Any:
     return x
 
 
+def _light(tr: Trajectory) -> Trajectory:
+    """``tr`` (and its parts) with every tensor detached (module level: a recursive closure
+    would be a reference cycle, left for the cyclic garbage collector, at every step)."""
+    parts = tuple(_light(p) for p in tr.parts)
+    out = dataclasses.replace(
+        tr,
+        states=_detached(tr.states),
+        solution=_detached(tr.solution),
+        weights=_detached(tr.weights),
+        parts=parts,
+        _field_at=None,
+    )
+    owners = getattr(tr, "owners", None)
+    if owners is not None:
+        index = {id(p): q for p, q in zip(tr.parts, parts)}
+        out.owners = tuple((index.get(id(p), p), k) for p, k in owners)  # type: ignore[attr-defined]
+    return out
+
+
 def _released(record: StepRecord) -> StepRecord:
     """``record`` with every tensor detached from the step's autograd graph."""
-
-    def light(tr: Trajectory) -> Trajectory:
-        parts = tuple(light(p) for p in tr.parts)
-        out = dataclasses.replace(
-            tr,
-            states=_detached(tr.states),
-            solution=_detached(tr.solution),
-            weights=_detached(tr.weights),
-            parts=parts,
-            _field_at=None,
-        )
-        owners = getattr(tr, "owners", None)
-        if owners is not None:
-            index = {id(p): q for p, q in zip(tr.parts, parts)}
-            out.owners = tuple((index.get(id(p), p), k) for p, k in owners)  # type: ignore[attr-defined]
-        return out
-
     return StepRecord(
-        [light(t) for t in record.trajectories],
-        [light(t) for t in record.groups],
+        [_light(t) for t in record.trajectories],
+        [_light(t) for t in record.groups],
         [_detached(a) for a in record.adjoints],
         [_detached(a) for a in record.sensitivities],
         list(record.left_out),

@@ -11,6 +11,7 @@ solve itself (result, steps, field evaluations) is torchdiffeq's.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -248,23 +249,24 @@ class Trajectory:
 
 
 # --------------------------------------------------------------------------- the probe
-class _Probe(nn.Module):
+class _ProbeBase:
     """The user's field as torchdiffeq sees it during one recorded solve.
 
     Counts field evaluations and, through torchdiffeq's step callbacks, records the state at
-    the start of every accepted step. The user's field is a submodule (so ``odeint_adjoint``
-    finds its parameters); the user's own callbacks are still called.
+    the start of every accepted step; the user's own callbacks are still called.
     """
 
-    def __init__(self, func: Callable[..., Tensor], adaptive: bool) -> None:
-        super().__init__()
-        if isinstance(func, nn.Module):
-            self.func = func
-        else:
-            object.__setattr__(self, "_closure", func)
+    stats: SolverStats
+    times: list[Tensor]
+    states: list[Any]
+    dts: list[Tensor]
+    in_backward: bool
+
+    def _setup(self, func: Callable[..., Tensor], adaptive: bool) -> None:
         self.stats = SolverStats()
-        self.times: list[Tensor] = []
-        self.states: list[Any] = []
+        self.times = []
+        self.states = []
+        self.dts = []
         self.in_backward = False
         record = "callback_accept_step" if adaptive else "callback_step"
         for name in (*_CALLBACKS, *(n + "_adjoint" for n in _CALLBACKS)):
@@ -276,24 +278,69 @@ class _Probe(nn.Module):
             elif user is not None:
                 setattr(self, name, user)
 
+    # The step callbacks are instance attributes, so they must not refer to ``self``: a
+    # probe -> callback -> probe cycle would keep every solve's probe, its recorded states and
+    # their autograd nodes alive until the cyclic garbage collector runs (a gen-0 collection
+    # every few training steps, and memory the allocator cannot reuse at once). The step sizes
+    # are kept as tensors and read once, after the solve (:meth:`finish`): no host read, hence
+    # no device sync, per step.
     def _recorder(self, user: Callable[..., Any] | None) -> Callable[..., Any]:
+        times, states, dts, stats = self.times, self.states, self.dts, self.stats
+
         def callback(t0: Tensor, y0: Any, dt: Tensor) -> None:
-            self.times.append(t0)
-            self.states.append(y0)
-            self.stats.accepted += 1
-            self.stats.step_sizes.append(abs(float(dt.detach())))
+            times.append(t0)
+            states.append(y0)
+            dts.append(dt.detach())
+            stats.accepted += 1
             if user is not None:
                 user(t0, y0, dt)
 
         return callback
 
     def _rejecter(self, user: Callable[..., Any] | None) -> Callable[..., Any]:
+        stats = self.stats
+
         def callback(t0: Tensor, y0: Any, dt: Tensor) -> None:
-            self.stats.rejected += 1
+            stats.rejected += 1
             if user is not None:
                 user(t0, y0, dt)
 
         return callback
+
+    def finish(self) -> None:
+        """After the forward solve: the accepted step sizes ``|dt|`` into :attr:`stats` (one
+        host read), and the field evaluations from now on counted as the backward solve's."""
+        if self.dts:
+            self.stats.step_sizes = [abs(d) for d in torch.stack(self.dts).tolist()]
+            self.dts.clear()
+        self.in_backward = True
+
+
+class _CallProbe(_ProbeBase):
+    """The probe of an ``odeint`` solve: a plain callable (no ``nn.Module`` dispatch at each of
+    the solver's field evaluations; ``odeint`` does not need the parameters)."""
+
+    def __init__(self, func: Callable[..., Tensor], adaptive: bool) -> None:
+        self.func = func
+        self._setup(func, adaptive)
+
+    def __call__(self, t: Tensor, y: Any) -> Any:
+        self.stats.nfe += 1
+        return self.func(t, y)
+
+
+class _Probe(_ProbeBase, nn.Module):
+    """The probe of an ``odeint_adjoint`` solve: an ``nn.Module`` whose submodule is the user's
+    field, so that ``odeint_adjoint`` finds its parameters; the backward solve's evaluations
+    are counted apart (``nfe_backward``)."""
+
+    def __init__(self, func: Callable[..., Tensor], adaptive: bool) -> None:
+        super().__init__()
+        if isinstance(func, nn.Module):
+            self.func = func
+        else:
+            object.__setattr__(self, "_closure", func)
+        self._setup(func, adaptive)
 
     def forward(self, t: Tensor, y: Any) -> Any:
         if self.in_backward:
@@ -436,10 +483,12 @@ def _check_times(t: Any, y0: Any) -> Tensor:
         raise ValueError(
             f"`t` must be a 1-D tensor of at least 2 times, got shape {tuple(t.shape)}"
         )
-    if not bool(torch.isfinite(t).all()):
+    # On the host, from one read of ``t`` (a few tensor ops and a device sync each otherwise).
+    vals = t.tolist()
+    if not all(math.isfinite(v) for v in vals):
         raise ValueError("`t` must be finite")
-    d = t[1:] - t[:-1]
-    if not (bool((d > 0).all()) or bool((d < 0).all())):
+    d = [b - a for a, b in zip(vals, vals[1:])]
+    if not (all(x > 0 for x in d) or all(x < 0 for x in d)):
         raise ValueError("`t` must be strictly increasing or strictly decreasing")
     return t
 
@@ -554,7 +603,7 @@ def integrate(
             # The solve starts from its own alias of y0 (same values, no copy): the adjoint
             # there is what flows into this solve, not what other readers of y0 add.
             y0 = y0.view_as(y0)
-    probe = _Probe(func, adaptive=kind == "adaptive")
+    probe = (_Probe if adjoint else _CallProbe)(func, adaptive=kind == "adaptive")
     kwargs: dict[str, Any] = {"rtol": rtol, "atol": atol, "method": method, "options": options}
     if event_fn is not None:
         kwargs["event_fn"] = event_fn
@@ -569,7 +618,7 @@ def integrate(
             out = solve(probe, y0, t, **kwargs)
         except AssertionError as exc:
             raise _odeint_error(exc, method, func) from exc
-    probe.in_backward = True
+    probe.finish()
     event_t = None
     if event_fn is not None:
         event_t, out = out
@@ -592,7 +641,7 @@ def _on_grid(forced: Tensor, grid: Tensor, *, snap: bool, method: str) -> Tensor
 
 
 def _trajectory(
-    probe: _Probe,
+    probe: _ProbeBase,
     func: Callable[..., Any],
     y0: Any,
     t: Tensor,
@@ -604,7 +653,7 @@ def _trajectory(
 ) -> Trajectory:
     shapes = tuple(c.shape for c in y0) if isinstance(y0, tuple) else None
     flat_func = func if shapes is None else _TupleFunc(func, shapes)
-    step_times = [float(s.detach()) for s in probe.times]
+    step_times = torch.stack(probe.times).detach().tolist() if probe.times else []
     step_states = [_flat(s) for s in probe.states]
     if not step_states:  # a solver without step callbacks (scipy_solver): the start only
         step_times = [float(t[0])]
@@ -636,7 +685,7 @@ def _trajectory(
         # For the functional API's later evaluations (``sensitivities``): a field's held
         # attributes (``ode_reg_snapshot``) as they were during this solve.
         snap = func.ode_reg_snapshot() if hasattr(func, "ode_reg_snapshot") else None
-        traj.points = tuple(FieldPoint(func, traj.times[k], snap) for k in range(len(traj.states)))
+        traj.points = tuple(FieldPoint(func, tk, snap) for tk in traj.times.unbind(0))
     return traj
 
 

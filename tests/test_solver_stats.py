@@ -493,3 +493,39 @@ def test_summary_prints_nfe_per_step_of_the_first_and_last_epoch():
     assert line.endswith("   26 / 38 (epochs 0 / 4)")  # rounded to whole evaluations
     assert "NFE" not in format_summary({"epochs": 1, "steps": 1, "run_dir": "r"})
     assert _solver_nfe(trainer([], max_steps=1)) is None
+
+
+@pytest.mark.parametrize("method", ["rk4", "dopri5"])
+def test_recorded_solve_leaves_no_reference_cycle(method: str) -> None:
+    """A recorded solve is freed by reference counting: no probe <-> step-callback cycle that
+    would keep its probe, states and autograd nodes alive until the cyclic collector runs
+    (issue 12: that cost the stats-only recording a gen-0 collection every few steps)."""
+    import gc
+
+    from ode_reg.module import StepRecord, _released
+    from ode_reg.trajectory import integrate
+
+    class Field(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+            return self.lin(z)
+
+    field = Field()
+    opts = {"options": {"step_size": 0.1}} if method == "rk4" else {}
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(3):
+            traj = integrate(
+                field, torch.ones(2, 3), torch.tensor([0.0, 1.0]), method=method, **opts
+            )
+            traj.ys.sum().backward()
+            assert traj.stats.accepted == len(traj.stats.step_sizes) > 0
+            _released(StepRecord([traj], [], [], []))
+        del traj
+        assert gc.collect() == 0
+    finally:
+        gc.enable()

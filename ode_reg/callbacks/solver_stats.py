@@ -416,7 +416,14 @@ class SolverStatsMonitor(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(every_n_steps=self.every_n_steps, window=self.window)
+        # Lightning reads it at every callback hook call (the profiler's action name), about
+        # ten times a training step: built once per (every_n_steps, window).
+        args = (self.every_n_steps, self.window)
+        cached = self.__dict__.get("_state_key")
+        if cached is None or cached[0] != args:
+            key = self._generate_state_key(every_n_steps=args[0], window=args[1])
+            cached = self._state_key = (args, key)
+        return cached[1]
 
     # ------------------------------------------------------------------ collection
     def _reset_epoch(self, epoch: int) -> None:
