@@ -361,19 +361,22 @@ def _readme_table(records: dict[str, dict[str, Any]]) -> str:
     return md_table([*header, "target", "met?"], rows)
 
 
-def _sweep_table() -> str:
-    """The sweep's summary (mean ± std, success rate, ratio, wall) from its records."""
+def _sweep_table(spec_name: str = "sweep.yaml", folder: str = "sweep") -> str:
+    """A sweep's summary (mean ± std, success rate, ratio, wall) from its records."""
     import sweep
 
-    spec = sweep.load_spec()
-    rows = sweep.summarize(spec, sweep.load_records(RESULTS / "sweep"))
+    spec = sweep.load_spec(ROOT / "recipes" / spec_name)
+    rows = sweep.summarize(spec, sweep.load_records(RESULTS / folder))
     if not rows:
-        return "(the sweep has not been run: `python recipes/sweep.py`)"
+        return f"(not run yet: `python recipes/sweep.py --spec recipes/{spec_name}`)"
+    seeds = len(spec["seeds"])
+    budget = f"{spec['max_steps']} × {spec['common']['--data.init_args.batch_size']}"
     return md_table(
         [
             "model",
             "T",
-            "test MSE (mean ± std, 3 seeds)",
+            "steps × batch",
+            f"test MSE (mean ± std, {seeds} seeds)" if seeds > 1 else "test MSE (1 seed)",
             "MSE < 0.01",
             "adjoint max/min",
             "wall / run",
@@ -382,7 +385,8 @@ def _sweep_table() -> str:
             [
                 r["label"],
                 r["T"],
-                f"{r['mean']:.4f} ± {r['std']:.4f}",
+                budget,
+                f"{r['mean']:.4f} ± {r['std']:.4f}" if r["runs"] > 1 else f"{r['mean']:.4f}",
                 f"{r['successes']}/{r['runs']}",
                 "–" if r["ratio_median"] is None else f"{r['ratio_median']:.3g}",
                 f"{r['wall_mean_s']:.0f} s",
@@ -394,7 +398,11 @@ def _sweep_table() -> str:
 
 def readme_blocks(records: dict[str, dict[str, Any]]) -> dict[str, str]:
     """The README's generated blocks, by marker name (``<!-- NAME:begin -->``...``end``)."""
-    return {"results-table": _readme_table(records), "sweep-table": _sweep_table()}
+    return {
+        "results-table": _readme_table(records),
+        "sweep-table": _sweep_table(),
+        "sweep-long-table": _sweep_table("sweep_long.yaml", "sweep_long"),
+    }
 
 
 def update_readme(records: dict[str, dict[str, Any]], check: bool = False) -> list[str]:

@@ -43,6 +43,7 @@ def load_spec(path: Path = SPEC) -> dict[str, Any]:
     import yaml
 
     spec = yaml.safe_load(path.read_text())
+    spec["_path"] = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
     keys = [v["key"] for v in spec["variants"]]
     if len(set(keys)) != len(keys):
         raise ValueError(f"{path}: variant keys must be unique, got {keys}")
@@ -242,7 +243,9 @@ def plot(spec: dict[str, Any], rows: list[dict[str, Any]], out: Path, stamp: str
     return paths
 
 
-def render(spec: dict[str, Any], out: Path, elapsed_s: float | None = None) -> str:
+def render(
+    spec: dict[str, Any], out: Path, elapsed_s: float | None = None, jobs: int | None = None
+) -> str:
     """``SWEEP.md`` and the two plots, from the records under ``out``."""
     records = load_records(out)
     rows = summarize(spec, records)
@@ -250,6 +253,7 @@ def render(spec: dict[str, Any], out: Path, elapsed_s: float | None = None) -> s
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     if elapsed_s is not None:
         meta["wall_s_total"] = meta.get("wall_s_total", 0.0) + elapsed_s
+        meta["jobs"] = jobs
         write_json(meta_path, meta)
     stamp = time.strftime("%Y-%m-%d", time.gmtime(max((out / "records").stat().st_mtime, 0)))
     if rows:
@@ -271,9 +275,11 @@ def render(spec: dict[str, Any], out: Path, elapsed_s: float | None = None) -> s
     text = [
         "# Horizon sweep: adding problem",
         "",
-        f"Made by `python recipes/sweep.py` from `recipes/sweep.yaml`; records in "
+        f"Made by `python recipes/sweep.py` from `{spec.get('_path', 'recipes/sweep.yaml')}`; "
+        "records in "
         f"`{out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}/records/`. "
-        f"Measured on {machine()}, two runs at a time. Every run: {spec['max_steps']} "
+        f"Measured on {machine()}, {meta.get('jobs') or 2} run(s) at a time beside other jobs "
+        f"(wall times are upper bounds for a quiet machine). Every run: {spec['max_steps']} "
         f"optimizer steps of batch {spec['common'].get('--data.init_args.batch_size')}, gradient "
         f"clipping at norm {spec['common'].get('--trainer.gradient_clip_val')}, the test "
         "split evaluated with the final weights. Success: "
@@ -393,7 +399,14 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         list(pool.map(one, todo))
-    print(render(load_spec(args.spec) if not args.fast else spec, out, time.perf_counter() - start))
+    print(
+        render(
+            load_spec(args.spec) if not args.fast else spec,
+            out,
+            time.perf_counter() - start,
+            args.jobs,
+        )
+    )
 
 
 if __name__ == "__main__":
