@@ -10,9 +10,10 @@ import yaml
 from ode_reg.cli import run
 
 ROOT = Path(__file__).resolve().parents[1]
-# Lightning configs; experiment lists (``variants:``, e.g. ``sweep.yaml``) are not recipes.
+# Lightning configs (with a ``model``); the experiment lists (``sweep.yaml``,
+# ``experiments.yaml``) are not recipes.
 RECIPES = sorted(
-    p for p in (ROOT / "recipes").glob("*.yaml") if "variants" not in yaml.safe_load(p.read_text())
+    p for p in (ROOT / "recipes").glob("*.yaml") if "model" in yaml.safe_load(p.read_text())
 )
 
 
