@@ -94,7 +94,7 @@ def fast_form(command: str, out: str) -> str | None:
         return "torchrun --help"
     if re.match(r"^python (recipes/\w+\.py|benchmarks/\w+\.py|-m benchmarks)$", command):
         return f"{command} --help"
-    if m := re.match(r"^python (benchmarks/\w+\.py) .*$", command):
+    if m := re.match(r"^python ((?:benchmarks|recipes)/\w+\.py) .*$", command):
         return f"python {m.group(1)} --help"
     if m := re.match(r"^python -m (benchmarks\.\w+)$", command):
         # A benchmark module without --help (it would run): it must import from the shell.
@@ -339,7 +339,7 @@ def test_data_module_trainer_error_names_the_cli_flag_before_wandb_starts(
     with pytest.raises(ConfigError) as info:
         run(["fit", "--config", str(recipe)])
     message = str(info.value)
-    assert message.startswith("DigitsDataModule: --data.init_args.pixel_noise_std 0.5 draws")
+    assert message.startswith("DigitsDataModule: --data.init_args.pixel_noise_std 0.4 draws")
     assert "--trainer.reload_dataloaders_every_n_epochs 1" in message
     assert len(message.splitlines()) <= 3
     assert not list(tmp_path.rglob("offline-run-*")) and not list(tmp_path.rglob("latest-run"))
