@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,17 @@ def single_thread() -> None:
     """One intra-op thread per run: faster for these small matrices when runs share 2 cores."""
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def run_worker(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> int:
+    """Run a result script's worker subprocess from the repository root with one torch thread
+    (plus ``env``), its output into ``log``; returns the exit status."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    full = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(env or {})}
+    with log.open("w") as fh:
+        return subprocess.run(
+            cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=full
+        ).returncode
 
 
 def offline_wandb(folder: Path) -> None:

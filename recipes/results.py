@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, ROOT, machine, md_table, write_json  # noqa: E402
+from _common import RESULTS, ROOT, machine, md_table, run_worker, write_json  # noqa: E402
 
 EXPERIMENTS = Path(__file__).resolve().parent / "experiments.yaml"
 
@@ -485,12 +484,7 @@ def main(argv: list[str] | None = None) -> None:
             if args.extra:
                 cmd.append(f"--extra={args.extra}")
             log = out / "logs" / f"{key}.log"
-            log.parent.mkdir(parents=True, exist_ok=True)
-            env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-            with log.open("w") as fh:
-                rc = subprocess.run(
-                    cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env
-                ).returncode
+            rc = run_worker(cmd, log)
             if rc != 0 or not record_path.exists():
                 print(f"[results] {key} FAILED (rc={rc}), see {log}", flush=True)
                 return

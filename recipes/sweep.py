@@ -25,7 +25,7 @@ import json
 import math
 import os
 import shlex
-import subprocess
+import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +33,16 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, ROOT, adjoint_profile, machine, md_table, profile_ratio, write_json  # noqa: E402
+from _common import (
+    RESULTS,
+    ROOT,
+    adjoint_profile,
+    machine,
+    md_table,
+    profile_ratio,
+    run_worker,
+    write_json,
+)  # noqa: E402
 
 SPEC = Path(__file__).resolve().parent / "sweep.yaml"
 
@@ -148,12 +157,6 @@ def load_records(out: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted((out / "records").glob("*.json"))]
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    m = sum(values) / len(values)
-    var = sum((v - m) ** 2 for v in values) / max(1, len(values) - 1)
-    return m, math.sqrt(var)
-
-
 def summarize(spec: dict[str, Any], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (variant, T): mean ± std of the metric, success rate, ratio, wall time."""
     metric, below = spec["success"]["metric"], spec["success"]["below"]
@@ -165,7 +168,8 @@ def summarize(spec: dict[str, Any], records: list[dict[str, Any]]) -> list[dict[
             if not vals:
                 continue
             finite = [x for x in vals if math.isfinite(x)]
-            m, s = _mean_std(finite) if finite else (math.nan, math.nan)
+            m = statistics.fmean(finite) if finite else math.nan
+            s = statistics.stdev(finite) if len(finite) > 1 else (0.0 if finite else math.nan)
             ratios = [r["adjoint_ratio_held_out"] for r in rs if r.get("adjoint_ratio_held_out")]
             rows.append(
                 {
@@ -177,7 +181,7 @@ def summarize(spec: dict[str, Any], records: list[dict[str, Any]]) -> list[dict[
                     "mean": m,
                     "std": s,
                     "successes": sum(1 for x in vals if math.isfinite(x) and x < below),
-                    "ratio_median": sorted(ratios)[len(ratios) // 2] if ratios else None,
+                    "ratio_median": statistics.median_high(ratios) if ratios else None,
                     "ratio_min": min(ratios) if ratios else None,
                     "ratio_max": max(ratios) if ratios else None,
                     "wall_mean_s": sum(r["wall_s"] for r in rs) / len(rs),
@@ -385,13 +389,9 @@ def main(argv: list[str] | None = None) -> None:
         cmd = [sys.executable, __file__, "--worker", key, "--record", str(record)]
         cmd += ["--out", str(out), "--spec", str(args.spec)] + (["--fast"] if args.fast else [])
         log = out / "logs" / f"{key}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        env.setdefault("WANDB_MODE", "offline")
-        with log.open("w") as fh:
-            rc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env)
-        if rc.returncode != 0 or not record.exists():
-            print(f"[sweep] {key} FAILED (rc={rc.returncode}), see {log}", flush=True)
+        rc = run_worker(cmd, log, {"WANDB_MODE": os.environ.get("WANDB_MODE", "offline")})
+        if rc != 0 or not record.exists():
+            print(f"[sweep] {key} FAILED (rc={rc}), see {log}", flush=True)
             return
         r = json.loads(record.read_text())
         print(f"[sweep] {key}: MSE {r['test_mse']:.4g}, {r['wall_s']:.0f} s", flush=True)
