@@ -18,7 +18,7 @@ from ode_reg.regularizers import Regularizer, _distributed, all_reduce_mean
 from ode_reg.solve import odeint as _odeint
 from ode_reg.solve import odeint_adjoint as _odeint_adjoint
 from ode_reg.terms import step_terms
-from ode_reg.trajectory import Trajectory
+from ode_reg.trajectory import SolveSummary, Trajectory
 
 NONFINITE_POLICIES = ("skip", "raise")
 
@@ -34,6 +34,8 @@ class StepRecord:
             regularizer computed them; else ``None``.
         sensitivities: per chain, ``y_k`` (detached), when computed.
         left_out: indices of recorded solves that are no chain (not reached by the loss).
+        solves: what the solver did in every solve of the step, in call order (also the
+            stats-only solves of a step that records no trajectory).
     """
 
     trajectories: list[Trajectory]
@@ -41,6 +43,7 @@ class StepRecord:
     adjoints: list[Tensor | None]
     sensitivities: list[Tensor | None]
     left_out: list[int] = field(default_factory=list)
+    solves: list[SolveSummary] = field(default_factory=list)
 
     @property
     def chains(self) -> list[Trajectory]:
@@ -97,12 +100,15 @@ def _light(tr: Trajectory) -> Trajectory:
 
 def _released(record: StepRecord) -> StepRecord:
     """``record`` with every tensor detached from the step's autograd graph."""
+    if not record.trajectories and not record.groups:  # nothing holds the graph (stats only)
+        return record
     return StepRecord(
         [_light(t) for t in record.trajectories],
         [_light(t) for t in record.groups],
         [_detached(a) for a in record.adjoints],
         [_detached(a) for a in record.sensitivities],
         list(record.left_out),
+        list(record.solves),
     )
 
 
@@ -327,6 +333,7 @@ class RegularizedODEMixin:
             record = StepRecord([], [], [], [])
             rec.step_record = record  # type: ignore[attr-defined]
         record.trajectories = [r.traj for r in rec.records]
+        record.solves = rec.summaries
         self.ode_step = record
         return record
 
@@ -334,8 +341,10 @@ class RegularizedODEMixin:
         """After the user's ``training_step``: add the terms to the returned loss (automatic
         optimization), or only record the step (manual optimization, where
         ``manual_backward`` added them)."""
-        loss = out["loss"] if isinstance(out, dict) else out
         record = self._step_record(rec)
+        if rec.stats_only:  # no term, no chain: the counts are all the step records
+            return out
+        loss = out["loss"] if isinstance(out, dict) else out
         pending = rec.records[getattr(rec, "consumed", 0) :]
         active = self._active()
         if not self.automatic_optimization or not isinstance(loss, Tensor) or not active:

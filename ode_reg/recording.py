@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ode_reg.functional.penalties import rademacher_probes
-from ode_reg.trajectory import Trajectory
+from ode_reg.trajectory import SolveSummary, Trajectory
 
 #: Graph nodes visited at most when looking for the solves a new ``y0`` depends on.
 MAX_WALK = 50_000
@@ -136,6 +136,13 @@ class StepRecorder:
         self.refuse_adjoint = refuse_adjoint
         self.chains = chains
         self.records: list[SolveRecord] = []
+        #: What the solver did in every solve of the step, recorded or stats-only, in call order.
+        self.summaries: list[SolveSummary] = []
+        #: Only solver statistics are wanted: no term is active and no monitor reads the
+        #: trajectories (``ode_reg.odeint`` then makes the stats-only solve).
+        self.stats_only = not (
+            chains or evaluate_fields or skew is not None or adjoint_inputs or refuse_adjoint
+        )
         self._substitutable: dict[int, bool] = {}
         self._nodes: dict[Any, int] = {}
         self._warn = warn or _warn_once
@@ -166,6 +173,7 @@ class StepRecorder:
         if self.skew is not None:
             rec.skew = _skew(traj, self.skew)
         self.records.append(rec)
+        self.summaries.append(SolveSummary.of(traj))
         node = rec.node
         if node is not None:
             self._nodes[node] = rec.index

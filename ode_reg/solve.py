@@ -17,7 +17,7 @@ import torchdiffeq
 from torch import Tensor
 
 from ode_reg.recording import StepRecorder, current_recorder
-from ode_reg.trajectory import _checkpoint_times, integrate
+from ode_reg.trajectory import _checkpoint_times, integrate, solve_counted
 
 
 def odeint(
@@ -170,6 +170,13 @@ def _recorded(
             "it, so it is left out of the terms (said once)",
         )
         return solve(func, y0, t, **kw)
+    if rec.stats_only and not hasattr(func, "ode_reg_integrate"):
+        # Only solver statistics are wanted: torchdiffeq's call with a counting field, no
+        # trajectory (checkpoints are checked, and not used, as on the unrecorded call).
+        _check_checkpoints(checkpoints, t)
+        out, summary = solve_counted(func, y0, t, adjoint=adjoint, **_drop_none(kw))
+        rec.summaries.append(summary)
+        return out
     if adjoint and rec.refuse_adjoint:
         raise ValueError(
             f"odeint_adjoint cannot be used with {list(rec.refuse_adjoint)}: their terms need the "

@@ -114,6 +114,32 @@ class SolverStats:
 
 
 @dataclass
+class SolveSummary:
+    """What the solver did in one solve of a training step (what ``SolverStatsMonitor`` reads).
+
+    Attributes:
+        stats: the counts; ``nfe_backward`` fills in during the backward pass.
+        method: the solver.
+        field: the class name of the user's field.
+        t: the requested output times.
+        times: the checkpoint times of a recorded :class:`Trajectory`; ``None`` for a
+            stats-only solve (:func:`solve_counted`), whose steps are all the solver's own.
+    """
+
+    stats: SolverStats
+    method: str
+    field: str
+    t: Tensor
+    times: Tensor | None = None
+
+    @classmethod
+    def of(cls, traj: Trajectory) -> SolveSummary:
+        """The summary of a recorded trajectory."""
+        func = (traj.funcs or (traj.func,))[0]
+        return cls(traj.stats, str(traj.method), type(func).__name__, traj.t, traj.times)
+
+
+@dataclass
 class Trajectory:
     """One solve, recorded: the result of :func:`integrate` (and of ``ode_reg.odeint``).
 
@@ -262,7 +288,7 @@ class _ProbeBase:
     dts: list[Tensor]
     in_backward: bool
 
-    def _setup(self, func: Callable[..., Tensor], adaptive: bool) -> None:
+    def _setup(self, func: Callable[..., Tensor], adaptive: bool, keep_states: bool) -> None:
         self.stats = SolverStats()
         self.times = []
         self.states = []
@@ -272,7 +298,8 @@ class _ProbeBase:
         for name in (*_CALLBACKS, *(n + "_adjoint" for n in _CALLBACKS)):
             user = getattr(func, name, None)
             if name == record:
-                setattr(self, name, self._recorder(user))
+                make = self._recorder if keep_states else self._counter
+                setattr(self, name, make(user))
             elif name == "callback_reject_step" and adaptive:
                 setattr(self, name, self._rejecter(user))
             elif user is not None:
@@ -290,6 +317,18 @@ class _ProbeBase:
         def callback(t0: Tensor, y0: Any, dt: Tensor) -> None:
             times.append(t0)
             states.append(y0)
+            dts.append(dt.detach())
+            stats.accepted += 1
+            if user is not None:
+                user(t0, y0, dt)
+
+        return callback
+
+    def _counter(self, user: Callable[..., Any] | None) -> Callable[..., Any]:
+        """The accepted-step callback of a stats-only solve: the step size, no state."""
+        dts, stats = self.dts, self.stats
+
+        def callback(t0: Tensor, y0: Any, dt: Tensor) -> None:
             dts.append(dt.detach())
             stats.accepted += 1
             if user is not None:
@@ -320,9 +359,11 @@ class _CallProbe(_ProbeBase):
     """The probe of an ``odeint`` solve: a plain callable (no ``nn.Module`` dispatch at each of
     the solver's field evaluations; ``odeint`` does not need the parameters)."""
 
-    def __init__(self, func: Callable[..., Tensor], adaptive: bool) -> None:
+    def __init__(
+        self, func: Callable[..., Tensor], adaptive: bool, keep_states: bool = True
+    ) -> None:
         self.func = func
-        self._setup(func, adaptive)
+        self._setup(func, adaptive, keep_states)
 
     def __call__(self, t: Tensor, y: Any) -> Any:
         self.stats.nfe += 1
@@ -334,13 +375,15 @@ class _Probe(_ProbeBase, nn.Module):
     field, so that ``odeint_adjoint`` finds its parameters; the backward solve's evaluations
     are counted apart (``nfe_backward``)."""
 
-    def __init__(self, func: Callable[..., Tensor], adaptive: bool) -> None:
+    def __init__(
+        self, func: Callable[..., Tensor], adaptive: bool, keep_states: bool = True
+    ) -> None:
         super().__init__()
         if isinstance(func, nn.Module):
             self.func = func
         else:
             object.__setattr__(self, "_closure", func)
-        self._setup(func, adaptive)
+        self._setup(func, adaptive, keep_states)
 
     def forward(self, t: Tensor, y: Any) -> Any:
         if self.in_backward:
@@ -625,6 +668,59 @@ def integrate(
     return _trajectory(probe, func, y0, t, out, method, adjoint, forced, event_t)
 
 
+def solve_counted(
+    func: Callable[..., Any], y0: Any, t: Tensor, *, adjoint: bool, **kwargs: Any
+) -> tuple[Any, SolveSummary]:
+    """torchdiffeq's ``odeint`` (or ``odeint_adjoint``) call, counting what the solver does.
+
+    The stats-only solve of a training step that records nothing else (a
+    ``SolverStatsMonitor`` with no active term and no monitor that reads trajectories): the
+    field is wrapped in a counter whose step callbacks keep the step sizes and no state, and
+    no :class:`Trajectory` is built. The call, its result and its field evaluations are those
+    of the unrecorded call (``checkpoints`` are not passed here: they would force step ends).
+
+    Args:
+        func: vector field ``f(t, z)``.
+        y0: initial state.
+        t: output times.
+        adjoint: solve with ``torchdiffeq.odeint_adjoint`` (its backward evaluations are
+            counted as ``nfe_backward`` when the backward runs).
+        **kwargs: torchdiffeq's keyword arguments.
+
+    Returns:
+        What torchdiffeq returns, and the solve's :class:`SolveSummary`.
+
+    Raises:
+        ValueError: for ``odeint_adjoint`` with a field that is not an ``nn.Module`` and no
+            ``adjoint_params``.
+        IntegrationError: if an adaptive solver underflows or exceeds its step budget.
+
+    Example::
+
+        >>> import torch
+        >>> out, s = solve_counted(lambda t, z: -z, torch.ones(3), torch.tensor([0.0, 1.0]),
+        ...                        adjoint=False, method="rk4", options={"step_size": 0.25})
+        >>> s.stats.nfe, s.stats.accepted, s.stats.step_sizes
+        (16, 4, [0.25, 0.25, 0.25, 0.25])
+    """
+    if adjoint and not isinstance(func, nn.Module) and kwargs.get("adjoint_params") is None:
+        raise ValueError(
+            "odeint_adjoint needs `func` to be an nn.Module, or `adjoint_params` given explicitly"
+        )
+    method = kwargs.get("method") or "dopri5"
+    adaptive = method in SOLVERS and _solver_kind(method) == "adaptive"
+    probe = (_Probe if adjoint else _CallProbe)(func, adaptive=adaptive, keep_states=False)
+    solve = torchdiffeq.odeint_adjoint if adjoint else torchdiffeq.odeint
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Solver '.*' does not support callbacks")
+        try:
+            out = solve(probe, y0, t, **kwargs)
+        except AssertionError as exc:
+            raise _odeint_error(exc, method, func) from exc
+    probe.finish()
+    return out, SolveSummary(probe.stats, method, type(func).__name__, t)
+
+
 def _on_grid(forced: Tensor, grid: Tensor, *, snap: bool, method: str) -> Tensor:
     span = (grid[-1] - grid[0]).abs()
     tol = float(span) * (1e-5 if grid.dtype != torch.float64 else 1e-10)
@@ -858,9 +954,11 @@ __all__ = [
     "DEFAULT_CHECKPOINTS",
     "FieldPoint",
     "IntegrationError",
+    "SolveSummary",
     "SolverStats",
     "Trajectory",
     "chain",
     "checkpoint_grid",
     "integrate",
+    "solve_counted",
 ]

@@ -199,10 +199,28 @@ class Snapshot(Callback):
             torch.save(self.result, os.path.join(self.out, name))
 
 
+class TrajectoryReader(Callback):
+    """A monitor (for the module: defined in ``ode_reg.callbacks``) that reads the step's
+    trajectories, so every solve is recorded in full instead of the stats-only solve."""
+
+    needs_chains = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        record = pl_module.ode_step
+        assert len(record.trajectories) == len(record.solves) == 3
+
+
+TrajectoryReader.__module__ = "ode_reg.callbacks.test_trajectory_reader"
+
+
 def run(scenario: str, out: str, ddp: bool) -> dict[str, Any]:
-    """Train one scenario (2 gloo ranks when ``ddp``); returns this rank's results."""
+    """Train one scenario (2 gloo ranks when ``ddp``); returns this rank's results.
+    ``counts_full`` is ``counts`` with every solve recorded in full (one more monitor)."""
     torch.manual_seed(0)
     world = 2 if ddp else 1
+    extra: list[Callback] = []
+    if scenario == "counts_full":
+        scenario, extra = "counts", [TrajectoryReader()]
     if scenario == "counts":
         model: RegularizedODEModule = ThreeSolves(lr=0.5)  # large: the fields change fast
         g = torch.Generator().manual_seed(1)
@@ -244,7 +262,7 @@ def run(scenario: str, out: str, ddp: bool) -> dict[str, Any]:
         enable_progress_bar=False,
         enable_model_summary=False,
         use_distributed_sampler=False,
-        callbacks=[monitor, snap],
+        callbacks=[monitor, *extra, snap],
         **kw,
     )
     snap.out = out if ddp else None

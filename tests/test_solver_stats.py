@@ -22,7 +22,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from _solver_stats_ddp_worker import STOP_STEP, Blowup, run
+from _solver_stats_ddp_worker import STOP_STEP, Blowup, CountingField, run
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
@@ -119,8 +119,11 @@ def check_rows_against_own_counts(rows: list[dict]) -> None:
         assert m["solver/solves"] == 3 and m["solver/warning"] == 0.0
 
 
-def test_counts_equal_the_fields_own_count_in_one_process(tmp_path):
-    res = run("counts", str(tmp_path), ddp=False)
+@pytest.mark.parametrize("scenario", ["counts", "counts_full"])
+def test_counts_equal_the_fields_own_count_in_one_process(tmp_path, scenario):
+    # counts: the monitor alone (the stats-only solve); counts_full: every solve recorded in
+    # full, as on a step where a term is active or another monitor reads the trajectories
+    res = run(scenario, str(tmp_path), ddp=False)
     check_rows_against_own_counts(res["rows"])
     assert any(r["rejected"][2] > 0 for r in res["rows"])  # rejections happen and are counted
     (epoch,) = res["history"]
@@ -351,11 +354,21 @@ class Ordinary(RegularizedODEModule):
 
 
 class RawMin(Callback):
+    """The raw smallest step of each training step. It counts as an ode_reg monitor that reads
+    trajectories, so the solves are recorded in full, with their checkpoints (a stats-only
+    solve leaves ``checkpoints`` out, as the unrecorded call does)."""
+
+    needs_chains = True
+
     def __init__(self) -> None:
         self.mins: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.mins.append(min(t.stats.dt_min for t in pl_module.ode_step.trajectories))
+        assert len(pl_module.ode_step.trajectories) == len(pl_module.ode_step.solves)
+        self.mins.append(min(s.stats.dt_min for s in pl_module.ode_step.solves))
+
+
+RawMin.__module__ = "ode_reg.callbacks.test_raw_min"
 
 
 @pytest.mark.parametrize("checkpoints", [None, 8])
@@ -529,3 +542,114 @@ def test_recorded_solve_leaves_no_reference_cycle(method: str) -> None:
         assert gc.collect() == 0
     finally:
         gc.enable()
+
+
+# --------------------------------------------------------------------------- the stats-only solve
+
+
+def _tuple_field(counter: list[int]):
+    def f(t: torch.Tensor, s: tuple[torch.Tensor, torch.Tensor]) -> tuple:
+        counter[0] += 1
+        return s[1], -torch.sin(s[0])
+
+    return f
+
+
+@pytest.mark.parametrize("case", ["dopri5", "rk4", "adjoint", "tuple", "backwards"])
+def test_stats_only_solve_is_torchdiffeqs_call_and_counts_like_the_full_recording(case):
+    """``solve_counted`` returns torchdiffeq's result bit for bit with torchdiffeq's number of
+    field evaluations (a forward pre-hook), and the same statistics as the full recording
+    (``integrate``); for ``odeint_adjoint`` the backward evaluations as well."""
+    import torchdiffeq
+
+    from ode_reg.trajectory import integrate, solve_counted
+
+    torch.manual_seed(0)
+    adjoint = case == "adjoint"
+    t = torch.tensor([1.0, 0.0]) if case == "backwards" else torch.linspace(0.0, 1.0, 5)
+    kw: dict[str, Any] = {"method": "dopri5", "rtol": 1e-6, "atol": 1e-8}
+    if case == "rk4":
+        kw = {"method": "rk4", "options": {"step_size": 0.1}}
+    calls = [0]
+    if case == "tuple":
+        field: Any = _tuple_field(calls)
+        y0: Any = (torch.randn(4, 2, requires_grad=True), torch.randn(4, 2))
+
+        def count() -> int:
+            return calls[0]
+    else:
+        field = CountingField(scale=2.0)
+        y0 = torch.randn(4, 3)
+
+        def count() -> int:
+            return field.calls
+
+    def solve(kind: str) -> tuple[Any, Any, int, int]:
+        start = count()
+        if kind == "plain":
+            fn = torchdiffeq.odeint_adjoint if adjoint else torchdiffeq.odeint
+            out, stats = fn(field, y0, t, **kw), None
+        elif kind == "counted":
+            out, summary = solve_counted(field, y0, t, adjoint=adjoint, **kw)
+            stats = summary.stats
+        else:
+            traj = integrate(field, y0, t, adjoint=adjoint, grad_leaf=False, **kw)
+            out, stats = traj.ys, traj.stats
+        forward = count() - start
+        first = out[0] if isinstance(out, tuple) else out
+        first[-1].sum().backward()
+        return out, stats, forward, count() - start - forward
+
+    plain, _, nfe, nfe_back = solve("plain")
+    counted, stats, nfe_counted, back_counted = solve("counted")
+    _, full, _, _ = solve("full")
+    for a, b in zip(
+        plain if case == "tuple" else (plain,), counted if case == "tuple" else (counted,)
+    ):
+        assert torch.equal(a, b)
+    assert (nfe_counted, back_counted) == (nfe, nfe_back)
+    assert stats.nfe == nfe and stats.nfe_backward == nfe_back
+    assert (nfe_back > 0) == adjoint
+    assert stats == full  # nfe, nfe_backward, accepted, rejected, step sizes
+    # the accepted steps cover the span; an adaptive solver's last one may pass its end (the
+    # output is interpolated)
+    span = abs(float(t[-1] - t[0]))
+    assert sum(stats.step_sizes[:-1]) < span <= sum(stats.step_sizes) * (1 + 1e-6)
+
+
+def test_the_monitor_alone_records_no_trajectory_and_ignores_checkpoints():
+    """With only ``SolverStatsMonitor`` attached the step keeps counts and no trajectory, and
+    the solves are the unrecorded module's: ``checkpoints`` (which a full recording turns
+    into forced dopri5 step ends) change nothing, so the NFE equals the run with no monitor."""
+
+    class Reader(Callback):
+        def __init__(self) -> None:
+            self.nfe: list[int] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            record = pl_module.ode_step
+            assert record.trajectories == []
+            self.nfe.append(sum(s.stats.nfe for s in record.solves))
+
+    class Hooked(Ordinary):
+        def __init__(self) -> None:
+            super().__init__(checkpoints=8)
+            self.calls: list[int] = []
+            self.f.register_forward_pre_hook(
+                lambda m, a: self.calls.__setitem__(-1, self.calls[-1] + 1)
+            )
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            self.calls.append(0)
+            return super().training_step(batch, batch_idx)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4 * 16, 4, generator=g)
+    y = x[:, :1].sin()
+    data = DataLoader(TensorDataset(x, y), batch_size=16)
+    plain, monitored, reader = Hooked(), Hooked(), Reader()
+    trainer([], max_steps=4).fit(plain, data)
+    trainer([SolverStatsMonitor(), reader], max_steps=4).fit(monitored, data)
+    assert monitored.calls == plain.calls == reader.nfe
+    for p, q in zip(plain.parameters(), monitored.parameters(), strict=True):
+        assert torch.equal(p, q)

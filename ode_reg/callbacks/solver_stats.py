@@ -1,7 +1,7 @@
 """Solver statistics monitor: what the ODE solver did in each training step, with an early warning.
 
 Counts come from the solves a :class:`~ode_reg.RegularizedODEModule` records in its training
-step (``pl_module.ode_step.trajectories``, each with its
+step (``pl_module.ode_step.solves``, each with its
 :class:`~ode_reg.trajectory.SolverStats`): torchdiffeq's own field evaluations, the accepted
 and rejected steps and the accepted step sizes. They are read in ``on_train_batch_end``, after
 the backward pass, so the field evaluations of ``odeint_adjoint``'s backward solve are known.
@@ -43,7 +43,7 @@ from ode_reg.callbacks._logging import (
     resolve_every_n,
 )
 from ode_reg.plotting import histogram_figure, new_figure, save_figure
-from ode_reg.trajectory import DEFAULT_CHECKPOINTS, Trajectory
+from ode_reg.trajectory import DEFAULT_CHECKPOINTS, SolveSummary
 
 __all__ = ["ON_WARNING", "SolverStatsMonitor", "nfe_figure"]
 
@@ -97,7 +97,7 @@ def _select(n: int, want: int) -> list[int]:
     return sorted({round(i * (n - 1) / (want - 1)) for i in range(want)})
 
 
-def _check_min(traj: Trajectory) -> float | None:
+def _check_min(traj: SolveSummary) -> float | None:
     """The smallest accepted step of a solve, leaving out steps the solver was made to cut.
 
     With explicit checkpoints an adaptive solver must end a step on each checkpoint time
@@ -105,13 +105,16 @@ def _check_min(traj: Trajectory) -> float | None:
     steps after it regrow from there (at most 10x each). Those short steps say nothing about
     the field, so the warning leaves out every step that ends on an interior checkpoint time
     and the increasing run of steps after it. A solve whose checkpoints are the solver's own
-    step states (the default) has no cut steps and keeps all of them.
+    step states (the default, and every stats-only solve) has no cut steps and keeps all of
+    them.
     """
     steps = traj.stats.step_sizes
     if not steps:
         return None
-    if traj.method not in SOLVERS or not issubclass(
-        SOLVERS[traj.method], RKAdaptiveStepsizeODESolver
+    if (
+        traj.times is None
+        or traj.method not in SOLVERS
+        or not issubclass(SOLVERS[traj.method], RKAdaptiveStepsizeODESolver)
     ):
         return min(steps)  # a fixed grid (or a field that integrates itself): nothing is cut
     times = [float(x) for x in traj.times.detach().cpu().tolist()]
@@ -446,22 +449,21 @@ class SolverStatsMonitor(Callback):
             )
             return
         step = self._pending
-        for traj in record.trajectories:
-            s = traj.stats
-            func = (traj.funcs or (traj.func,))[0]
+        for solve in record.solves:
+            s = solve.stats
             step.solves.append(
                 _Solve(
-                    nfe=int(s.nfe),
-                    nfe_backward=int(s.nfe_backward),
-                    accepted=int(s.accepted),
-                    rejected=int(s.rejected),
-                    steps=[float(d) for d in s.step_sizes],
-                    method=str(traj.method),
-                    field=type(func).__name__,
-                    check_min=_check_min(traj),
+                    nfe=s.nfe,
+                    nfe_backward=s.nfe_backward,
+                    accepted=s.accepted,
+                    rejected=s.rejected,
+                    steps=s.step_sizes,
+                    method=solve.method,
+                    field=solve.field,
+                    check_min=_check_min(solve),
                 )
             )
-            self._methods.add(str(traj.method))
+            self._methods.add(solve.method)
         for g, adj in enumerate(getattr(record, "adjoints", None) or []):
             if adj is None:
                 continue
