@@ -106,9 +106,9 @@ def digits_epoch(kind: str, root: str) -> tuple[float, float, float, float]:
     model = SequenceModel(
         input_dim=1, output_dim=10, task="classification", cell="antisymmetric",
         hidden_dim=128, step=0.2, gamma=0.01, recurrent_std=1.0, solver="euler", lr=0.002,
-        cosine_epochs=30, regularizers=[AdjointMagnitude(weight=0.01, every_n_steps=4)],
+        cosine_epochs=100, regularizers=[AdjointMagnitude(weight=0.01, every_n_steps=4)],
     )  # fmt: skip
-    data = DigitsDataModule(order="pixel", batch_size=32, seed=0, pixel_noise_std=0.5)
+    data = DigitsDataModule(order="pixel", batch_size=32, seed=0, pixel_noise_std=0.4)
     timer = EpochTimer()
     trainer = L.Trainer(
         max_epochs=1,

@@ -3,7 +3,9 @@
 Converting a project is ``from torchdiffeq import odeint`` -> ``from ode_reg import odeint``
 (and the base class). Inside a :class:`~ode_reg.RegularizedODEModule`'s training step with an
 active term or a monitor due, the call is recorded into the step (one torchdiffeq solve, the
-checkpoints taken from the solver's own steps); everywhere else it is torchdiffeq's call and
+checkpoints taken from the solver's own steps). When the step wants only solver statistics
+(a ``SolverStatsMonitor``, no active term) the call is torchdiffeq's on a counting field
+(:func:`~ode_reg.trajectory.solve_counted`). Everywhere else it is torchdiffeq's call and
 nothing more.
 """
 
@@ -17,7 +19,7 @@ import torchdiffeq
 from torch import Tensor
 
 from ode_reg.recording import StepRecorder, current_recorder
-from ode_reg.trajectory import _checkpoint_times, integrate, solve_counted
+from ode_reg.trajectory import _checkpoint_times, field_attr, integrate, solve_counted
 
 
 def odeint(
@@ -62,7 +64,7 @@ def odeint(
     """
     kw = {"rtol": rtol, "atol": atol, "method": method, "options": options, "event_fn": event_fn}
     rec = current_recorder()
-    if rec is None and not hasattr(func, "ode_reg_integrate"):
+    if rec is None and field_attr(func, "ode_reg_integrate") is None:
         _check_checkpoints(checkpoints, t)  # the recorded path checks them in integrate
         return torchdiffeq.odeint(func, y0, t, **kw)
     return _recorded(rec, func, y0, t, checkpoints, False, kw)
@@ -162,7 +164,7 @@ def _recorded(
     solve = torchdiffeq.odeint_adjoint if adjoint else torchdiffeq.odeint
     if rec is None:  # a field that integrates itself (OrthogonalFlow's Lie steps), unrecorded
         return integrate(func, y0, t, checkpoints=checkpoints, **_drop_none(kw)).ys
-    if not torch.is_grad_enabled() and not hasattr(func, "ode_reg_integrate"):
+    if not torch.is_grad_enabled() and field_attr(func, "ode_reg_integrate") is None:
         _check_checkpoints(checkpoints, t)
         rec.warn(
             "no_grad",
@@ -170,7 +172,7 @@ def _recorded(
             "it, so it is left out of the terms (said once)",
         )
         return solve(func, y0, t, **kw)
-    if rec.stats_only and not hasattr(func, "ode_reg_integrate"):
+    if rec.stats_only and field_attr(func, "ode_reg_integrate") is None:
         # Only solver statistics are wanted: torchdiffeq's call with a counting field, no
         # trajectory (checkpoints are checked, and not used, as on the unrecorded call).
         _check_checkpoints(checkpoints, t)

@@ -239,15 +239,16 @@ def _checkpoints(trainer: L.Trainer, folder: Path) -> dict[str, str | None] | No
     }
 
 
-def _solver_nfe(trainer: L.Trainer) -> dict[str, dict[str, float]] | None:
+def _solver_nfe(trainer: L.Trainer) -> dict[str, Any] | None:
     """Forward and backward field evaluations per training step in the first and last epoch,
-    from a :class:`~ode_reg.callbacks.SolverStatsMonitor` (``None`` when none ran)."""
+    and the number of early warnings, from a :class:`~ode_reg.callbacks.SolverStatsMonitor`
+    (``None`` when none ran)."""
     from ode_reg.callbacks.solver_stats import SolverStatsMonitor
 
     for cb in trainer.callbacks:
         if isinstance(cb, SolverStatsMonitor) and cb.history:
             pick = {"first": cb.history[0], "last": cb.history[-1]}
-            return {
+            out: dict[str, Any] = {
                 k: {
                     "epoch": e["epoch"],
                     "nfe": e["nfe_per_step"],
@@ -255,6 +256,8 @@ def _solver_nfe(trainer: L.Trainer) -> dict[str, dict[str, float]] | None:
                 }
                 for k, e in pick.items()
             }
+            out["warnings"] = len(cb.warnings)
+            return out
     return None
 
 
@@ -347,6 +350,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         if first["nfe_backward"] or last["nfe_backward"]:
             text += f"; adjoint backward {first['nfe_backward']:.0f} / {last['nfe_backward']:.0f}"
         add("solver NFE per step (first / last epoch)", text)
+        if nfe.get("warnings") is not None:
+            add("solver early warnings", str(nfe["warnings"]))
     add("epochs / steps", f"{s['epochs']} / {s['steps']}")
     if s.get("wall_s") is not None:
         text = f"{s['wall_s']:.0f} s"

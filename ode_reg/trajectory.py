@@ -32,6 +32,22 @@ from ode_reg._checks import check_int
 DEFAULT_CHECKPOINTS = 8
 
 _CALLBACKS = ("callback_step", "callback_accept_step", "callback_reject_step")
+_ALL_CALLBACKS = (*_CALLBACKS, *(n + "_adjoint" for n in _CALLBACKS))
+
+
+def field_attr(func: Any, name: str) -> Any:
+    """``getattr(func, name, None)`` for the optional hooks ode_reg and torchdiffeq look up on a
+    field (step callbacks, ``ode_reg_integrate``, ``ode_reg_snapshot``), without the failed
+    lookup: on an ``nn.Module`` a missing attribute raises inside ``Module.__getattr__`` (~8 us,
+    several times a solve). They are methods (the class) or attributes of the instance (its
+    ``__dict__``, or a submodule); other objects with a ``__getattr__`` use ``getattr``."""
+    if name in getattr(func, "__dict__", ()) or hasattr(type(func), name):
+        return getattr(func, name)
+    if isinstance(func, nn.Module):
+        return func._modules.get(name)
+    if not hasattr(type(func), "__getattr__"):
+        return None
+    return getattr(func, name, None)
 
 
 @dataclass(frozen=True)
@@ -295,8 +311,8 @@ class _ProbeBase:
         self.dts = []
         self.in_backward = False
         record = "callback_accept_step" if adaptive else "callback_step"
-        for name in (*_CALLBACKS, *(n + "_adjoint" for n in _CALLBACKS)):
-            user = getattr(func, name, None)
+        for name in _ALL_CALLBACKS:
+            user = field_attr(func, name)
             if name == record:
                 make = self._recorder if keep_states else self._counter
                 setattr(self, name, make(user))
@@ -616,7 +632,7 @@ def integrate(
         raise ValueError(
             "odeint_adjoint needs `func` to be an nn.Module, or `adjoint_params` given explicitly"
         )
-    custom = getattr(func, "ode_reg_integrate", None)
+    custom = field_attr(func, "ode_reg_integrate")
     if custom is not None:
         return _integrate_custom(func, y0, t, checkpoints, method, options)
 
@@ -708,15 +724,18 @@ def solve_counted(
             "odeint_adjoint needs `func` to be an nn.Module, or `adjoint_params` given explicitly"
         )
     method = kwargs.get("method") or "dopri5"
-    adaptive = method in SOLVERS and _solver_kind(method) == "adaptive"
-    probe = (_Probe if adjoint else _CallProbe)(func, adaptive=adaptive, keep_states=False)
+    kind = _solver_kind(method) if method in SOLVERS else "other"
+    probe = (_Probe if adjoint else _CallProbe)(func, kind == "adaptive", keep_states=False)
     solve = torchdiffeq.odeint_adjoint if adjoint else torchdiffeq.odeint
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Solver '.*' does not support callbacks")
-        try:
+    try:
+        if kind == "other":  # the probe's step callback is not one this solver calls
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Solver '.*' does not support callbacks")
+                out = solve(probe, y0, t, **kwargs)
+        else:  # the probe adds only callbacks the solver supports: the user's warnings stay
             out = solve(probe, y0, t, **kwargs)
-        except AssertionError as exc:
-            raise _odeint_error(exc, method, func) from exc
+    except AssertionError as exc:
+        raise _odeint_error(exc, method, func) from exc
     probe.finish()
     return out, SolveSummary(probe.stats, method, type(func).__name__, t)
 
@@ -780,7 +799,7 @@ def _trajectory(
     if shapes is None:
         # For the functional API's later evaluations (``sensitivities``): a field's held
         # attributes (``ode_reg_snapshot``) as they were during this solve.
-        snap = func.ode_reg_snapshot() if hasattr(func, "ode_reg_snapshot") else None
+        snap = func.ode_reg_snapshot() if field_attr(func, "ode_reg_snapshot") else None
         traj.points = tuple(FieldPoint(func, tk, snap) for tk in traj.times.unbind(0))
     return traj
 

@@ -94,6 +94,8 @@ def figures(record: dict[str, Any]) -> dict[str, str]:
             else "?"
         ),
         "machine": record.get("recorded", {}).get("machine", "unknown machine"),
+        # SolverStatsMonitor's early warnings over the run (the false-alarm count).
+        "solver_warnings": str((record.get("solver_nfe") or {}).get("warnings", "?")),
     }
     return out
 

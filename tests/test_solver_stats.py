@@ -424,6 +424,31 @@ def test_csv_logger_gets_step_and_epoch_keys_and_the_plots(tmp_path):
     assert all(open(p, "rb").read(4) == b"\x89PNG" for p in nfe_plots)
 
 
+def test_default_histogram_cadence_is_ten_times_sparser_as_png_files(tmp_path):
+    """``plot_every_n_steps=None``: W&B / TensorBoard every 10 scalar cadences, PNG files
+    (a ~0.1 s matplotlib figure each) every 100; TensorBoard is the native sink here."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    pytest.importorskip("tensorboard")
+    csv_logger = CSVLogger(tmp_path, name="csv")
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    seen: list[int] = []
+    real = tb.experiment.add_histogram
+
+    def spy(tag, values, global_step=None, **kw):
+        seen.append(int(global_step))
+        return real(tag, values, global_step=global_step, **kw)
+
+    tb.experiment.add_histogram = spy
+    x = torch.full((200, 2), 0.5, dtype=torch.float64)
+    trainer([SolverStatsMonitor(every_n_steps=1)], max_steps=200, logger=[csv_logger, tb]).fit(
+        Blowup(), DataLoader(TensorDataset(x), batch_size=1)
+    )
+    assert seen == list(range(9, 200, 10))
+    folder = os.path.dirname(plot_path(csv_logger.log_dir, "solver/step_size_log10", 0))
+    assert sorted(os.listdir(folder)) == ["step_0000099.png", "step_0000199.png"]
+
+
 def test_offline_wandb_gets_the_histogram_and_the_nfe_plot(tmp_path, monkeypatch):
     import wandb
     from _solver_stats_ddp_worker import ThreeSolves
@@ -496,14 +521,18 @@ def test_summary_prints_nfe_per_step_of_the_first_and_last_epoch():
         {"epoch": 0, "nfe_per_step": 26.0, "nfe_backward_per_step": 0.0},
         {"epoch": 4, "nfe_per_step": 38.5, "nfe_backward_per_step": 0.0},
     ]
+    mon.warnings = [{"step": 3, "epoch": 1, "kinds": ["dt"], "message": "m"}]
     nfe = _solver_nfe(trainer([mon], max_steps=1))
     assert nfe == {
         "first": {"epoch": 0, "nfe": 26.0, "nfe_backward": 0.0},
         "last": {"epoch": 4, "nfe": 38.5, "nfe_backward": 0.0},
+        "warnings": 1,
     }
     text = format_summary({"epochs": 5, "steps": 10, "run_dir": "runs/x", "solver_nfe": nfe})
     (line,) = [x for x in text.splitlines() if "NFE" in x]
     assert line.endswith("   26 / 38 (epochs 0 / 4)")  # rounded to whole evaluations
+    (line,) = [x for x in text.splitlines() if "early warnings" in x]
+    assert line.split()[-1] == "1"
     assert "NFE" not in format_summary({"epochs": 1, "steps": 1, "run_dir": "r"})
     assert _solver_nfe(trainer([], max_steps=1)) is None
 
@@ -653,3 +682,36 @@ def test_the_monitor_alone_records_no_trajectory_and_ignores_checkpoints():
     assert monitored.calls == plain.calls == reader.nfe
     for p, q in zip(plain.parameters(), monitored.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_the_users_own_step_callbacks_are_still_called():
+    """torchdiffeq calls the field's step callbacks; behind ode_reg's probe they must still be
+    found wherever they live: a method, an attribute of a function, an attribute set on a
+    module instance."""
+    from ode_reg.trajectory import integrate, solve_counted
+
+    seen: list[str] = []
+
+    def fn(t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return -z
+
+    fn.callback_step = lambda t0, y0, dt: seen.append("function")
+
+    class Plain(nn.Module):
+        def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+            return -z
+
+    mod = Plain()
+    mod.callback_step = lambda t0, y0, dt: seen.append("instance")
+    t, kw = torch.tensor([0.0, 1.0]), {"method": "rk4", "options": {"step_size": 0.25}}
+    for field, name in ((fn, "function"), (mod, "instance")):
+        seen.clear()
+        solve_counted(field, torch.ones(2, 2), t, adjoint=False, **kw)
+        assert seen == [name] * 4
+        seen.clear()
+        integrate(field, torch.ones(2, 2), t, **kw)
+        assert seen == [name] * 4
+    method = CountingField()
+    method.fixed = True
+    solve_counted(method, torch.ones(2, 3), t, adjoint=False, **kw)
+    assert method.accepted == 4 and method.calls == 16

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import statistics
 import sys
 from collections import deque
 from collections.abc import Sequence
@@ -55,6 +54,9 @@ _INF = float("inf")
 _CALLBACK_METRICS = ("solver/nfe", "solver/warning")
 #: The epoch keys that also go to ``trainer.callback_metrics``.
 _EPOCH_CALLBACK_METRICS = ("solver/epoch_nfe_per_step", "solver/epoch_warnings")
+#: How much less often than W&B / TensorBoard histograms the step-size PNG files are drawn
+#: by default (``plot_every_n_steps=None``).
+PNG_FACTOR = 10
 #: Counts summed over ranks; step sizes reduced by min / max.
 _COUNTS = ("nfe", "nfe_backward", "accepted", "rejected")
 
@@ -161,7 +163,14 @@ def _profile_ratio(adj: Tensor) -> float | None:
 
 
 def _median(values: Sequence[float]) -> float:
-    return float(statistics.median(values))
+    """``statistics.median`` (the mean of the two middle values for an even count), without
+    its type dispatch: it runs twice a training step on the running windows."""
+    s = sorted(values)
+    n = len(s)
+    if n == 0:
+        raise ValueError("median of no values")
+    m = n // 2
+    return float(s[m]) if n % 2 else 0.5 * (s[m - 1] + s[m])
 
 
 def _g(x: float) -> str:
@@ -234,7 +243,10 @@ class SolverStatsMonitor(Callback):
     For every solve a :class:`~ode_reg.RegularizedODEModule` records in a training step
     (every ``ode_reg.odeint`` / ``ode_reg.odeint_adjoint`` / ``self.odeint`` call; attaching
     this monitor turns the recording on), it reads torchdiffeq's counts in
-    ``on_train_batch_end``, after the backward pass:
+    ``on_train_batch_end``, after the backward pass. On a step where it is the only thing
+    recorded (no active term, no monitor that reads trajectories) each solve is a stats-only
+    solve (:func:`ode_reg.trajectory.solve_counted`): torchdiffeq's call on a counting field,
+    with no states kept and ``checkpoints`` unused, so the solve is the unmonitored one.
 
     - ``nfe``: field evaluations of the forward solve (torchdiffeq's own calls; evaluations
       the regularizers make for their terms are not counted);
@@ -264,7 +276,8 @@ class SolverStatsMonitor(Callback):
 
     Plots (rank zero; W&B, TensorBoard, or PNG files under a file logger's ``log_dir``, as the
     other monitors): ``solver/step_size_log10``, a histogram of ``log10 |dt|`` of the step's
-    accepted steps (all ranks, at most 512 bins for W&B) every ``plot_every_n_steps``, and
+    accepted steps (all ranks, at most 512 bins for W&B) every ``plot_every_n_steps``
+    (by default 10x less often as PNG files: a figure costs ~0.1 s), and
     ``solver/nfe_per_epoch``, the forward (and adjoint backward) field evaluations per training
     step against the epoch, every ``plot_every_n_epochs`` epochs and at the end of training.
     :attr:`history` keeps the per-epoch figures
@@ -301,7 +314,9 @@ class SolverStatsMonitor(Callback):
     Args:
         every_n_steps: log the scalars every n training steps (``>= 1``); ``None`` follows
             ``Trainer(log_every_n_steps=...)``.
-        plot_every_n_steps: histogram cadence (``>= 1``); ``None`` is ``10 * every_n_steps``.
+        plot_every_n_steps: histogram cadence (``>= 1``); ``None`` is ``10 * every_n_steps``
+            for W&B and TensorBoard and ``100 * every_n_steps`` for PNG files (one figure
+            costs about 0.1 s of matplotlib).
         per_solve: log per-solve keys for the first this many solves of a step (``>= 0``).
         dt_fraction: step-size threshold, in ``(0, 1)``; ``None`` turns the check off.
         nfe_factor: field-evaluation threshold, in ``(1, inf)``; ``None`` turns it off.
@@ -672,8 +687,12 @@ class SolverStatsMonitor(Callback):
             self._epoch_dt = [min(self._epoch_dt[0], min(sizes)), max(self._epoch_dt[1], *sizes)]
         found = self._decide(trainer, self._check(step))
         every = resolve_every_n(trainer, self.every_n_steps)
-        plot_every = self.plot_every_n_steps or 10 * every
-        scalars_due, plot_due = is_due(trainer, every), is_due(trainer, plot_every)
+        scalars_due = is_due(trainer, every)
+        # W&B / TensorBoard histograms cost about a millisecond, a PNG figure about 0.1 s:
+        # by default the PNG files are drawn 10x less often (an explicit cadence is for both).
+        native_due = is_due(trainer, self.plot_every_n_steps or 10 * every)
+        png_due = is_due(trainer, self.plot_every_n_steps or PNG_FACTOR * 10 * every)
+        plot_due = native_due or png_due
         now = logger_step(trainer)
         metrics: dict[str, float] = {}
         if found is not None:
@@ -701,7 +720,7 @@ class SolverStatsMonitor(Callback):
             self.last_metrics = dict(metrics)
             self._log(trainer, pl_module, metrics)
         if plot_due and pairs and trainer.is_global_zero and has_plot_sink(trainer):
-            self._log_step_sizes(trainer, [d for _, d in pairs], now)
+            self._log_step_sizes(trainer, [d for _, d in pairs], now, native_due, png_due)
         if found is not None and self.on_warning == "stop":
             self._stop(trainer, now)
 
@@ -719,9 +738,12 @@ class SolverStatsMonitor(Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(rest, step=step)
 
-    def _log_step_sizes(self, trainer: pl.Trainer, sizes: list[float], step: int) -> None:
+    def _log_step_sizes(
+        self, trainer: pl.Trainer, sizes: list[float], step: int, native: bool, png: bool
+    ) -> None:
         """``log10 |dt|`` of the step's accepted steps as a histogram (rank zero): W&B
-        (``wandb.Histogram``, at most 512 bins), TensorBoard, or a labelled PNG."""
+        (``wandb.Histogram``, at most 512 bins) and TensorBoard when ``native`` is due, a
+        labelled PNG under a file logger's folder when ``png`` is."""
         v = torch.tensor(sizes, dtype=torch.float64)
         v = v[torch.isfinite(v) & (v > 0)].log10()
         if v.numel() == 0:
@@ -729,13 +751,16 @@ class SolverStatsMonitor(Callback):
         key, bins = "solver/step_size_log10", min(self.bins, WANDB_MAX_BINS)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
+                if not native:
+                    continue
                 import wandb
 
                 hist = wandb.Histogram(v.numpy(), num_bins=bins)
                 logger.log_metrics({key: hist}, step=step)  # type: ignore[dict-item]
             elif isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_histogram(key, v.numpy(), global_step=step)
-            elif (log_dir := _file_dir(logger)) is not None:
+                if native:
+                    logger.experiment.add_histogram(key, v.numpy(), global_step=step)
+            elif png and (log_dir := _file_dir(logger)) is not None:
                 fig = histogram_figure(
                     v,
                     bins=bins,
