@@ -122,11 +122,22 @@ class SolverStats:
     @property
     def dt_median(self) -> float | None:
         """Median accepted step size (``None`` if no step was recorded)."""
-        if not self.step_sizes:
-            return None
-        s = sorted(self.step_sizes)
-        n = len(s)
-        return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+        return median_value(self.step_sizes) if self.step_sizes else None
+
+
+def median_value(values: Sequence[float]) -> float:
+    """``statistics.median`` (the mean of the two middle values for an even count), without
+    its type dispatch (the solver-statistics monitor takes two medians a training step).
+
+    Raises:
+        ValueError: if ``values`` is empty.
+    """
+    s = sorted(values)
+    n = len(s)
+    if n == 0:
+        raise ValueError("median of no values")
+    m = n // 2
+    return float(s[m]) if n % 2 else 0.5 * (s[m - 1] + s[m])
 
 
 @dataclass
@@ -628,10 +639,8 @@ def integrate(
         raise ValueError(f"unknown keyword arguments {sorted(unknown)}")
     if adjoint_kwargs and not adjoint:
         raise ValueError(f"{sorted(adjoint_kwargs)} need `adjoint=True` (odeint_adjoint)")
-    if adjoint and not isinstance(func, nn.Module) and "adjoint_params" not in adjoint_kwargs:
-        raise ValueError(
-            "odeint_adjoint needs `func` to be an nn.Module, or `adjoint_params` given explicitly"
-        )
+    if adjoint:
+        _check_adjoint_field(func, adjoint_kwargs.get("adjoint_params"))
     custom = field_attr(func, "ode_reg_integrate")
     if custom is not None:
         return _integrate_custom(func, y0, t, checkpoints, method, options)
@@ -671,13 +680,7 @@ def integrate(
         solve = torchdiffeq.odeint_adjoint
     else:
         solve = torchdiffeq.odeint
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Solver '.*' does not support callbacks")
-        try:
-            out = solve(probe, y0, t, **kwargs)
-        except AssertionError as exc:
-            raise _odeint_error(exc, method, func) from exc
-    probe.finish()
+    out = _run_probe(solve, probe, y0, t, kwargs, func, quiet=True)
     event_t = None
     if event_fn is not None:
         event_t, out = out
@@ -719,25 +722,50 @@ def solve_counted(
         >>> s.stats.nfe, s.stats.accepted, s.stats.step_sizes
         (16, 4, [0.25, 0.25, 0.25, 0.25])
     """
-    if adjoint and not isinstance(func, nn.Module) and kwargs.get("adjoint_params") is None:
-        raise ValueError(
-            "odeint_adjoint needs `func` to be an nn.Module, or `adjoint_params` given explicitly"
-        )
+    if adjoint:
+        _check_adjoint_field(func, kwargs.get("adjoint_params"))
     method = kwargs.get("method") or "dopri5"
     kind = _solver_kind(method) if method in SOLVERS else "other"
     probe = (_Probe if adjoint else _CallProbe)(func, kind == "adaptive", keep_states=False)
     solve = torchdiffeq.odeint_adjoint if adjoint else torchdiffeq.odeint
+    # Only where the probe's step callback is not one the solver calls is torchdiffeq's
+    # "does not support callbacks" silenced: elsewhere the user's own warnings stay.
+    out = _run_probe(solve, probe, y0, t, kwargs, func, quiet=kind == "other")
+    return out, SolveSummary(probe.stats, method, type(func).__name__, t)
+
+
+def _check_adjoint_field(func: Any, adjoint_params: Any) -> None:
+    if not isinstance(func, nn.Module) and adjoint_params is None:
+        raise ValueError(
+            "odeint_adjoint needs `func` to be an nn.Module, or `adjoint_params` given explicitly"
+        )
+
+
+def _run_probe(
+    solve: Callable[..., Any],
+    probe: _ProbeBase,
+    y0: Any,
+    t: Tensor,
+    kwargs: dict[str, Any],
+    func: Any,
+    *,
+    quiet: bool,
+) -> Any:
+    """``solve(probe, y0, t, **kwargs)``, then ``probe.finish()``; a solver's failure becomes
+    an :class:`IntegrationError` naming the field; ``quiet`` silences torchdiffeq's warning
+    about callbacks a solver does not call."""
+    method = kwargs.get("method") or "dopri5"
     try:
-        if kind == "other":  # the probe's step callback is not one this solver calls
+        if quiet:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Solver '.*' does not support callbacks")
                 out = solve(probe, y0, t, **kwargs)
-        else:  # the probe adds only callbacks the solver supports: the user's warnings stay
+        else:
             out = solve(probe, y0, t, **kwargs)
     except AssertionError as exc:
         raise _odeint_error(exc, method, func) from exc
     probe.finish()
-    return out, SolveSummary(probe.stats, method, type(func).__name__, t)
+    return out
 
 
 def _on_grid(forced: Tensor, grid: Tensor, *, snap: bool, method: str) -> Tensor:

@@ -42,7 +42,7 @@ from ode_reg.callbacks._logging import (
     resolve_every_n,
 )
 from ode_reg.plotting import histogram_figure, new_figure, save_figure
-from ode_reg.trajectory import DEFAULT_CHECKPOINTS, SolveSummary
+from ode_reg.trajectory import DEFAULT_CHECKPOINTS, SolveSummary, median_value
 
 __all__ = ["ON_WARNING", "SolverStatsMonitor", "nfe_figure"]
 
@@ -160,17 +160,6 @@ def _profile_ratio(adj: Tensor) -> float | None:
     if p.numel() < 2:
         return None
     return float(p.max() / p.min())
-
-
-def _median(values: Sequence[float]) -> float:
-    """``statistics.median`` (the mean of the two middle values for an even count), without
-    its type dispatch: it runs twice a training step on the running windows."""
-    s = sorted(values)
-    n = len(s)
-    if n == 0:
-        raise ValueError("median of no values")
-    m = n // 2
-    return float(s[m]) if n % 2 else 0.5 * (s[m - 1] + s[m])
 
 
 def _g(x: float) -> str:
@@ -495,14 +484,14 @@ class SolverStatsMonitor(Callback):
         if mins:
             low, where = min(mins)
             if self.dt_fraction is not None and checks_on and len(self._dt_window) > 0:
-                med = _median(self._dt_window)
+                med = median_value(self._dt_window)
                 if med > 0 and low < self.dt_fraction * med:
                     fired["dt"] = [low / med, low, med, float(where)]
             self._dt_window.append(low)
         if step.solves:
             nfe = float(step.total("nfe") + step.total("nfe_backward"))
             if self.nfe_factor is not None and checks_on:
-                med = _median(self._nfe_window)
+                med = median_value(self._nfe_window)
                 if med > 0 and nfe > self.nfe_factor * med:
                     where = max(
                         range(len(step.solves)),
@@ -645,7 +634,7 @@ class SolverStatsMonitor(Callback):
         sizes = [d for _, d in pairs]
         if sizes:
             metrics["solver/dt_min"] = out["dt_min"]
-            metrics["solver/dt_median"] = _median(sizes)
+            metrics["solver/dt_median"] = median_value(sizes)
             metrics["solver/dt_max"] = out["dt_max"]
         for i in range(min(self.per_solve, int(out["solves"]))):
             for name in _COUNTS:
@@ -653,7 +642,7 @@ class SolverStatsMonitor(Callback):
             mine = [d for j, d in pairs if j == i]
             if mine:
                 metrics[f"solver/solve{i}/dt_min"] = out[f"{i}/dt_min"]
-                metrics[f"solver/solve{i}/dt_median"] = _median(mine)
+                metrics[f"solver/solve{i}/dt_median"] = median_value(mine)
                 metrics[f"solver/solve{i}/dt_max"] = out[f"{i}/dt_max"]
         return metrics
 
