@@ -930,8 +930,8 @@ def chain(trajectories: Sequence[Trajectory]) -> Trajectory:
         >>> t = torch.tensor([0.0, 1.0])
         >>> a = integrate(lambda t, z: -z, torch.ones(2, 3), t, method="euler")
         >>> b = integrate(lambda t, z: -z, a.ys[-1], t, method="euler")
-        >>> chain([a, b]).num_checkpoints
-        4
+        >>> a.num_checkpoints, b.num_checkpoints, chain([a, b]).num_checkpoints  # a's end once
+        (2, 2, 3)
     """
     if len(trajectories) == 0:
         raise ValueError("`trajectories` must hold at least one Trajectory")
