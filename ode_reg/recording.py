@@ -138,6 +138,8 @@ class StepRecorder:
         self.records: list[SolveRecord] = []
         #: What the solver did in every solve of the step, recorded or stats-only, in call order.
         self.summaries: list[SolveSummary] = []
+        #: Solves made inside the step but not recorded (run without grad).
+        self.unrecorded = 0
         #: Only solver statistics are wanted: no term is active and no monitor reads the
         #: trajectories (``ode_reg.odeint`` then makes the stats-only solve).
         self.stats_only = not (

@@ -1,7 +1,17 @@
 """Loss terms for :class:`~ode_reg.RegularizedODEModule`: thin shells over ``ode_reg.functional``.
 
-Each regularizer is an ``nn.Module`` (so its counters travel in the checkpoint) with a
-``weight``, a cadence ``every_n_steps`` and a linear weight warm-up ``warmup_steps``.
+Each regularizer is configuration: a ``weight``, a cadence ``every_n_steps`` (the one rule
+:func:`ode_reg.plan.due`) and a linear weight warm-up ``warmup_steps``. It is an ``nn.Module``
+for its API only: :class:`~ode_reg.RegularizedODEModule` does not register it as a submodule,
+so it is not in the model's ``state_dict``; its run state (the skip counter, a probe seed)
+travels in the checkpoint under the module's own key (:meth:`Regularizer.run_state`).
+
+A subclass implements :meth:`Regularizer.compute` (the unweighted term on one chain, from
+the :class:`~ode_reg.terms.ChainContext`), sets the class flags that say what it needs
+(``needs_adjoints``, ``needs_field_evaluations``, ``needs_skew_probes``), validates its own
+arguments in ``__init__`` (before calling ``super().__init__(weight, **kwargs)``) and keeps
+them as attributes of the same name (so the checkpoint can rebuild it); extra run state goes
+in :meth:`Regularizer.run_state` / :meth:`Regularizer.load_run_state`.
 """
 
 from __future__ import annotations
@@ -19,6 +29,8 @@ from ode_reg.functional import (
     sensitivity_magnitude_penalty,
     spectral_penalty,
 )
+from ode_reg.plan import Need, due
+from ode_reg.trajectory import DEFAULT_CHECKPOINTS
 
 if TYPE_CHECKING:
     from ode_reg.terms import ChainContext
@@ -39,6 +51,30 @@ def all_reduce_mean(x: Tensor) -> Tensor:
     from torch.distributed.nn.functional import all_reduce
 
     return all_reduce(x, op=dist.ReduceOp.SUM) / dist.get_world_size()
+
+
+#: Accepted range of a term's ``reference`` checkpoint index: the indices of the default
+#: checkpoint grid (``DEFAULT_CHECKPOINTS + 1`` checkpoints, MATH.md Notation); ``-1`` is the
+#: last reached checkpoint ``k*``.
+REFERENCE_RANGE = (-(DEFAULT_CHECKPOINTS + 1), DEFAULT_CHECKPOINTS)
+
+
+def check_reference(reference: int) -> int:
+    """``reference`` if it is an integer in :data:`REFERENCE_RANGE`, else a ``ValueError``."""
+    lo, hi = REFERENCE_RANGE
+    if isinstance(reference, bool) or not isinstance(reference, int) or not lo <= reference <= hi:
+        raise ValueError(
+            f"`reference` must be an integer in [{lo}, {hi}] (a checkpoint index; -1 is the last "
+            f"reached checkpoint), got {reference!r}"
+        )
+    return reference
+
+
+def check_flags(**flags: bool) -> None:
+    """Each keyword must be ``True`` or ``False`` (a ``ValueError`` naming it otherwise)."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"`{name}` must be True or False, got {value!r}")
 
 
 class Regularizer(nn.Module):
@@ -81,8 +117,11 @@ class Regularizer(nn.Module):
         self.weight = float(weight)
         self.every_n_steps = every_n_steps
         self.warmup_steps = warmup_steps
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ValueError(f"`name` must be a non-empty string or None, got {name!r}")
         self.name = name or self.default_name
-        self.register_buffer("skipped", torch.zeros((), dtype=torch.long), persistent=True)
+        #: Steps on which the term was not finite and was dropped (``nonfinite="skip"``).
+        self.skipped = 0
 
     @property
     def needs_differentiable_adjoints(self) -> bool:
@@ -91,8 +130,30 @@ class Regularizer(nn.Module):
         return self.needs_adjoints and not getattr(self, "detach_adjoints", False)
 
     def active(self, step: int) -> bool:
-        """Whether the term is applied at global step ``step``."""
-        return self.weight > 0 and step % self.every_n_steps == 0
+        """Whether the term is applied at global step ``step`` (:func:`ode_reg.plan.due`: the
+        ``every_n_steps``-th, ``2 * every_n_steps``-th, ... step)."""
+        return self.weight > 0 and due(step, self.every_n_steps)
+
+    def need(self, step: int) -> Need | None:
+        """What global step ``step`` must record for this term (``None``: not due)."""
+        if not self.active(step):
+            return None
+        return Need(
+            stats=True,
+            chains=True,
+            adjoints=self.needs_adjoints,
+            field_evaluations=self.needs_field_evaluations,
+            probes=self.needs_skew_probes,
+        )
+
+    def run_state(self) -> dict[str, int]:
+        """The term's run state (plain values), saved in the checkpoint by the module."""
+        return {"skipped": int(self.skipped)}
+
+    def load_run_state(self, state: dict[str, int]) -> None:
+        """Restore :meth:`run_state` (keys it does not know are ignored)."""
+        if "skipped" in state:
+            self.skipped = int(state["skipped"])
 
     def scheduled_weight(self, step: int) -> float:
         """The weight at global step ``step`` (after warm-up)."""
@@ -117,7 +178,8 @@ class AdjointMagnitude(Regularizer):
         **kwargs: ``every_n_steps``, ``warmup_steps``, ``name`` (see :class:`Regularizer`).
 
     Raises:
-        ValueError: on a negative weight or bad cadence.
+        ValueError: on a negative weight, bad cadence, or a ``reference`` that is not an
+            integer in ``[-9, 8]`` (:data:`REFERENCE_RANGE`).
 
     Example::
 
@@ -131,6 +193,7 @@ class AdjointMagnitude(Regularizer):
     zero_value_has_zero_gradient = True
 
     def __init__(self, weight: float = 0.1, reference: int = -1, **kwargs) -> None:
+        check_reference(reference)
         super().__init__(weight, **kwargs)
         self.reference = reference
 
@@ -184,6 +247,8 @@ class SensitivityMagnitude(Regularizer):
         detach_adjoints: bool = False,
         **kwargs,
     ) -> None:
+        check_reference(reference)
+        check_flags(detach_states=detach_states, detach_adjoints=detach_adjoints)
         super().__init__(weight, **kwargs)
         self.reference = reference
         self.detach_states = detach_states
@@ -232,6 +297,8 @@ class DirectionalConstraint(Regularizer):
         **kwargs,
     ) -> None:
         check_gamma(gamma)
+        check_reference(reference)
+        check_flags(detach_states=detach_states, detach_adjoints=detach_adjoints)
         super().__init__(weight, **kwargs)
         self.gamma = float(gamma)
         self.reference = reference
@@ -273,6 +340,7 @@ class SpectralConstraint(Regularizer):
 
     def __init__(self, gamma: float = 0.0, weight: float = 0.1, reference: int = -1, **kwargs):
         check_gamma(gamma)
+        check_reference(reference)
         super().__init__(weight, **kwargs)
         self.gamma = float(gamma)
         self.reference = reference
@@ -336,8 +404,16 @@ class SkewJacobianPenalty(Regularizer):
         super().__init__(weight, **kwargs)
         self.probes = probes
         self.max_states = max_states
-        base = int(torch.randint(0, 2**31 - 1, ())) if seed is None else seed
-        self.register_buffer("base_seed", torch.tensor(base, dtype=torch.long), persistent=True)
+        #: Base seed of the probes (run state: saved in the checkpoint by the module).
+        self.base_seed = int(torch.randint(0, 2**31 - 1, ())) if seed is None else seed
+
+    def run_state(self) -> dict[str, int]:
+        return {**super().run_state(), "base_seed": int(self.base_seed)}
+
+    def load_run_state(self, state: dict[str, int]) -> None:
+        super().load_run_state(state)
+        if "base_seed" in state:
+            self.base_seed = int(state["base_seed"])
 
     def generator(self, step: int, device: torch.device, micro: int = 0) -> torch.Generator:
         """The probe generator of global step ``step`` and micro-batch ``micro`` on this rank."""

@@ -27,6 +27,7 @@ from ode_reg.callbacks._logging import (
     resolve_every_n,
 )
 from ode_reg.metrics import MeanAdjointRatio
+from ode_reg.plan import Need
 from ode_reg.plotting import profile_figure
 from ode_reg.trajectory import Trajectory
 
@@ -284,6 +285,15 @@ class GradientNormMonitor(PreStepMonitor):
         every = resolve_every_n(trainer, self.every_n_steps)
         plot = self.plot_every_n_steps if self.plot_every_n_steps is not None else 10 * every
         return every, plot
+
+    @override
+    def cadences(self, trainer: pl.Trainer) -> tuple[int, int]:
+        return self._cadences(trainer)
+
+    @property
+    def needs(self) -> Need:  # type: ignore[override]
+        """The chains' states for the adjoint profile; nothing for the gradient norms alone."""
+        return Need(stats=True, chains=True) if self.adjoint_profile else Need()
 
     def _due(self, trainer: pl.Trainer) -> tuple[bool, bool]:
         every, plot = self._cadences(trainer)
