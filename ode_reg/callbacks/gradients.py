@@ -128,9 +128,10 @@ def _adjoint_targets(traj: Trajectory) -> list[tuple[Tensor, bool]]:
 
 
 def _first_last_finite(p: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
-    """``(max/min ratio, first, last)`` over the finite entries of a profile (``None``: none)."""
+    """``(max/min ratio, first, last)`` over the finite entries of a profile (``None``: fewer
+    than two, so no ratio can be read: one point is no profile)."""
     ok = torch.isfinite(p)
-    if not bool(ok.any()):
+    if int(ok.sum()) < 2:
         return None
     q = p[ok]
     return q.max() / q.min().clamp_min(_TINY), q[0], q[-1]
@@ -274,6 +275,7 @@ class GradientNormMonitor(PreStepMonitor):
         self._grad_norms: dict[str, Tensor] | None = None
         self._profiles_now: list[dict[str, Any]] | None = None
         self._warned_sens = False
+        self._warned_unreadable = False
 
     @property
     @override
@@ -542,6 +544,7 @@ class GradientNormMonitor(PreStepMonitor):
                 s = "" if g == 0 else f"/group{g}"
                 found = _first_last_finite(entry["adjoint"])
                 if found is None:
+                    self._say_unreadable(entry)
                     continue
                 ratio, first, last = found
                 ratios.append(ratio)
@@ -580,6 +583,19 @@ class GradientNormMonitor(PreStepMonitor):
                     samples=entry["samples"],
                 )
                 log_figure(trainer, f"adjoint/profile{s}", fig)
+
+    def _say_unreadable(self, entry: dict[str, Any]) -> None:
+        """Say it or do it: a profile with fewer than two readable checkpoints logs nothing."""
+        if self._warned_unreadable:
+            return
+        self._warned_unreadable = True
+        readable = int(torch.isfinite(entry["adjoint"]).sum())
+        rank_zero_warn(
+            f"GradientNormMonitor: the adjoint profile has {readable} readable checkpoint(s) of "
+            f"{entry['adjoint'].numel()} (an odeint_adjoint solve exposes only its result to "
+            "autograd, not its checkpoint states), so no adjoint/ratio_* or adjoint/norm_* is "
+            "logged for it; solve with ode_reg.odeint to read the profile (said once)"
+        )
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -677,6 +677,13 @@ class SolverStatsMonitor(Monitor):
             if should_accumulate is not None and should_accumulate():
                 return  # the optimizer step's other micro-batches are still to come
         step, self._pending = self._pending, _Step()
+        measured = bool(step.solves)
+        if trainer.world_size > 1:  # every rank takes the same branch (collectives below)
+            measured = trainer.strategy.reduce_boolean_decision(measured, all=False)
+        if not measured:
+            # Say it or do it: no ode_reg solve this step (the module says so once): nothing
+            # was measured, so no solver/* value is logged and the epoch sums are untouched.
+            return
         sums = self._epoch_sums
         for name in _COUNTS:
             sums[name] += step.total(name)
