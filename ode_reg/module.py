@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 
 from ode_reg.plan import Monitor, Need, StepPlan, capture_torchdiffeq
 from ode_reg.recording import SkewPlan, StepRecorder
@@ -69,7 +69,22 @@ def _use_shared_backward(module: RegularizedODEModule, active: Sequence[Regulari
         and module.automatic_optimization
         and any(r.needs_adjoints for r in active)
         and not any(r.needs_differentiable_adjoints for r in active)
+        and not _gradient_hooks(module)
     )
+
+
+def _gradient_hooks(module: nn.Module) -> bool:
+    """Whether a hook would see the shared backward's task gradient differently from the plain
+    backward's: a tensor hook on a parameter (it would run in the adjoints' pass and again on
+    the total), or a module backward hook (the task part would not pass through the module)."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks:
+        return True
+    for m in module.modules():
+        if m._backward_hooks or m._backward_pre_hooks:
+            return True
+    return any(p._backward_hooks for p in module.parameters() if p.requires_grad)
 
 
 def _evaluation_mode(active: Sequence[Regularizer]) -> bool | str:
@@ -219,10 +234,11 @@ class RegularizedODEMixin:
             them (``detach_adjoints=True``), take the task gradient of the module's parameters
             from the plain backward pass that gives the adjoints, and return a loss whose
             backward adds it as a constant (same value and gradient, one backward pass of the
-            task loss less; automatic optimization only). Caveats, why it is off by default:
-            a tensor hook on a parameter sees that gradient in two parts; the task loss sends
-            gradients to this module's parameters only; under 16-bit AMP the task gradient is
-            taken from the unscaled loss.
+            task loss less; automatic optimization only). A step where a parameter has a
+            tensor hook or a module has a backward hook takes the plain backward instead (so
+            the hooks see what they see with the option off). Caveats, why it is off by
+            default: the task loss sends gradients to this module's parameters only; under
+            16-bit AMP the task gradient is taken from the unscaled loss.
         capture_torchdiffeq: opt-in. Record, during each training step, the calls that other
             code makes to ``torchdiffeq.odeint`` / ``torchdiffeq.odeint_adjoint`` through the
             module attribute (a library such as torchcde that calls torchdiffeq itself), as if

@@ -562,3 +562,22 @@ def test_the_cadence_rule():
     assert [s for s in range(12) if term.need(s)] == [3, 7, 11]
     assert term.need(3) == Need(stats=True, chains=True, adjoints=True)
     assert AdjointMagnitude(0.0).need(0) is None  # weight 0: never due
+
+
+# --------------------------------------------------------------------------- (g) shared backward
+
+
+def test_shared_backward_with_a_parameter_hook_equals_the_plain_backward():
+    """A linear hook (halving the gradient) must give the gradient of the option off."""
+    batch = next(iter(batches()))
+    grads = []
+    for shared in (True, False):
+        regs = [SensitivityMagnitude(0.5, detach_states=True, detach_adjoints=True)]
+        model = Net(regs, shared_backward=shared)
+        model.field.w.register_hook(lambda g: 0.5 * g)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.training_step(batch, 0).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
