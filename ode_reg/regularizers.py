@@ -16,7 +16,7 @@ in :meth:`Regularizer.run_state` / :meth:`Regularizer.load_run_state`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -146,14 +146,25 @@ class Regularizer(nn.Module):
             probes=self.needs_skew_probes,
         )
 
-    def run_state(self) -> dict[str, int]:
-        """The term's run state (plain values), saved in the checkpoint by the module."""
-        return {"skipped": int(self.skipped)}
+    def run_state(self) -> dict[str, Any]:
+        """The term's run state as plain values (saved in the checkpoint by the module): the
+        skip counter, and any buffer a subclass registers (``buffer.<name>``, as a number or
+        nested list), so that a subclass keeping a counter or seed as a buffer still has it
+        saved although the term is not a submodule of the model."""
+        state: dict[str, Any] = {"skipped": int(self.skipped)}
+        for name, buf in self.named_buffers():
+            state[f"buffer.{name}"] = buf.detach().cpu().tolist()
+        return state
 
-    def load_run_state(self, state: dict[str, int]) -> None:
+    def load_run_state(self, state: dict[str, Any]) -> None:
         """Restore :meth:`run_state` (keys it does not know are ignored)."""
         if "skipped" in state:
             self.skipped = int(state["skipped"])
+        buffers = dict(self.named_buffers())
+        for key, value in state.items():
+            if key.startswith("buffer.") and key[7:] in buffers:
+                buf = buffers[key[7:]]
+                buf.copy_(torch.as_tensor(value, dtype=buf.dtype).reshape(buf.shape))
 
     def scheduled_weight(self, step: int) -> float:
         """The weight at global step ``step`` (after warm-up)."""
@@ -407,10 +418,10 @@ class SkewJacobianPenalty(Regularizer):
         #: Base seed of the probes (run state: saved in the checkpoint by the module).
         self.base_seed = int(torch.randint(0, 2**31 - 1, ())) if seed is None else seed
 
-    def run_state(self) -> dict[str, int]:
+    def run_state(self) -> dict[str, Any]:
         return {**super().run_state(), "base_seed": int(self.base_seed)}
 
-    def load_run_state(self, state: dict[str, int]) -> None:
+    def load_run_state(self, state: dict[str, Any]) -> None:
         super().load_run_state(state)
         if "base_seed" in state:
             self.base_seed = int(state["base_seed"])

@@ -581,3 +581,27 @@ def test_shared_backward_with_a_parameter_hook_equals_the_plain_backward():
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
+class CountingTerm(AdjointMagnitude):
+    """A subclass written against the older API: a counter kept as a buffer."""
+
+    def __init__(self, weight: float = 0.1, **kw: Any) -> None:
+        super().__init__(weight, **kw)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def compute(self, ctx):
+        self.calls += 1
+        return super().compute(ctx)
+
+
+def test_a_subclass_buffer_travels_as_run_state_not_as_model_weights(tmp_path):
+    model = Net([CountingTerm(0.1)])
+    _fit_and_save(model, tmp_path / "c.ckpt", steps=3)
+    assert int(model.regularizers[0].calls) == 3
+    saved = torch.load(tmp_path / "c.ckpt", weights_only=True)
+    assert not [k for k in saved["state_dict"] if "calls" in k]
+    assert saved[RUN_STATE_KEY]["terms"][0]["state"]["buffer.calls"] == 3
+    fresh = CountingTerm(0.1)
+    Net.load_from_checkpoint(tmp_path / "c.ckpt", strict=True, regularizers=[fresh])
+    assert int(fresh.calls) == 3
