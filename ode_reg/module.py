@@ -200,12 +200,10 @@ def _plain_hparams(value: Any) -> Any:
         from ode_reg.models._checkpoint import regularizer_spec
 
         return {SPEC_TAG: regularizer_spec(value)}
-    if isinstance(value, (list, tuple)):
-        return (
-            type(value)(_plain_hparams(v) for v in value)
-            if isinstance(value, list)
-            else tuple(_plain_hparams(v) for v in value)
-        )
+    if isinstance(value, list):
+        return [_plain_hparams(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain_hparams(v) for v in value)
     if isinstance(value, dict):
         return {k: _plain_hparams(v) for k, v in value.items()}
     return value
@@ -225,6 +223,18 @@ class RegularizedODEMixin:
     ``reg/total``. ``training_step`` may be defined anywhere in the class hierarchy (a mixin,
     a parent); a ``super().training_step`` call adds the terms once. Validation and test steps
     are untouched.
+
+    Each training step starts with a :class:`~ode_reg.StepPlan`: the terms due on the step and
+    the trainer's :class:`~ode_reg.Monitor` callbacks due on it (one cadence rule,
+    :func:`ode_reg.due`), and the union of what they need. The step records exactly that, and
+    nothing at all when nothing is due. ``ode_step`` (a :class:`StepRecord`) holds the step's
+    record from the end of the forward (under manual optimization, from each
+    ``manual_backward``) until the end of the batch, when a callback the module installs
+    (:class:`StepRelease`) releases it: detached values, no field, whatever the module's own
+    hooks do. When something was due and the step made no ode_reg solve, a warning says so
+    once, and nothing is added or logged for it. The regularizers are configuration, not
+    model state: they are not submodules (the ``state_dict`` is the model's own), their run
+    state travels in checkpoints under ``RUN_STATE_KEY``.
 
     Args:
         regularizers: the loss terms, e.g. ``[AdjointMagnitude(0.1), SkewJacobianPenalty(0.01)]``.
@@ -684,6 +694,8 @@ class RegularizedODEModule(RegularizedODEMixin, L.LightningModule):
         regularizers: the loss terms.
         nonfinite: ``"skip"`` or ``"raise"`` (see :class:`RegularizedODEMixin`).
         shared_backward: opt-in shared backward (see :class:`RegularizedODEMixin`).
+        capture_torchdiffeq: opt-in recording of third-party ``torchdiffeq.odeint`` calls
+            (see :class:`RegularizedODEMixin`).
         **kwargs: passed on to ``LightningModule``.
 
     Raises:
