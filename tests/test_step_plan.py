@@ -20,6 +20,7 @@ import pytest
 import torch
 import torchdiffeq
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -357,16 +358,18 @@ def test_a_missing_import_is_said_once_and_no_solver_zeros_are_logged(with_term)
     assert mon.last_metrics == {} and mon.history == []
 
 
-def test_an_unreadable_adjoint_profile_is_said_not_logged_as_one():
-    mon = GradientNormMonitor(every_n_steps=1)
+def test_an_unreadable_adjoint_profile_is_said_not_logged_as_one(tmp_path):
+    mon = GradientNormMonitor(every_n_steps=1, plot_every_n_steps=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        tr = trainer([mon], max_steps=2)
+        tr = trainer([mon], max_steps=2, logger=CSVLogger(tmp_path, name="run"))
         tr.fit(Net(solver="adjoint"), batches())
     profile = mon.last_profiles[0]["adjoint"]
     assert int(torch.isfinite(profile).sum()) == 1  # odeint_adjoint: only the result is read
     assert not [k for k in tr.callback_metrics if k.startswith("adjoint/")]
     assert len(_said(caught, "readable checkpoint")) == 1
+    assert "grad/total_norm" in tr.callback_metrics  # the rest of the monitor still logs
+    assert not list(tmp_path.rglob("*adjoint*"))  # and no one-point profile is drawn
 
 
 # --------------------------------------------------------------------------- (f) capture

@@ -574,6 +574,9 @@ class GradientNormMonitor(PreStepMonitor):
         if plot_due and profiles and trainer.is_global_zero and has_plot_sink(trainer):
             for g, entry in enumerate(profiles):
                 s = "" if g == 0 else f"/group{g}"
+                if _first_last_finite(entry["adjoint"]) is None:
+                    self._say_unreadable(entry)
+                    continue  # one point is no profile: nothing drawn
                 fig = profile_figure(
                     entry["times"],
                     entry["adjoint"],
