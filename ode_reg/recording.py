@@ -1,7 +1,8 @@
 """Recording the solves of one training step, wherever ``ode_reg.odeint`` is called.
 
 A :class:`StepRecorder` is made current (a context variable) for the duration of a
-``RegularizedODEModule``'s training step. ``ode_reg.odeint`` / ``ode_reg.odeint_adjoint``
+``RegularizedODEModule``'s training step on which a term or monitor is due (built from the
+step's :class:`~ode_reg.StepPlan`: it records what the plan needs). ``ode_reg.odeint`` / ``ode_reg.odeint_adjoint``
 called anywhere during it (a submodule's ``forward``, an ODE-RNN cell, a helper) record their
 solve into it; everywhere else they are torchdiffeq's call and nothing more.
 
