@@ -303,6 +303,8 @@ class RegularizedODEMixin:
         self._plan_now: StepPlan | None = None
         self._consumed = 0
         self.ode_step: StepRecord | None = None
+        #: The plan of the last training step (its due terms and monitors).
+        self.ode_plan: StepPlan | None = None
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -322,6 +324,7 @@ class RegularizedODEMixin:
         state["ode_step"] = None
         state["_recorder"] = None
         state["_plan_now"] = None
+        state["ode_plan"] = None
         return state
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -397,7 +400,7 @@ class RegularizedODEMixin:
                 return step(self, *args, **kw)
             batch_idx = args[1] if len(args) > 1 else kw.get("batch_idx", 0)
             self._install_release()
-            plan = self._plan()
+            plan = self.ode_plan = self._plan()
             self._consumed = 0
             self.ode_step = StepRecord([], [], [], [])
             if plan.empty:  # nothing due: torchdiffeq's calls, untouched
@@ -449,7 +452,12 @@ class RegularizedODEMixin:
             if want:
                 monitors.append(m)
                 need = need | want
-        return StepPlan(step, terms, monitors, need)
+        batch = -1
+        if trainer is not None:
+            from ode_reg.callbacks._logging import logger_step
+
+            batch = logger_step(trainer)
+        return StepPlan(step, terms, monitors, need, batch)
 
     def _say(self, key: str, message: str) -> None:
         said = self.__dict__.setdefault("_ode_reg_said", set())

@@ -93,12 +93,15 @@ class StepPlan:
         terms: the due regularizers.
         monitors: the due monitors.
         need: the union of their needs (empty: nothing is recorded).
+        batch: Lightning's logger step of the batch (``-1`` without a trainer); it does not
+            change within a batch, while ``global_step`` advances at each optimizer step.
     """
 
     step: int
     terms: list[Any]
     monitors: list[Monitor]
     need: Need
+    batch: int = -1
 
     @property
     def empty(self) -> bool:
@@ -162,6 +165,21 @@ class Monitor(Callback):
         if any(is_due(trainer, n) for n in self.cadences(trainer)):
             return self.needs
         return None
+
+    @staticmethod
+    def terms_due(trainer: pl.Trainer) -> bool:
+        """Whether a term of the trainer's module is due on the current training batch: a
+        monitor that overrides :meth:`need` with ``return self.needs if self.terms_due(trainer)
+        else None`` observes exactly the regularized steps, and reads there the adjoints the
+        terms computed (``ode_step.adjoints``)."""
+        from ode_reg.callbacks._logging import logger_step
+
+        module = trainer.lightning_module
+        plan = getattr(module, "ode_plan", None)
+        if isinstance(plan, StepPlan) and plan.batch == logger_step(trainer):
+            return bool(plan.terms)  # inside the batch: its plan (global_step may have moved)
+        step = int(module.global_step) if module is not None else 0
+        return any(r.active(step) for r in getattr(module, "regularizers", ()))
 
 
 # --------------------------------------------------------------------------- capture

@@ -608,3 +608,23 @@ def test_a_subclass_buffer_travels_as_run_state_not_as_model_weights(tmp_path):
     fresh = CountingTerm(0.1)
     Net.load_from_checkpoint(tmp_path / "c.ckpt", strict=True, regularizers=[fresh])
     assert int(fresh.calls) == 3
+
+
+def test_a_monitor_can_observe_exactly_the_regularized_steps():
+    class OnTerms(Monitor):
+        needs = Need(stats=True, chains=True)
+
+        def __init__(self) -> None:
+            self.seen: list[tuple[int, bool]] = []
+
+        def need(self, trainer):
+            return self.needs if self.terms_due(trainer) else None
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if self.need(trainer) is not None:
+                adj = pl_module.ode_step.adjoints
+                self.seen.append((trainer.global_step - 1, bool(adj) and adj[0] is not None))
+
+    mon = OnTerms()
+    trainer([mon], max_steps=9).fit(Net([AdjointMagnitude(0.1, every_n_steps=3)]), batches())
+    assert mon.seen == [(2, True), (5, True), (8, True)]
