@@ -450,6 +450,12 @@ class RegularizedODEMixin:
         for m in self._monitors():
             want = m.need(trainer) if trainer is not None else None
             if want:
+                if want.field_evaluations or want.probes:
+                    raise ValueError(
+                        f"{type(m).__name__}.need() asks for field_evaluations/probes, which are "
+                        "the terms' needs: a monitor reads the record (ode_step) and evaluates "
+                        "the field itself (Trajectory.field_at); ask for stats/chains/adjoints"
+                    )
                 monitors.append(m)
                 need = need | want
         batch = -1

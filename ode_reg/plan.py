@@ -64,9 +64,12 @@ class Need:
         stats: the solver's counts and step sizes (``StepRecord.solves``).
         chains: the checkpoint states and the chains (data dependency between solves), with
             grad-requiring inputs so that the backward reaches every checkpoint.
-        adjoints: the task-loss adjoints ``a_k`` (computed by a term).
-        field_evaluations: the field evaluated at the checkpoints during the solve.
-        probes: the skew-Jacobian probes drawn during the solve.
+        adjoints: the task-loss adjoints ``a_k``: computed by a term (a monitor reads them in
+            ``StepRecord.adjoints`` on steps where a term computed them, or from the backward
+            with tensor hooks on the checkpoint states, as ``GradientNormMonitor`` does).
+        field_evaluations: the field evaluated at the checkpoints during the solve (a term's
+            need; a monitor asking for it is refused: it evaluates the field from the record).
+        probes: the skew-Jacobian probes drawn during the solve (a term's need, likewise).
     """
 
     stats: bool = False

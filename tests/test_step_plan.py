@@ -628,3 +628,12 @@ def test_a_monitor_can_observe_exactly_the_regularized_steps():
     mon = OnTerms()
     trainer([mon], max_steps=9).fit(Net([AdjointMagnitude(0.1, every_n_steps=3)]), batches())
     assert mon.seen == [(2, True), (5, True), (8, True)]
+
+
+def test_a_monitor_asking_for_a_terms_need_is_refused_by_name():
+    class Greedy(Monitor):
+        needs = Need(field_evaluations=True)
+        every_n_steps = 1
+
+    with pytest.raises(ValueError, match="Greedy.need.. asks for field_evaluations/probes"):
+        trainer([Greedy()], max_steps=1).fit(Net(), batches())
