@@ -119,6 +119,10 @@ class StepRecorder:
             statistics are wanted.
         refuse_adjoint: names of active terms that cannot be computed on an
             ``odeint_adjoint`` solve (``odeint_adjoint`` is then refused with a short message).
+        common_checkpoints: the ``checkpoints`` of a recorded solve called without them
+            (``None``: the solver's own step states). Under DDP the module sets
+            ``DEFAULT_CHECKPOINTS`` equal intervals when a term reduces over the batch, so that
+            every rank has its checkpoints at the same times.
     """
 
     def __init__(
@@ -130,12 +134,14 @@ class StepRecorder:
         refuse_adjoint: tuple[str, ...] = (),
         chains: bool = True,
         warn: Callable[[str, str], None] | None = None,
+        common_checkpoints: int | None = None,
     ) -> None:
         self.evaluate_fields = evaluate_fields
         self.skew = skew
         self.adjoint_inputs = adjoint_inputs
         self.refuse_adjoint = refuse_adjoint
         self.chains = chains
+        self.common_checkpoints = common_checkpoints
         self.records: list[SolveRecord] = []
         #: What the solver did in every solve of the step, recorded or stats-only, in call order.
         self.summaries: list[SolveSummary] = []

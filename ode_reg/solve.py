@@ -194,6 +194,8 @@ def _recorded(
             "adjoints a_k, which an odeint_adjoint solve does not expose to autograd. Use "
             "ode_reg.odeint, or SkewJacobianPenalty"
         )
+    if checkpoints is None:
+        checkpoints = rec.common_checkpoints
     traj = integrate(
         func,
         y0,

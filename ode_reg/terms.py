@@ -18,12 +18,13 @@ Every term is computed per chain and averaged over chains.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from ode_reg._ranks import Ranks
 from ode_reg.adjoint import _through_state
 from ode_reg.recording import SolveRecord
 from ode_reg.trajectory import Trajectory, chain, starts_from_end
@@ -142,7 +143,8 @@ class ChainContext:
         differentiable: whether the adjoints are differentiable.
         params: the parameters ``y_k`` is taken over.
         step: the global step.
-        reduce_mean: differentiable mean over DDP ranks (identity in one process).
+        ranks: the DDP ranks (:class:`~ode_reg._ranks.Ranks`; default one process): the
+            sensitivity density is their differentiable mean, at the agreed ``k*``.
     """
 
     def __init__(
@@ -154,7 +156,7 @@ class ChainContext:
         differentiable: bool,
         params: Sequence[Tensor],
         step: int,
-        reduce_mean: Callable[[Tensor], Tensor] = lambda x: x,
+        ranks: Ranks | None = None,
     ) -> None:
         self.loss = loss
         self.records = list(records)
@@ -168,7 +170,7 @@ class ChainContext:
         self.differentiable = differentiable
         self.params = list(params)
         self.step = step
-        self.reduce_mean = reduce_mean
+        self.ranks = ranks or Ranks()
         self._cache: dict[object, object] = {}
 
     # ------------------------------------------------------------------ adjoints
@@ -205,6 +207,17 @@ class ChainContext:
             idx = torch.nonzero(nz).flatten()
             self._cache["kstar"] = int(idx[-1]) if idx.numel() else -1
         return self._cache["kstar"]  # type: ignore[return-value]
+
+    def common_kstar(self) -> int:
+        """``k*`` agreed across DDP ranks (the largest rank's; the local one in one process),
+        after checking that every rank holds the same number of checkpoints."""
+        if "common_kstar" not in self._cache:
+            ks = self.kstar()
+            if self.ranks.distributed:
+                self.ranks.agree("checkpoint counts", [len(self.owners)])
+                ks = int(self.ranks.max([ks])[0])
+            self._cache["common_kstar"] = ks
+        return self._cache["common_kstar"]  # type: ignore[return-value]
 
     def reached_samples(self) -> Tensor:
         """Samples whose adjoint at ``k*`` is non-zero, ``(B,)`` booleans."""
@@ -278,12 +291,13 @@ class ChainContext:
 
     # ------------------------------------------------------------------ sensitivities
     def sensitivities(self, detach_states: bool = False, detach_adjoints: bool = False) -> Tensor:
-        """``y_k`` for ``k <= k*`` (all-reduced mean over DDP ranks), shape ``(k* + 1, P)``."""
+        """``y_k`` for ``k <= k*`` (the differentiable mean over DDP ranks, at the ``k*`` they
+        agree on: :meth:`common_kstar`), shape ``(k* + 1, P)``."""
         key = ("sens", detach_states, detach_adjoints)
         if key in self._cache:
             return self._cache[key]  # type: ignore[return-value]
         raw = self.raw_adjoints()
-        ks = self.kstar()
+        ks = self.common_kstar()
         rows: list[Tensor | None] = [None] * (ks + 1)
         batched: dict[int, list[int]] = {}
         for j in range(ks + 1):
@@ -301,7 +315,7 @@ class ChainContext:
             rec = by_index[index]
             for j, row in zip(js, self._batched_rows(rec, js, raw, detach_adjoints)):
                 rows[j] = row
-        y = self.reduce_mean(torch.stack(rows))
+        y = self.ranks.mean(torch.stack(rows))
         self._cache[key] = y
         return y
 
@@ -408,7 +422,7 @@ def step_terms(
     step: int,
     params: Sequence[Tensor],
     extra: Sequence[Tensor] = (),
-    reduce_mean: Callable[[Tensor], Tensor] = lambda x: x,
+    ranks: Ranks | None = None,
     differentiable: bool | None = None,
 ) -> StepTerms:
     """Every active term on the chains of the recorded solves (a pure function of its inputs).
@@ -421,7 +435,9 @@ def step_terms(
         params: parameters the sensitivity density is taken over.
         extra: further tensors to differentiate the loss in, in the adjoints' backward pass
             (``StepTerms.adjoints.extra``).
-        reduce_mean: differentiable mean over DDP ranks.
+        ranks: the DDP ranks (default one process; a module passes ``Ranks.of(self)``, its
+            trainer's strategy). Terms that reduce over the batch (``reduces_over_batch``)
+            first check that every rank has as many chains, then all-reduce ``y_k``.
         differentiable: whether the adjoints must be differentiable (default: whether an
             active term trains on them).
 
@@ -473,10 +489,13 @@ def step_terms(
             differentiable=differentiable,
             params=params,
             step=step,
-            reduce_mean=reduce_mean,
+            ranks=ranks,
         )
         for c in chains
     ]
+    ranks = ranks or Ranks()
+    if ranks.distributed and any(getattr(r, "reduces_over_batch", False) for r in active):
+        ranks.agree("numbers of chains", [len(contexts)])
     values: dict[str, Tensor] = {}
     for r in active:
         terms = []
