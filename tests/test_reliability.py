@@ -155,27 +155,121 @@ def all_regularizers() -> list:
     ]
 
 
-def test_nan_batch_drops_every_term_and_counts_it() -> None:
+def test_nan_batch_skips_the_step_without_blaming_the_terms() -> None:
+    """A NaN in the batch: no term is evaluated (``reg/skipped`` stays 0, the terms' count),
+    the optimizer step is dropped (parameters unchanged) and counted in reg/skipped_steps."""
     model = ODEModel(regularizers=all_regularizers())
+    before = snapshot(model)
     x, y = data(8)
     x[3, 1] = math.nan
     tr = trainer(max_steps=1)
-    tr.fit(model, loader(x, y))
-    assert [int(r.skipped) for r in model.regularizers] == [1, 1, 1, 1]
+    with pytest.warns(UserWarning, match=r"step 0 skipped, the batch is not finite: batch\[0\]"):
+        tr.fit(model, loader(x, y))
+    assert [int(r.skipped) for r in model.regularizers] == [0, 0, 0, 0]
     metrics = tr.callback_metrics
-    assert float(metrics["reg/skipped"]) == 4.0
-    assert float(metrics["reg/total"]) == 0.0
+    assert float(metrics["reg/skipped_steps"]) == 1.0
+    assert "reg/skipped" not in metrics and "reg/total" not in metrics
     for r in model.regularizers:
-        assert f"reg/{r.name}" not in metrics  # a dropped term is not logged
+        assert f"reg/{r.name}" not in metrics  # not evaluated, not logged
+    assert max_diff(before, snapshot(model)) == 0.0
 
 
-def test_nan_batch_raises_under_raise_policy() -> None:
+def test_nan_batch_raises_under_raise_policy_naming_the_batch() -> None:
     model = ODEModel(regularizers=all_regularizers(), nonfinite="raise")
     x, y = data(8)
     x[0, 0] = math.nan
-    with pytest.raises(FloatingPointError, match=r"regularizer 'adjoint_magnitude' is not finite"):
+    with pytest.raises(FloatingPointError, match=r"the batch is not finite: batch\[0\] \(1 of"):
         trainer(max_steps=1).fit(model, loader(x, y))
     assert int(model.regularizers[0].skipped) == 0
+
+
+class NaNLossAt(ODEModel):
+    """The task loss is NaN at global step ``bad_step`` (the batch is finite)."""
+
+    def __init__(self, bad_step: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.bad_step = bad_step
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * math.nan if self.global_step == self.bad_step else loss
+
+
+class ParamsEachStep(Callback):
+    """The parameters at the start of every training batch, and after the last."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.seen.append(snapshot(pl_module))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.seen.append(snapshot(pl_module))
+
+
+def test_nan_task_loss_at_step_3_skips_that_step_only(tmp_path: Path) -> None:
+    """NaN task loss at step 3 (lr > 0): step 3 leaves the parameters (and Adam's state) as
+    they were, every other step changes them, all stay finite; the skip is logged under
+    reg/skipped_steps (not reg/skipped), and no term value is logged for step 3."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    model = NaNLossAt(3, regularizers=[AdjointMagnitude(0.1), SkewJacobianPenalty(0.05, seed=1)])
+    params = ParamsEachStep()
+    tr = trainer(max_steps=6, logger=CSVLogger(tmp_path), log_every_n_steps=1, callbacks=[params])
+    with pytest.warns(UserWarning, match=r"step 3 skipped, the task loss is not finite"):
+        tr.fit(model, loader(*data(48)))
+    seen = params.seen
+    assert len(seen) == 7
+    for k, (a, b) in enumerate(zip(seen, seen[1:])):
+        assert all(torch.isfinite(p).all() for p in b.values())
+        if k == 3:
+            assert max_diff(a, b) == 0.0  # the skipped step
+        else:
+            assert max_diff(a, b) > 1e-5  # it trains
+    adam = tr.optimizers[0]
+    assert all(int(st["step"]) == 5 for st in adam.state.values())  # 6 steps, one skipped
+    assert [int(r.skipped) for r in model.regularizers] == [0, 0]
+    logged = _logged(tmp_path)
+    assert [logged[s]["reg/skipped_steps"] for s in range(6)] == [0, 0, 0, 1, 1, 1]
+    assert all(logged[s]["reg/skipped"] == 0 for s in range(6) if s != 3)
+    for key in ("reg/adjoint_magnitude_step", "reg/skew_jacobian_step", "reg/total_step"):
+        assert key not in logged[3] and all(key in logged[s] for s in (2, 4)), key
+
+
+def test_nan_task_loss_raises_under_raise_policy_naming_the_task_loss() -> None:
+    model = NaNLossAt(3, regularizers=[AdjointMagnitude(0.1)], nonfinite="raise")
+    with pytest.raises(
+        FloatingPointError, match=r"^the task loss is not finite \(value nan\) at step 3$"
+    ):
+        trainer(max_steps=6).fit(model, loader(*data(48)))
+    assert model.global_step == 3 and int(model.regularizers[0].skipped) == 0
+
+
+class NaNGradient(ODEModel):
+    """A finite task loss whose gradient is NaN at step 1: ``sqrt(|w - w|)`` has value 0 and
+    derivative ``inf * 0``."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        if self.global_step == 1:
+            w = self.field.lin.weight
+            loss = loss + (w - w.detach()).abs().sqrt().sum()
+        return loss
+
+
+def test_nan_gradient_of_a_finite_loss_skips_the_step_or_raises_naming_the_parameter() -> None:
+    model = NaNGradient(regularizers=[AdjointMagnitude(0.1)])
+    params = ParamsEachStep()
+    tr = trainer(max_steps=3, callbacks=[params])
+    with pytest.warns(UserWarning, match=r"step 1 skipped, the gradient of field.lin.weight"):
+        tr.fit(model, loader(*data(24)))
+    assert max_diff(params.seen[1], params.seen[2]) == 0.0
+    assert max_diff(params.seen[2], params.seen[3]) > 1e-5
+    assert float(tr.callback_metrics["reg/skipped_steps"]) == 1.0
+    raising = NaNGradient(regularizers=[AdjointMagnitude(0.1)], nonfinite="raise")
+    with pytest.raises(FloatingPointError, match=r"gradient of field.lin.weight is not finite"):
+        trainer(max_steps=3).fit(raising, loader(*data(24)))
 
 
 def exploding(regs: list, **kwargs: Any) -> ODEModel:
@@ -556,7 +650,7 @@ def load(out: Path, name: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def ddp_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("ddp_reliability")
-    log = run_worker(out, ("nonfinite", "step_skip", "step_raise"))
+    log = run_worker(out, ("nonfinite", "loss_nan", "step_skip", "step_raise"))
     (out / "worker.log").write_text(log)
     return out
 
@@ -580,6 +674,21 @@ def test_ddp_one_rank_nonfinite_collective_skip(ddp_out: Path) -> None:
         logged = res["logged"]
         assert "reg/adjoint_magnitude" not in logged[1] and "reg/adjoint_magnitude" in logged[2]
         assert [row["reg/skipped"] for row in logged] == [0.0, 1.0, 1.0, 1.0]
+        assert all(torch.isfinite(p).all() for p in res["params"].values())
+    assert max_diff(r0["params"], r1["params"]) == 0.0
+    assert max_diff(single["params"], r0["params"]) < 1e-5
+
+
+def test_ddp_one_rank_nan_task_loss_skips_the_step_on_every_rank(ddp_out: Path) -> None:
+    """Only rank 1's task loss is NaN (step 1): both ranks drop that optimizer step (the
+    decision is collective), stay equal and finite, and match one process that dropped it."""
+    assert status(ddp_out, "loss_nan-ddp") == "ok", status(ddp_out, "loss_nan-ddp")
+    assert status(ddp_out, "loss_nan-single") == "ok"
+    single = load(ddp_out, "loss_nan-single-rank0.pt")
+    r0, r1 = load(ddp_out, "loss_nan-ddp-rank0.pt"), load(ddp_out, "loss_nan-ddp-rank1.pt")
+    for res in (single, r0, r1):
+        assert res["steps"] == 4 and res["skipped_steps"] == 1
+        assert res["skipped"] == {"adjoint_magnitude": 0, "sensitivity_magnitude": 0}
         assert all(torch.isfinite(p).all() for p in res["params"].values())
     assert max_diff(r0["params"], r1["params"]) == 0.0
     assert max_diff(single["params"], r0["params"]) < 1e-5
