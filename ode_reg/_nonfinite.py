@@ -7,7 +7,8 @@ NaN/Inf in the batch or in the task loss, or a non-finite gradient) is not appli
 * ``nonfinite="skip"``: the terms are not evaluated, the loss handed to Lightning is an exact
   zero with an exact zero gradient, and in ``on_before_optimizer_step`` every gradient is set
   to ``None``, so the optimizer leaves every parameter (and its own state) alone. The step is
-  counted in ``reg/skipped_steps`` (logged every step) and said once, in one line.
+  counted in ``reg/skipped_steps`` (logged at each skipped step: the count so far) and said
+  once, in one line.
 * ``nonfinite="raise"``: ``FloatingPointError`` naming what was not finite.
 
 Under DDP the decision on the batch and loss is collective (``trainer.strategy``'s
@@ -141,7 +142,8 @@ def _bad_gradient(optimizer: Any, names: dict[int, str]) -> str | None:
 
 def drop_marked_step(module: Any, optimizer: Any) -> None:
     """In ``on_before_optimizer_step``: drop the step if it was marked or a gradient is not
-    finite (every gradient set to ``None``), count it and log ``reg/skipped_steps``.
+    finite (every gradient set to ``None``), count it and log the count as
+    ``reg/skipped_steps``.
 
     Args:
         module: the ``RegularizedODEMixin`` module.
@@ -157,20 +159,20 @@ def drop_marked_step(module: Any, optimizer: Any) -> None:
         reason = _bad_gradient(optimizer, names)
         if reason is not None and module.nonfinite == "raise":
             raise FloatingPointError(f"{reason} at step {module.global_step}")
-    count = getattr(module, _COUNT, 0)
-    if reason is not None:
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                p.grad = None
-        count += 1
-        setattr(module, _COUNT, count)
-        setattr(module, _PENDING, None)
-        if not getattr(module, _SAID, False):
-            setattr(module, _SAID, True)
-            rank_zero_warn(
-                f"ode_reg: optimizer step {module.global_step} skipped, {reason}; parameters "
-                f"unchanged (later skips are counted in {SKIPPED_STEPS_KEY}, said once)"
-            )
+    if reason is None:
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = None
+    count = getattr(module, _COUNT, 0) + 1
+    setattr(module, _COUNT, count)
+    setattr(module, _PENDING, None)
+    if not getattr(module, _SAID, False):
+        setattr(module, _SAID, True)
+        rank_zero_warn(
+            f"ode_reg: optimizer step {module.global_step} skipped, {reason}; parameters "
+            f"unchanged (later skips are counted in {SKIPPED_STEPS_KEY}, said once)"
+        )
     if getattr(module, "_trainer", None) is not None:
         module.log(SKIPPED_STEPS_KEY, float(count), on_step=True, on_epoch=False, batch_size=1)
 

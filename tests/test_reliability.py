@@ -231,7 +231,14 @@ def test_nan_task_loss_at_step_3_skips_that_step_only(tmp_path: Path) -> None:
     assert all(int(st["step"]) == 5 for st in adam.state.values())  # 6 steps, one skipped
     assert [int(r.skipped) for r in model.regularizers] == [0, 0]
     logged = _logged(tmp_path)
-    assert [logged[s]["reg/skipped_steps"] for s in range(6)] == [0, 0, 0, 1, 1, 1]
+    assert [logged[s].get("reg/skipped_steps") for s in range(6)] == [
+        None,
+        None,
+        None,
+        1,
+        None,
+        None,
+    ]
     assert all(logged[s]["reg/skipped"] == 0 for s in range(6) if s != 3)
     for key in ("reg/adjoint_magnitude_step", "reg/skew_jacobian_step", "reg/total_step"):
         assert key not in logged[3] and all(key in logged[s] for s in (2, 4)), key
@@ -820,3 +827,90 @@ def test_resumed_run_logs_the_same_sequence_as_an_uninterrupted_one(tmp_path: Pa
                 compared += 1
     assert compared > 40
     assert max(full) == max(joined)
+
+
+# --------------------------------------------------------------------------- the same checks
+
+
+class CallsOdeint(RegularizedODEModule):
+    """A training step that makes one ``ode_reg.odeint`` call with the given arguments."""
+
+    def __init__(self, field: Any, t: Any, adjoint: bool = False, **odeint_kw: Any) -> None:
+        term = SkewJacobianPenalty(0.1, seed=0) if adjoint else AdjointMagnitude(0.1)
+        super().__init__(regularizers=[term])  # recorded: a term is active
+        self.field, self.t, self.adjoint, self.odeint_kw = field, t, adjoint, odeint_kw
+        self.out: torch.Tensor | None = None
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.out = self.odeint(self.field, batch, self.t, adjoint=self.adjoint, **self.odeint_kw)
+        return self.out[-1].pow(2).mean()
+
+
+def solve_both_ways(field: Any, t: Any, adjoint: bool = False, **kw: Any) -> dict[str, Any]:
+    """``ode_reg.odeint`` outside training and inside a training step (recorded): the result,
+    or the error message, of each."""
+    from ode_reg import odeint, odeint_adjoint
+
+    torch.manual_seed(0)
+    z0 = torch.randn(3, 4)
+    out: dict[str, Any] = {}
+    try:
+        call = odeint_adjoint if adjoint else odeint
+        out["outside"] = call(field, z0, t, method="rk4", options={"step_size": 0.25}, **kw)
+    except ValueError as exc:
+        out["outside"] = str(exc)
+    model = CallsOdeint(field, t, adjoint=adjoint, method="rk4", options={"step_size": 0.25}, **kw)
+    try:
+        model.training_step(z0, 0)
+        out["inside"] = model.out
+    except ValueError as exc:
+        out["inside"] = str(exc)
+    return out
+
+
+def test_off_grid_checkpoints_are_refused_inside_and_outside_training() -> None:
+    field = TanhField(4)
+    res = solve_both_ways(field, torch.tensor([0.0, 1.0]), checkpoints=[0.3])
+    assert res["outside"] == res["inside"]
+    assert (
+        "`checkpoints` time 0.3 is not on the 'rk4' grid (nearest grid time 0.25)" in res["inside"]
+    )
+    on_grid = solve_both_ways(field, torch.tensor([0.0, 1.0]), checkpoints=[0.25, 0.5])
+    assert torch.equal(on_grid["outside"], on_grid["inside"].detach())
+
+
+def test_a_list_of_times_is_accepted_inside_and_outside_training() -> None:
+    field = TanhField(4)
+    listed = solve_both_ways(field, [0.0, 0.5, 1.0])
+    tensor = solve_both_ways(field, torch.tensor([0.0, 0.5, 1.0]))
+    for where in ("outside", "inside"):
+        assert isinstance(listed[where], torch.Tensor), listed[where]
+        assert torch.equal(listed[where].detach(), tensor[where].detach())
+
+
+class OneColumn(nn.Module):
+    """A field that returns ``(B, 1)`` for a ``(B, 4)`` state (broadcastable, wrong)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 1)
+
+    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.lin(z))
+
+
+@pytest.mark.parametrize("adjoint", [False, True])
+@pytest.mark.parametrize("kind", ["module", "closure"])
+def test_a_field_output_of_the_wrong_shape_is_refused_everywhere(kind: str, adjoint: bool) -> None:
+    f = OneColumn()
+    field = f if kind == "module" else (lambda t, z: f(t, z))
+    kw = {"adjoint_params": tuple(f.parameters())} if adjoint and kind == "closure" else {}
+    res = solve_both_ways(field, torch.tensor([0.0, 1.0]), adjoint=adjoint, **kw)
+    for where in ("outside", "inside"):
+        msg = res[where]
+        assert isinstance(msg, str), f"{where}: accepted a (3, 1) output for a (3, 4) state"
+        assert "returned shape (3, 1) for a state of shape (3, 4)" in msg, msg
+    # torchdiffeq alone steps it silently (rk4 broadcasts (3, 1) against (3, 4))
+    z0 = torch.randn(3, 4)
+    assert torchdiffeq.odeint(field, z0, torch.tensor([0.0, 1.0]), method="rk4").shape == (2, 3, 4)
+    assert not f._forward_hooks  # the check's hook is gone
