@@ -914,3 +914,126 @@ def test_a_field_output_of_the_wrong_shape_is_refused_everywhere(kind: str, adjo
     z0 = torch.randn(3, 4)
     assert torchdiffeq.odeint(field, z0, torch.tensor([0.0, 1.0]), method="rk4").shape == (2, 3, 4)
     assert not f._forward_hooks  # the check's hook is gone
+
+
+# --------------------------------------------------------------------------- fail early
+
+TWO_MOONS = Path(__file__).resolve().parents[1] / "recipes" / "two_moons.yaml"
+
+
+@pytest.fixture()
+def wandb_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """W&B offline, its folders in a temporary one (empty unless a W&B run was created)."""
+    folder = tmp_path / "wandb"
+    folder.mkdir()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(folder))
+    return folder
+
+
+def fit_two_moons(tmp_path: Path, *extra: str):
+    from ode_reg.cli import run
+
+    args = ["fit", "--config", str(TWO_MOONS), "--trainer.max_steps", "2"]
+    args += ["--trainer.limit_val_batches", "1", "--data.init_args.n_samples", "200"]
+    args += ["--trainer.logger.init_args.save_dir", str(tmp_path / "logs")]
+    return run([*args, *extra])
+
+
+def test_an_unwritable_run_folder_is_refused_before_any_w_and_b_run(
+    tmp_path: Path, wandb_dir: Path
+) -> None:
+    from ode_reg.cli import ConfigError
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    root = blocker / "runs"
+    with pytest.raises(ConfigError) as info:
+        fit_two_moons(tmp_path, "--trainer.default_root_dir", str(root))
+    message = str(info.value)
+    assert message.startswith(f"cannot write to {root} (--trainer.default_root_dir): ")
+    assert "\n" not in message  # one line
+    assert list(wandb_dir.iterdir()) == []  # no W&B run was created
+    assert not (tmp_path / "logs").exists()
+
+
+def test_an_unwritable_checkpoint_folder_is_refused_before_training(tmp_path: Path) -> None:
+    from ode_reg.cli import ConfigError, preflight
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    ckpt = ModelCheckpoint(dirpath=blocker / "ckpt")
+    t = trainer(enable_checkpointing=True, callbacks=[ckpt], default_root_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"cannot write to .*a_file/ckpt \(the ModelCheckpoint's"):
+        preflight(t)
+    preflight(trainer(enable_checkpointing=True, default_root_dir=tmp_path / "new"))  # made
+    assert (tmp_path / "new").is_dir()
+
+
+def _bad_checkpoints(tmp_path: Path) -> dict[str, Path]:
+    real = tmp_path / "real.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(4096)}, "global_step": 3}, real)
+    data = real.read_bytes()
+    files = {"empty": b"", "truncated": data[: len(data) // 2], "text": b"epoch=3 not a ckpt\n"}
+    out = {}
+    for name, content in files.items():
+        (tmp_path / f"{name}.ckpt").write_bytes(content)
+        out[name] = tmp_path / f"{name}.ckpt"
+    out["missing"] = tmp_path / "missing.ckpt"
+    return out
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("empty", "the file is empty"),
+        ("truncated", "a truncated or damaged checkpoint"),
+        ("text", "not a checkpoint torch can read"),
+        ("missing", "no such file"),
+    ],
+)
+def test_a_bad_ckpt_path_gets_one_line_naming_the_file(
+    tmp_path: Path, wandb_dir: Path, kind: str, reason: str
+) -> None:
+    from ode_reg.cli import ConfigError
+
+    path = _bad_checkpoints(tmp_path)[kind]
+    with pytest.raises(ConfigError) as info:
+        fit_two_moons(
+            tmp_path, "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", str(path)
+        )
+    message = str(info.value)
+    assert message.startswith(f"--ckpt_path {path}: {reason}"), message
+    assert "\n" not in message
+    assert list(wandb_dir.iterdir()) == []
+
+
+def test_wandb_online_with_an_unreachable_server_falls_back_within_seconds(
+    tmp_path: Path, wandb_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """W&B asked online, an account configured, the server a loopback port that refuses
+    connections: the run says so and goes on with the CSV logger in seconds (wandb.init itself
+    waits about 90 s)."""
+    import socket
+    import time
+
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    from ode_reg.cli import ensure_logger_available
+
+    with socket.socket() as sock:  # a free port on 127.0.0.1, closed again: connections refused
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+    t = trainer(logger=WandbLogger(save_dir=str(tmp_path / "logs"), project="p"),
+                default_root_dir=tmp_path)  # fmt: skip
+    start = time.perf_counter()
+    with pytest.warns(UserWarning, match=rf"W&B server is http://127.0.0.1:{port} unreachable"):
+        ensure_logger_available(t)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 5.0, elapsed  # "within a few seconds"; the fallback itself is immediate
+    assert [type(lg) for lg in t.loggers] == [CSVLogger]
+    assert list(wandb_dir.iterdir()) == []
