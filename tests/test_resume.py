@@ -33,7 +33,7 @@ class Interrupt(Callback):
             raise RuntimeError(f"interrupted after step {self.at_step}")
 
 
-def _trainer(root: Path, *extra: Callback, **kwargs: Any) -> L.Trainer:
+def _trainer(root: Path, *extra: Callback, on_exception: bool = False, **kwargs: Any) -> L.Trainer:
     return L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -45,7 +45,9 @@ def _trainer(root: Path, *extra: Callback, **kwargs: Any) -> L.Trainer:
         default_root_dir=root,
         callbacks=[
             # as the recipes: the best by val/acc, last.ckpt the last epoch end
-            LastStateCheckpoint(dirpath=root / "ckpt", monitor="val/acc", mode="max"),
+            LastStateCheckpoint(
+                dirpath=root / "ckpt", monitor="val/acc", mode="max", save_on_exception=on_exception
+            ),
             GradientNormMonitor(every_n_steps=1),
             SpectrumMonitor(every_n_steps=3),
             OrthogonalityMonitor(every_n_steps=2),
@@ -145,3 +147,17 @@ def test_last_ckpt_is_the_last_epoch_end_with_a_monitored_best(tmp_path: Path, c
         assert last["global_step"] == 3 * steps_per_epoch == trainer.global_step
     else:  # Lightning 2.6: last.ckpt only rewritten with a new best
         assert last["global_step"] == steps_per_epoch
+
+
+@pytest.mark.parametrize("make", [moons, digits], ids=["two_moons", "digits"])
+def test_resumed_from_an_interrupt_in_mid_epoch_equals_uninterrupted(
+    tmp_path: Path, make, recwarn: pytest.WarningsRecorder
+) -> None:
+    """``save_on_exception``: last.ckpt is the state at the interrupt (step 19, mid-epoch); the
+    training loader resumes with the epoch's next batch (Lightning does not warn that it is
+    "not resumable"), and the run ends where the uninterrupted one does."""
+    full, resumed, cut, step = _three_runs(tmp_path, make, on_exception=True)
+    assert step == INTERRUPT_AT
+    assert _max_diff(full, cut) > 1e-3
+    assert _max_diff(full, resumed) < 1e-6
+    assert not [w for w in recwarn if "not resumable" in str(w.message)]

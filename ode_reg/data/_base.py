@@ -5,17 +5,20 @@ Every data module in :mod:`ode_reg.data` makes its tensors once, in :meth:`setup
 its own random stream, ``numpy.random.default_rng([seed, split_index])``, so changing the size
 of one split never changes the samples of another.
 
-The training order of every epoch is a function of ``(seed, epoch)`` alone
+Resuming. The training order of every epoch is a function of ``(seed, epoch)`` alone
 (:class:`EpochShuffle`), so a run resumed from an epoch-end checkpoint sees the batches the
-uninterrupted run saw. A checkpoint saved in the middle of an epoch (``every_n_train_steps``, an
-exception) resumes with the right parameters, optimizer state and step count, but Lightning
-restarts a plain ``DataLoader`` at the first batch of the epoch's order (it warns that the
-loader "is not resumable"): the rest of that epoch sees the epoch's first batches again instead
-of its remaining ones; from the next epoch on the order is the uninterrupted run's again.
+uninterrupted run saw. The training loader (:class:`ResumableLoader`) also saves how far into
+the epoch the run was, so a checkpoint from the middle of an epoch (``every_n_train_steps``,
+``save_on_exception``) resumes with the epoch's next batch. What this guarantees: the same
+batches in the same order; with the same seeds, hardware and library versions, the same
+parameters (the tests check 1e-6 for two moons and digits). Not covered: a loader with
+``num_workers > 0`` whose workers draw their own random numbers (these data modules draw none
+there), and a DDP run resumed with another number of ranks.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -128,6 +131,61 @@ class EpochShuffle(RandomSampler):
         yield from order.tolist()
 
 
+class ResumableLoader(DataLoader):
+    """The training ``DataLoader`` of the ode_reg data modules: it resumes in mid-epoch.
+
+    Lightning saves its :meth:`state_dict` in every checkpoint: the epoch and the number of its
+    batches the run has processed (``trainer.fit_loop.epoch_loop.batch_progress``: a batch
+    whose step an exception interrupted is not counted, and Lightning runs it again). A run
+    resumed from a checkpoint made in the middle of an epoch (``every_n_train_steps``,
+    ``save_on_exception``) then starts with that epoch's next batch instead of its first one,
+    so it sees the batches of the uninterrupted run.
+
+    Args:
+        *args: as ``torch.utils.data.DataLoader``.
+        progress: a callable returning ``(epoch, batches processed)``; ``None``: ``(0, 0)``.
+        **kwargs: as ``torch.utils.data.DataLoader``.
+
+    Example::
+
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> loader = ResumableLoader(TensorDataset(torch.arange(6.0)), batch_size=2)
+        >>> loader.load_state_dict({"epoch": 0, "batches": 2})
+        >>> [b[0].tolist() for b in loader]  # the third batch of epoch 0 on
+        [[4.0, 5.0]]
+    """
+
+    def __init__(self, *args: Any, progress: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.progress = progress
+        self._resume: tuple[int, int] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch": e, "batches": n}``: ``n`` batches of epoch ``e`` are done."""
+        epoch, done = self.progress() if self.progress is not None else (0, 0)
+        return {"epoch": int(epoch), "batches": int(done)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Start the next iteration after ``state["batches"]`` batches, if it is the same
+        epoch ``state["epoch"]`` and not its end."""
+        self._resume = (int(state.get("epoch", -1)), int(state.get("batches", 0)))
+
+    def _epoch(self) -> int:
+        sampler = self.sampler
+        return int(getattr(sampler, "epoch", 0))
+
+    def __iter__(self):  # noqa: ANN204 - DataLoader's iterator, or a slice of it
+        resume, self._resume = self._resume, None
+        it = super().__iter__()
+        if resume is None:
+            return it
+        epoch, done = resume
+        if epoch != self._epoch() or not 0 < done < len(self):
+            return it
+        return itertools.islice(it, done, None)
+
+
 class SplitDataModule(LightningDataModule):
     """Base class: train/val/test :class:`~torch.utils.data.TensorDataset` made in ``setup``.
 
@@ -203,21 +261,28 @@ class SplitDataModule(LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         dataset = self.dataset(split)
-        sampler = None
-        if shuffle:
-            trainer = self.trainer
-            epoch = int(trainer.current_epoch) if trainer is not None else 0
-            every = getattr(trainer, "reload_dataloaders_every_n_epochs", 0) or 0
-            sampler = EpochShuffle(
-                dataset, self.seed, self.batch_size, epoch=epoch, reload_every=int(every)
-            )
-        return DataLoader(
-            dataset,
+        kwargs: dict[str, Any] = dict(
             batch_size=self.batch_size,
-            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+        if not shuffle:
+            return DataLoader(dataset, **kwargs)
+        trainer = self.trainer
+        epoch = int(trainer.current_epoch) if trainer is not None else 0
+        every = getattr(trainer, "reload_dataloaders_every_n_epochs", 0) or 0
+        sampler = EpochShuffle(
+            dataset, self.seed, self.batch_size, epoch=epoch, reload_every=int(every)
+        )
+        return ResumableLoader(dataset, sampler=sampler, progress=self._progress, **kwargs)
+
+    def _progress(self) -> tuple[int, int]:
+        """``(epoch, training batches of it done)`` of the attached trainer, or ``(0, 0)``."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 0
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return int(trainer.current_epoch), int(done)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches ``(x, y)``; the order of each epoch is fixed by ``seed``
