@@ -13,7 +13,8 @@ the epoch the run was, so a checkpoint from the middle of an epoch (``every_n_tr
 batches in the same order; with the same seeds, hardware and library versions, the same
 parameters (the tests check 1e-6 for two moons and digits). Not covered: a loader with
 ``num_workers > 0`` whose workers draw their own random numbers (these data modules draw none
-there), and a DDP run resumed with another number of ranks.
+there), random numbers a model draws from torch's global generator (dropout; Lightning does not
+save it), and a DDP run resumed with another number of ranks.
 """
 
 from __future__ import annotations
