@@ -16,6 +16,7 @@ import pytest
 import torch
 import torchdiffeq
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from test_newcomer import offline_wandb  # noqa: F401 - the fixture: W&B offline, in tmp_path
 from torch import nn
 from torch.nn import functional as F
 
@@ -921,15 +922,9 @@ def test_a_field_output_of_the_wrong_shape_is_refused_everywhere(kind: str, adjo
 TWO_MOONS = Path(__file__).resolve().parents[1] / "recipes" / "two_moons.yaml"
 
 
-@pytest.fixture()
-def wandb_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """W&B offline, its folders in a temporary one (empty unless a W&B run was created)."""
-    folder = tmp_path / "wandb"
-    folder.mkdir()
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
-        monkeypatch.setenv(var, str(folder))
-    return folder
+def wandb_folder() -> Path:
+    """The W&B folder of the ``offline_wandb`` fixture (empty unless a W&B run was made)."""
+    return Path(os.environ["WANDB_DIR"])
 
 
 def fit_two_moons(tmp_path: Path, *extra: str):
@@ -941,9 +936,8 @@ def fit_two_moons(tmp_path: Path, *extra: str):
     return run([*args, *extra])
 
 
-def test_an_unwritable_run_folder_is_refused_before_any_w_and_b_run(
-    tmp_path: Path, wandb_dir: Path
-) -> None:
+@pytest.mark.usefixtures("offline_wandb")
+def test_an_unwritable_run_folder_is_refused_before_any_w_and_b_run(tmp_path: Path) -> None:
     from ode_reg.cli import ConfigError
 
     blocker = tmp_path / "a_file"
@@ -954,7 +948,7 @@ def test_an_unwritable_run_folder_is_refused_before_any_w_and_b_run(
     message = str(info.value)
     assert message.startswith(f"cannot write to {root} (--trainer.default_root_dir): ")
     assert "\n" not in message  # one line
-    assert list(wandb_dir.iterdir()) == []  # no W&B run was created
+    assert list(wandb_folder().iterdir()) == []  # no W&B run was created
     assert not (tmp_path / "logs").exists()
 
 
@@ -993,8 +987,9 @@ def _bad_checkpoints(tmp_path: Path) -> dict[str, Path]:
         ("missing", "no such file"),
     ],
 )
+@pytest.mark.usefixtures("offline_wandb")
 def test_a_bad_ckpt_path_gets_one_line_naming_the_file(
-    tmp_path: Path, wandb_dir: Path, kind: str, reason: str
+    tmp_path: Path, kind: str, reason: str
 ) -> None:
     from ode_reg.cli import ConfigError
 
@@ -1006,11 +1001,12 @@ def test_a_bad_ckpt_path_gets_one_line_naming_the_file(
     message = str(info.value)
     assert message.startswith(f"--ckpt_path {path}: {reason}"), message
     assert "\n" not in message
-    assert list(wandb_dir.iterdir()) == []
+    assert list(wandb_folder().iterdir()) == []
 
 
+@pytest.mark.usefixtures("offline_wandb")
 def test_wandb_online_with_an_unreachable_server_falls_back_within_seconds(
-    tmp_path: Path, wandb_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """W&B asked online, an account configured, the server a loopback port that refuses
     connections: the run says so and goes on with the CSV logger in seconds (wandb.init itself
@@ -1036,4 +1032,4 @@ def test_wandb_online_with_an_unreachable_server_falls_back_within_seconds(
     elapsed = time.perf_counter() - start
     assert elapsed < 5.0, elapsed  # "within a few seconds"; the fallback itself is immediate
     assert [type(lg) for lg in t.loggers] == [CSVLogger]
-    assert list(wandb_dir.iterdir()) == []
+    assert list(wandb_folder().iterdir()) == []
