@@ -11,6 +11,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from test_reliability import Interrupt  # raises after the optimizer step of a given step
 
 from ode_reg import AdjointMagnitude, SkewJacobianPenalty
 from ode_reg.callbacks import GradientNormMonitor, OrthogonalityMonitor, SpectrumMonitor
@@ -20,17 +21,6 @@ from ode_reg.models import FlowClassifier, SequenceModel
 
 INTERRUPT_AT = 19  # the global step after which the interrupted run stops
 EPOCHS = 4
-
-
-class Interrupt(Callback):
-    """Raise after the optimizer step of global step ``at_step`` (a crash, not a clean stop)."""
-
-    def __init__(self, at_step: int) -> None:
-        self.at_step = at_step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.at_step:
-            raise RuntimeError(f"interrupted after step {self.at_step}")
 
 
 def _trainer(root: Path, *extra: Callback, on_exception: bool = False, **kwargs: Any) -> L.Trainer:
@@ -79,7 +69,7 @@ def _three_runs(tmp_path: Path, make, **trainer_kw: Any) -> tuple[dict, dict, di
     full = fit(tmp_path / "full")
     L.seed_everything(0)
     model, data = make()
-    with pytest.raises(RuntimeError, match="interrupted after step 19"):
+    with pytest.raises(RuntimeError, match="interrupted at step 19"):
         _trainer(tmp_path / "cut", Interrupt(INTERRUPT_AT), **trainer_kw).fit(
             model, datamodule=data
         )
