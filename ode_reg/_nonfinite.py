@@ -13,7 +13,9 @@ NaN/Inf in the batch or in the task loss, or a non-finite gradient) is not appli
 
 Under DDP the decision on the batch and loss is collective (``trainer.strategy``'s
 ``reduce_boolean_decision``, or an all-reduce on a bare process group): every rank skips, or
-none. Gradients are already equal on all ranks in ``on_before_optimizer_step``.
+none. Gradients are already equal on all ranks in ``on_before_optimizer_step``. Under 16-bit
+AMP the gradients are left to the ``GradScaler`` (it skips the steps whose scaled gradients
+overflow, as it should); the batch and the task loss are still checked.
 """
 
 from __future__ import annotations
@@ -140,6 +142,14 @@ def _bad_gradient(optimizer: Any, names: dict[int, str]) -> str | None:
     return f"the gradient of {names.get(id(p), 'a parameter')} is not finite"
 
 
+def _loss_scaled(module: Any) -> bool:
+    """Under 16-bit AMP the ``GradScaler`` itself skips the steps with Inf gradients (an
+    overflow of the loss scale is expected there, not a fault): the gradients are left to it."""
+    trainer = getattr(module, "_trainer", None)
+    plugin = getattr(getattr(trainer, "strategy", None), "precision_plugin", None)
+    return getattr(plugin, "scaler", None) is not None
+
+
 def drop_marked_step(module: Any, optimizer: Any) -> None:
     """In ``on_before_optimizer_step``: drop the step if it was marked or a gradient is not
     finite (every gradient set to ``None``), count it and log the count as
@@ -154,7 +164,7 @@ def drop_marked_step(module: Any, optimizer: Any) -> None:
             (naming the parameter).
     """
     reason = getattr(module, _PENDING, None)
-    if reason is None:
+    if reason is None and not _loss_scaled(module):
         names = {id(p): n for n, p in module.named_parameters()}
         reason = _bad_gradient(optimizer, names)
         if reason is not None and module.nonfinite == "raise":
