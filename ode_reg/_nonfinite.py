@@ -100,13 +100,16 @@ def task_side_nonfinite(module: Any, loss: Tensor, batch: Any) -> bool:
         FloatingPointError: under ``nonfinite="raise"``, naming the batch tensor or the task
             loss (or another DDP rank) and the step.
     """
-    where = nonfinite_batch(batch)
-    if where is not None:
-        reason = f"the batch is not finite: {where}"
-    elif not bool(torch.isfinite(loss.detach()).all()):
-        reason = f"the task loss is not finite (value {float(loss.detach().sum())})"
-    else:
-        reason = None
+    floats = [t.detach() for _, t in _tensors(batch, "batch") if t.is_floating_point()]
+    dev = loss.device
+    flags = torch.stack([torch.isfinite(t).all().to(dev) for t in [*floats, loss.detach()]])
+    reason = None
+    if not bool(flags.all()):  # one host read for the batch and the loss together
+        where = nonfinite_batch(batch)
+        if where is not None:
+            reason = f"the batch is not finite: {where}"
+        else:
+            reason = f"the task loss is not finite (value {float(loss.detach().sum())})"
     if not _any_rank(module, reason is not None):
         return False
     reason = reason or "the batch or task loss is not finite on another DDP rank"
