@@ -107,6 +107,8 @@ def regularizers(scenario: str, mode: str) -> list:
             FlakyAdjointMagnitude(0.2, bad_step=1, bad_rank=0 if mode == "single" else 1),
             SensitivityMagnitude(0.2),
         ]
+    if scenario == "loss_nan":  # the task loss is NaN at step 1 on one rank (see DDPModel)
+        return [AdjointMagnitude(0.2), SensitivityMagnitude(0.2)]
     if scenario.startswith("step_"):  # one bare training_step, bad on rank 1
         return [FlakyAdjointMagnitude(0.2, bad_step=0, bad_rank=1), SensitivityMagnitude(0.2)]
     raise ValueError(f"unknown scenario {scenario!r}")
@@ -127,6 +129,8 @@ class DDPModel(RegularizedODEModule):
             self.field = Field(DIM)
         self.head = nn.Linear(DIM, 1)
         self.lr = 0.0 if scenario == "skew" else 0.1
+        # loss_nan: NaN task loss at step 1, on the only rank (single) or on rank 1 (DDP)
+        self.nan_rank = (0 if mode == "single" else 1) if scenario == "loss_nan" else None
         self.logged: list[dict[str, float]] = []
         self.rng: list[int] = []
 
@@ -147,6 +151,8 @@ class DDPModel(RegularizedODEModule):
         )
         loss = F.mse_loss(self.head(z[-1]), y)
         self.log("task", loss, sync_dist=True)
+        if self.global_step == 1 and rank() == self.nan_rank:
+            loss = loss * float("nan")
         return loss
 
     def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
@@ -211,6 +217,7 @@ class Recorder(Callback):
                 "synced": self.synced,
                 "logged": pl_module.logged,
                 "skipped": {reg.name: int(reg.skipped) for reg in pl_module.regularizers},
+                "skipped_steps": int(getattr(pl_module, "_ode_reg_skipped_steps", 0)),
                 "rng": pl_module.rng,
                 "exact": self.exact,
                 "steps": trainer.global_step,
