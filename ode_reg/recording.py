@@ -358,7 +358,9 @@ def _skew_at(out: Tensor, z: Tensor, vs: Tensor) -> Tensor:
     return total
 
 
-def _field_norms(traj: Trajectory, plans: tuple[FieldNormPlan, ...]) -> dict[str, tuple[Tensor, Tensor]]:
+def _field_norms(
+    traj: Trajectory, plans: tuple[FieldNormPlan, ...]
+) -> dict[str, tuple[Tensor, Tensor]]:
     """Each plan's per-checkpoint batch mean of ``|f_i|^2`` or of the Hutchinson estimate of
     ``|df_i/dz_i|_F^2``, from one field evaluation per checkpoint (at the live state, so the
     terms' gradient goes through ``z_k`` where the solve kept it; ``odeint_adjoint``'s states

@@ -356,7 +356,9 @@ class ChainContext:
         for rec in self.records:
             norms = rec.field_norms
             if norms is None or name not in norms:
-                raise RuntimeError(f"the field norms of term '{name}' were not evaluated during the solve")
+                raise RuntimeError(
+                    f"the field norms of term '{name}' were not evaluated during the solve"
+                )
             value = time_integral(*norms[name])
             total = value if total is None else total + value
         assert total is not None

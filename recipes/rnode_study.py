@@ -497,7 +497,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.render:
         print(render(full, out))
         return
-    load_records(out)  # refuse to add to a folder that already mixes budgets
+    existing = load_records(out)  # refuses a folder that already mixes budgets
+    for m in spec["models"]:
+        old = next((r["budget"] for r in existing if r["model"] == m["key"]), None)
+        if old is not None and old != json.loads(json.dumps(budget(spec, m))):
+            p.error(
+                f"{out}/records hold {m['key']} runs of another budget ({old}); this "
+                f"invocation's is {budget(spec, m)}: use another --out"
+            )
     keys = [
         run_key(m["key"], v["key"], s)
         for m in spec["models"]

@@ -331,7 +331,9 @@ def field_norm_rows(
     mask[sel.reshape(-1)] = 1.0
     for v in probes:
         cot = (v.reshape(-1) * mask).reshape(out.shape)
-        (g,) = torch.autograd.grad(out, z, cot, create_graph=True, retain_graph=True, allow_unused=True)
+        (g,) = torch.autograd.grad(
+            out, z, cot, create_graph=True, retain_graph=True, allow_unused=True
+        )
         if g is not None:
             rows = rows + g.reshape(-1)[sel].pow(2).sum(-1)
     return rows / probes.shape[0]

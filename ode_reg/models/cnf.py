@@ -81,7 +81,9 @@ class CNFField(nn.Module):
             if self.exact or self.eps is None:
                 div = z.new_zeros(z.shape[0])
                 for i in range(z.shape[1]):
-                    (g,) = torch.autograd.grad(dz[:, i].sum(), z, create_graph=outer, retain_graph=True)
+                    (g,) = torch.autograd.grad(
+                        dz[:, i].sum(), z, create_graph=outer, retain_graph=True
+                    )
                     div = div + g[:, i]
             else:
                 (g,) = torch.autograd.grad(dz, z, self.eps, create_graph=outer)
