@@ -43,6 +43,7 @@ from _common import (
     adjoint_profile,
     machine,
     md_table,
+    output_dir,
     profile_ratio,
     run_worker,
     write_json,
@@ -399,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
     spec = load_spec(args.spec)
     if args.fast:
         spec["horizons"], spec["seeds"] = [20], [0]
-    out = (args.out or (FAST_OUT if args.fast else RESULTS / "sweep")).resolve()
+    out = output_dir(args.out, args.fast, RESULTS / "sweep", FAST_OUT)
     if args.worker:
         worker(spec, args.worker, args.record, out, args.fast)
         return

@@ -121,17 +121,15 @@ def test_sweep_fast(tmp_path: Path, env: dict[str, str]) -> None:
     (tmp_path / "SWEEP.md").unlink()
     full = sorted((ROOT / "results" / "sweep" / "records").glob("*.json"))[0]
     (tmp_path / "records" / full.name).write_text(full.read_text())
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "recipes" / "sweep.py"), "--fast", "--out", str(tmp_path)]
-        + ["--render"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _script("sweep.py", env, "--fast", "--out", str(tmp_path), "--render")
     assert proc.returncode != 0 and "mixes budgets" in proc.stderr
     assert not (tmp_path / "SWEEP.md").exists()
+
+
+def _script(script: str, env: dict[str, str], *args: str, timeout: int = 300):
+    """``python recipes/<script> <args>`` from the repository root, output captured."""
+    cmd = [sys.executable, str(ROOT / "recipes" / script), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _tree_digest(folder: Path) -> dict[str, str]:
@@ -155,14 +153,7 @@ def test_fast_runs_never_write_into_results(env: dict[str, str]) -> None:
         assert not mod.FAST_OUT.resolve().is_relative_to((ROOT / "results").resolve())
     before = _tree_digest(ROOT / "results")
     for script in ("sweep.py", "rnode_study.py"):  # --render: the output folder, no training
-        proc = subprocess.run(
-            [sys.executable, str(ROOT / "recipes" / script), "--fast", "--render"],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        proc = _script(script, env, "--fast", "--render")
         assert proc.returncode == 0, proc.stderr[-2000:]
     assert _tree_digest(ROOT / "results") == before
     assert (sweep.FAST_OUT / "SWEEP.md").exists() and (rnode_study.FAST_OUT / "STUDY.md").exists()
@@ -172,9 +163,8 @@ def test_rnode_study_fast(tmp_path: Path, env: dict[str, str]) -> None:
     """The study's fast mode (2 epochs of 3 batches, seed 0): one record per run with the
     budget, equal updates per variant, NFE per step from SolverStatsMonitor; STUDY.md, the
     plot and the verdict rendered from the records; a folder mixing budgets is refused."""
-    cmd = [sys.executable, str(ROOT / "recipes" / "rnode_study.py"), "--fast", "--out"]
-    cmd += [str(tmp_path), "--only", "cnf", "--variants", "none", "rnode"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    args = ("--fast", "--out", str(tmp_path), "--only", "cnf", "--variants", "none", "rnode")
+    proc = _script("rnode_study.py", env, *args, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "records").glob("*.json")}
     assert sorted(records) == ["cnf_none_s0", "cnf_rnode_s0"]
@@ -193,14 +183,7 @@ def test_rnode_study_fast(tmp_path: Path, env: dict[str, str]) -> None:
     other = dict(records["cnf_none_s0"], key="cnf_skew_s0", variant="skew")
     other["budget"] = {**other["budget"], "epochs": 3}
     (tmp_path / "records" / "cnf_skew_s0.json").write_text(json.dumps(other))
-    proc = subprocess.run(
-        cmd[:2] + ["--fast", "--out", str(tmp_path), "--render"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _script("rnode_study.py", env, "--fast", "--out", str(tmp_path), "--render")
     assert proc.returncode != 0 and "mixes budgets" in proc.stderr
 
 
