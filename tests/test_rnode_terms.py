@@ -312,3 +312,25 @@ def test_cnf_log_prob_of_a_linear_field_equals_the_change_of_variables() -> None
             with torch.no_grad():
                 got = model.log_prob(x)
             torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-7)
+
+
+def test_terms_travel_in_the_checkpoint_and_redraw_the_same_probes() -> None:
+    """Rebuilt from their checkpoint spec and state dict (as RegularizersInCheckpoint does),
+    the terms keep their arguments, and JacobianFrobenius its probe seed: the same step draws
+    the same probes, so a resumed run's estimate equals the uninterrupted one."""
+    from ode_reg.models._checkpoint import build_regularizer, regularizer_spec
+
+    jf = JacobianFrobenius(0.02, probes=3, dims=2, every_n_steps=2)
+    ke = KineticEnergy(0.03, dims=2, warmup_steps=5)
+    new_jf = build_regularizer(regularizer_spec(jf))
+    new_jf.load_state_dict(jf.state_dict())
+    new_ke = build_regularizer(regularizer_spec(ke))
+    assert (new_jf.weight, new_jf.probes, new_jf.dims, new_jf.every_n_steps) == (0.02, 3, 2, 2)
+    assert (new_ke.weight, new_ke.dims, new_ke.warmup_steps) == (0.03, 2, 5)
+    z0 = torch.randn(B, D, dtype=torch.float64)
+    f = Field(_linear(_matrix()))
+    a, _ = _terms(f, z0, [jf], steps=10, step=7)
+    b, _ = _terms(f, z0, [new_jf], steps=10, step=7)
+    c, _ = _terms(f, z0, [new_jf], steps=10, step=8)
+    assert float(a["jacobian_frobenius"]) == float(b["jacobian_frobenius"])
+    assert float(c["jacobian_frobenius"]) != float(a["jacobian_frobenius"])
