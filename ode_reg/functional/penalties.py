@@ -1,7 +1,8 @@
-"""The five penalties of MATH.md, as functions of tensors.
+"""The penalties of MATH.md (the note's five and RNODE's two), as functions of tensors.
 
-All are dimensionless (unchanged when the loss is scaled), zero exactly when their property
-holds, and guarded against zero norms with ``eps``.
+The note's are dimensionless (unchanged when the loss is scaled), zero exactly when their
+property holds, and guarded against zero norms with ``eps``; RNODE's (kinetic energy, Jacobian
+Frobenius norm) are integrals over time with units, zero exactly for ``f = 0``.
 """
 
 from __future__ import annotations
