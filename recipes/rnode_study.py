@@ -36,7 +36,15 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, ROOT, machine, md_table, run_worker, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS,
+    ROOT,
+    machine,
+    md_table,
+    output_dir,
+    run_worker,
+    write_json,
+)
 
 SPEC = Path(__file__).resolve().parent / "rnode_study.yaml"
 DEFAULT_OUT = RESULTS / "rnode_study"
@@ -49,7 +57,9 @@ def load_spec(path: Path = SPEC, fast: bool = False) -> dict[str, Any]:
     import yaml
 
     spec = yaml.safe_load(Path(path).read_text())
-    spec["_path"] = str(Path(path).relative_to(ROOT)) if Path(path).is_relative_to(ROOT) else str(path)
+    spec["_path"] = (
+        str(Path(path).relative_to(ROOT)) if Path(path).is_relative_to(ROOT) else str(path)
+    )
     for group in ("models", "variants"):
         keys = [m["key"] for m in spec[group]]
         if len(set(keys)) != len(keys):
@@ -267,37 +277,52 @@ def savings(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if base is None or r["variant"] == "none":
             continue
         saved = 100.0 * (1.0 - r["nfe_per_step"] / base["nfe_per_step"])
-        lost = base["metric"] - r["metric"] if r["higher_is_better"] else r["metric"] - base["metric"]
+        lost = (
+            base["metric"] - r["metric"] if r["higher_is_better"] else r["metric"] - base["metric"]
+        )
         out.append({**r, "nfe_saved_pct": saved, "metric_lost": lost})
     return out
 
 
 def verdict(rows: list[dict[str, Any]]) -> str:
-    """One sentence: which term buys the most solver savings per unit of metric lost."""
+    """One sentence: which term buys the most solver savings per unit of metric lost.
+
+    Per variant, summed over the models: the NFE per step saved (%, training mean, against no
+    regularizer) over the metric lost (% of the unregularized metric; a metric that improved
+    counts as 0 lost, so gains on one model do not offset losses on another).
+    """
     sv = savings(rows)
     if not sv:
         return "(no regularized variant with a baseline in the records yet)"
-    parts = []
-    for m in dict.fromkeys(r["model"] for r in sv):
-        ms = [r for r in sv if r["model"] == m]
-        best = max(ms, key=lambda r: r["nfe_saved_pct"])
-        parts.append(
-            f"{best['model_label']}: {best['label']} ({best['nfe_saved_pct']:+.0f} % NFE saved, "
-            f"{best['metric_name']} lost {best['metric_lost']:+.3g})"
-        )
-    terms = {}
+    base = {r["model"]: r for r in rows if r["variant"] == "none"}
+    score = {}
     for r in sv:
-        terms.setdefault(r["variant"], []).append(r)
-    ranked = sorted(
-        terms.values(), key=lambda rs: -statistics.fmean(x["nfe_saved_pct"] for x in rs)
-    )
+        b = base[r["model"]]
+        lost_pct = max(0.0, 100.0 * r["metric_lost"] / abs(b["metric"]))
+        s = score.setdefault(r["variant"], {"label": r["label"], "saved": 0.0, "lost": 0.0})
+        s["saved"] += r["nfe_saved_pct"]
+        s["lost"] += lost_pct
+        s["n"] = s.get("n", 0) + 1
+
+    def ratio(s: dict[str, Any]) -> float:
+        return s["saved"] / s["lost"] if s["lost"] > 0 else math.inf
+
+    ranked = sorted(score.values(), key=lambda s: (-ratio(s), -s["saved"]))
     top = ranked[0]
+    best = max((r for r in sv if r["label"] == top["label"]), key=lambda r: r["nfe_saved_pct"])
+    b = base[best["model"]]
+    others = "; ".join(
+        f"{s['label']} {s['saved']:+.0f} % for {s['lost']:.1f} % ({ratio(s):.1f})"
+        for s in ranked[1:]
+    )
     return (
-        f"Largest mean solver saving over the models: {top[0]['label']} "
-        f"({statistics.fmean(x['nfe_saved_pct'] for x in top):+.0f} % NFE per step on average); "
-        "the largest saving per model (with the metric lost, positive = worse): "
-        + "; ".join(parts)
-        + "."
+        f"Per unit of metric lost, {top['label']} buys the most solver savings: "
+        f"{top['saved']:+.0f} % NFE per step summed over {top['n']} model(s) for "
+        f"{top['lost']:.1f} % of the metric lost ({ratio(top):.1f} % NFE per % lost; "
+        f"{others}); its largest saving, {best['nfe_saved_pct']:+.0f} % on the "
+        f"{best['model_label']}, comes at {best['metric_name']} {best['metric']:.3f} ± "
+        f"{best['metric_std']:.3f} against {b['metric']:.3f} ± {b['metric_std']:.3f} without "
+        "a term."
     )
 
 
@@ -363,8 +388,11 @@ def plot(spec: dict[str, Any], records: list[dict[str, Any]], path: Path) -> Pat
             std = [statistics.stdev(p) if len(p) > 1 else 0.0 for p in per]
             ax.plot(ep, mean, marker="o", ms=3, color=f"C{i}", label=v["label"])
             ax.fill_between(
-                ep, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)],
-                color=f"C{i}", alpha=0.15,
+                ep,
+                [a - b for a, b in zip(mean, std)],
+                [a + b for a, b in zip(mean, std)],
+                color=f"C{i}",
+                alpha=0.15,
             )
         ax.set_title(m["label"], fontsize=9)
         ax.set_xlabel("epoch")
@@ -417,7 +445,11 @@ def render(spec: dict[str, Any], out: Path, elapsed_s: float | None = None) -> s
         "against no regularizer, training mean. Test metric with the final weights.",
         "",
         f"Runs: {len(records)}; summed run wall time {total / 60:.1f} min"
-        + (f"; study wall time {meta['wall_s_total'] / 60:.1f} min." if meta.get("wall_s_total") else "."),
+        + (
+            f"; study wall time {meta['wall_s_total'] / 60:.1f} min."
+            if meta.get("wall_s_total")
+            else "."
+        ),
         "",
         table(rows),
         "",
@@ -476,7 +508,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--record", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     spec = load_spec(args.spec, fast=args.fast)
-    out = (args.out or (FAST_OUT if args.fast else DEFAULT_OUT)).resolve()
+    out = output_dir(args.out, args.fast, DEFAULT_OUT, FAST_OUT)
     if args.worker:
         worker(spec, args.worker, args.record)
         return

@@ -177,7 +177,7 @@ def test_rnode_study_fast(tmp_path: Path, env: dict[str, str]) -> None:
     assert "KineticEnergy" in " ".join(records["cnf_rnode_s0"]["regularizers"])
     md = (tmp_path / "STUDY.md").read_text()
     assert "| 2-D CNF (two moons density) | no regularizer | 1 | 6 |" in md
-    assert "Largest mean solver saving" in md
+    assert "Per unit of metric lost" in md
     assert (tmp_path / "rnode_nfe.png").stat().st_size > 0
     # mixing budgets: a record of another epoch count beside these is refused
     other = dict(records["cnf_none_s0"], key="cnf_skew_s0", variant="skew")
