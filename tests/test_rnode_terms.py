@@ -334,3 +334,25 @@ def test_terms_travel_in_the_checkpoint_and_redraw_the_same_probes() -> None:
     c, _ = _terms(f, z0, [new_jf], steps=10, step=8)
     assert float(a["jacobian_frobenius"]) == float(b["jacobian_frobenius"])
     assert float(c["jacobian_frobenius"]) != float(a["jacobian_frobenius"])
+
+
+def test_functional_kinetic_energy_is_per_sample_then_batch_mean() -> None:
+    """Against a hand loop: per sample the trapezoid of |f_i|^2 over non-uniform times, then
+    the mean over the batch (dim 1); a (K + 1, B) stack is B scalar samples."""
+    g = torch.Generator().manual_seed(5)
+    times = torch.tensor([0.0, 0.2, 0.9, 1.0, 1.7], dtype=torch.float64)
+    vel = torch.randn(5, 4, 2, 3, dtype=torch.float64, generator=g)
+    per_sample = []
+    for i in range(4):
+        sq = [float(vel[k, i].pow(2).sum()) for k in range(5)]
+        per_sample.append(
+            sum(0.5 * (sq[k] + sq[k + 1]) * float(times[k + 1] - times[k]) for k in range(4))
+        )
+    assert float(kinetic_energy_penalty(times, vel)) == pytest.approx(sum(per_sample) / 4)
+    flat = vel[..., 0, 0]
+    want = torch.trapezoid(flat.pow(2), times, dim=0).mean()
+    assert float(kinetic_energy_penalty(times, flat)) == pytest.approx(float(want))
+    # backwards in time: the same non-negative value
+    assert float(kinetic_energy_penalty(times.flip(0), vel.flip(0))) == pytest.approx(
+        sum(per_sample) / 4
+    )

@@ -341,10 +341,10 @@ def field_norm_rows(
 
 
 def _per_sample_index(state: Tensor) -> Tensor:
-    """``(B, d)`` positions of each sample's coordinates in a ``(B, ...)`` state (1-D: one
-    sample)."""
+    """``(B, d)`` positions of each sample's coordinates in a ``(B, ...)`` state (dim 0 is the
+    batch, as in the functional forms' ``(K + 1, B, ...)`` stacks)."""
     idx = torch.arange(state.numel(), device=state.device)
-    return idx.reshape(1, -1) if state.dim() == 1 else idx.reshape(state.shape[0], -1)
+    return idx.reshape(state.shape[0], -1)
 
 
 def _check_path(times: Tensor, states: Tensor, name: str) -> None:
@@ -387,7 +387,8 @@ def kinetic_energy_penalty(times: Tensor, velocities: Tensor) -> Tensor:
         8.0
     """
     _check_path(times, velocities, "velocities")
-    rows = velocities.reshape(velocities.shape[0], velocities.shape[1], -1).pow(2).sum(-1)
+    index = _per_sample_index(velocities[0])
+    rows = torch.stack([field_norm_rows(v, v, index) for v in velocities.unbind(0)])
     return time_integral(times, rows).mean()
 
 
