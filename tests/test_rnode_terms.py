@@ -269,6 +269,7 @@ def test_kinetic_energy_in_training_lowers_the_field_norm_and_logs() -> None:
     finals = {}
     for weight in (0.0, 2.0):
         L.seed_everything(0, verbose=False)
+        # weight 1e-12 instead of 0: an inactive term (weight 0) is neither applied nor logged
         model = Model([KineticEnergy(weight if weight else 1e-12), JacobianFrobenius(0.01)])
         trainer = L.Trainer(
             max_epochs=3,
