@@ -262,7 +262,13 @@ class RegularizedODEMixin:
         if skew is not None:
             gen = skew.generator(self.global_step, self.device, micro=batch_idx)
             plan = SkewPlan(skew.probes, skew.max_states, gen)
+        norms = tuple(
+            r.plan(self.global_step, self.device, batch_idx)
+            for r in active
+            if getattr(r, "needs_field_norms", False)
+        )
         return StepRecorder(
+            field_norms=norms,
             evaluate_fields=_evaluation_mode(active),
             skew=plan,
             adjoint_inputs=any(r.needs_adjoints for r in active),

@@ -34,6 +34,8 @@ from torch.nn import functional as F
 from ode_reg import (
     AdjointMagnitude,
     DirectionalConstraint,
+    JacobianFrobenius,
+    KineticEnergy,
     RegularizedODEModule,
     SensitivityMagnitude,
     SkewJacobianPenalty,
@@ -57,6 +59,21 @@ class Field(nn.Module):
 
     def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.l2(torch.tanh(self.l1(z))))
+
+
+class DiagonalField(nn.Module):
+    """``f(z) = c * tanh(a * z + b)`` coordinate-wise: a diagonal Jacobian, for which every
+    Rademacher probe gives the exact ``|J|_F^2`` (``|J^T v|^2 = sum_j J_jj^2 v_j^2``), so the
+    Frobenius term is deterministic and DDP can be compared with one process exactly."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.linspace(0.5, 1.5, dim))
+        self.b = nn.Parameter(torch.linspace(-0.3, 0.3, dim))
+        self.c = nn.Parameter(torch.ones(dim))
+
+    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.c * torch.tanh(self.a * z + self.b)
 
 
 class FlakyAdjointMagnitude(AdjointMagnitude):
@@ -101,6 +118,8 @@ def regularizers(scenario: str, mode: str) -> list:
         ]
     if scenario == "skew":
         return [SkewJacobianPenalty(1.0, probes=16)]
+    if scenario == "rnode":
+        return [KineticEnergy(0.5), JacobianFrobenius(0.5, every_n_steps=2, warmup_steps=3)]
     if scenario == "nonfinite":
         # In one process the only rank (0) meets the bad value; under DDP only rank 1 does.
         return [
@@ -125,6 +144,8 @@ class DDPModel(RegularizedODEModule):
             from ode_reg.dynamics import OrthogonalFlow
 
             self.field: nn.Module = OrthogonalFlow(DIM, step="exp", step_size=0.25)
+        elif scenario == "rnode":
+            self.field = DiagonalField(DIM)
         else:
             self.field = Field(DIM)
         self.head = nn.Linear(DIM, 1)
