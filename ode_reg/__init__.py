@@ -16,6 +16,7 @@ from ode_reg.dynamics import AntisymmetricODEFunc, OrthogonalFlow, SkewLinearODE
 from ode_reg.functional import cayley, orthogonality_defect, scaled_cayley
 from ode_reg.metrics import MaxOrthogonalityDefect, MeanAdjointRatio, MeanSpectralAbscissa
 from ode_reg.module import RegularizedODEMixin, RegularizedODEModule, StepRecord
+from ode_reg.plan import Monitor, Need, StepPlan, capture_torchdiffeq, due
 from ode_reg.regularizers import (
     AdjointMagnitude,
     DirectionalConstraint,
@@ -48,6 +49,8 @@ __all__ = [
     "MaxOrthogonalityDefect",
     "MeanAdjointRatio",
     "MeanSpectralAbscissa",
+    "Monitor",
+    "Need",
     "OrthogonalityMonitor",
     "SolverStatsMonitor",
     "SpectrumMonitor",
@@ -63,11 +66,14 @@ __all__ = [
     "SkewLinearODEFunc",
     "SolverStats",
     "SpectralConstraint",
+    "StepPlan",
     "StepRecord",
     "Trajectory",
     "adjoints",
+    "capture_torchdiffeq",
     "cayley",
     "chain",
+    "due",
     "integrate",
     "odeint",
     "odeint_adjoint",

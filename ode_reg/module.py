@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from ode_reg._nonfinite import (
@@ -19,6 +23,7 @@ from ode_reg._nonfinite import (
     task_side_nonfinite,
     zero_loss,
 )
+from ode_reg.plan import Monitor, Need, StepPlan, capture_torchdiffeq
 from ode_reg.recording import SkewPlan, StepRecorder
 from ode_reg.regularizers import Regularizer, _distributed, all_reduce_mean
 from ode_reg.solve import odeint as _odeint
@@ -27,6 +32,12 @@ from ode_reg.terms import step_terms
 from ode_reg.trajectory import SolveSummary, Trajectory
 
 NONFINITE_POLICIES = ("skip", "raise")
+
+#: Where the regularizers' run state (skip counters, probe seeds) is kept in a checkpoint.
+RUN_STATE_KEY = "ode_reg_run_state"
+#: The tag of a regularizer written into a checkpoint's hyperparameters as plain values.
+SPEC_TAG = "ode_reg_regularizer"
+_LEGACY_KEY = re.compile(r"^regularizers\.(\d+)\.(\w+)$")
 
 
 @dataclass
@@ -64,7 +75,22 @@ def _use_shared_backward(module: RegularizedODEModule, active: Sequence[Regulari
         and module.automatic_optimization
         and any(r.needs_adjoints for r in active)
         and not any(r.needs_differentiable_adjoints for r in active)
+        and not _gradient_hooks(module)
     )
+
+
+def _gradient_hooks(module: nn.Module) -> bool:
+    """Whether a hook would see the shared backward's task gradient differently from the plain
+    backward's: a tensor hook on a parameter (it would run in the adjoints' pass and again on
+    the total), or a module backward hook (the task part would not pass through the module)."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks:
+        return True
+    for m in module.modules():
+        if m._backward_hooks or m._backward_pre_hooks:
+            return True
+    return any(p._backward_hooks for p in module.parameters() if p.requires_grad)
 
 
 def _evaluation_mode(active: Sequence[Regularizer]) -> bool | str:
@@ -86,16 +112,24 @@ def _detached(x: Any) -> Any:
 
 
 def _light(tr: Trajectory) -> Trajectory:
-    """``tr`` (and its parts) with every tensor detached (module level: a recursive closure
-    would be a reference cycle, left for the cyclic garbage collector, at every step)."""
+    """``tr`` (and its parts) with every tensor detached and the field dropped (a closure
+    field can hold the step's graph and cannot be pickled). Module level: a recursive closure
+    would be a reference cycle, left for the cyclic garbage collector, at every step."""
     parts = tuple(_light(p) for p in tr.parts)
     out = dataclasses.replace(
         tr,
+        func=None,  # type: ignore[arg-type]
+        funcs=(),
+        points=None,
+        times=_detached(tr.times),
+        t=_detached(tr.t),
+        event_t=_detached(tr.event_t),
         states=_detached(tr.states),
         solution=_detached(tr.solution),
         weights=_detached(tr.weights),
         parts=parts,
         _field_at=None,
+        grad_leaves=(),
     )
     owners = getattr(tr, "owners", None)
     if owners is not None:
@@ -105,21 +139,80 @@ def _light(tr: Trajectory) -> Trajectory:
 
 
 def _released(record: StepRecord) -> StepRecord:
-    """``record`` with every tensor detached from the step's autograd graph."""
-    if not record.trajectories and not record.groups:  # nothing holds the graph (stats only)
-        return record
+    """``record`` with every tensor detached from the step's autograd graph and no field."""
     return StepRecord(
         [_light(t) for t in record.trajectories],
         [_light(t) for t in record.groups],
         [_detached(a) for a in record.adjoints],
         [_detached(a) for a in record.sensitivities],
         list(record.left_out),
-        list(record.solves),
+        [dataclasses.replace(s, t=_detached(s.t), times=_detached(s.times)) for s in record.solves],
     )
 
 
-def _is_monitor(callback: object) -> bool:
-    return type(callback).__module__.startswith("ode_reg.callbacks")
+class StepRelease(Callback):
+    """Releases the module's step record at the end of every training batch (installed by
+    :class:`RegularizedODEMixin` as the trainer's last callback, so it runs after every monitor
+    and whatever the module's own ``on_train_batch_end`` does): ``pl_module.ode_step`` keeps the
+    step's values, detached, and no field, so the step's graph is freed now, not at the next
+    step, and the fitted module pickles.
+    """
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        record = getattr(pl_module, "ode_step", None)
+        if isinstance(record, StepRecord):
+            pl_module.ode_step = _released(record)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self.on_train_batch_end(trainer, pl_module, None, None, 0)
+
+
+def _regularizers_from(value: Any) -> list[Regularizer]:
+    """The regularizer list, rebuilding those given as checkpoint specs (``SPEC_TAG``)."""
+    if isinstance(value, (Regularizer, Mapping)) or not isinstance(value, Sequence):
+        raise ValueError(
+            "`regularizers` must be a sequence of ode_reg Regularizer instances, got "
+            f"{type(value).__name__}"
+        )
+    out = []
+    for r in value:
+        if isinstance(r, Mapping) and SPEC_TAG in r:
+            from ode_reg.models._checkpoint import build_regularizer
+
+            r = build_regularizer(r[SPEC_TAG])
+        if not isinstance(r, Regularizer):
+            raise ValueError(
+                f"`regularizers` must hold ode_reg Regularizer instances, got {type(r).__name__}"
+            )
+        out.append(r)
+    names = [r.name for r in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"`regularizers` must have distinct names, got {names}")
+    return out
+
+
+def _plain_hparams(value: Any) -> Any:
+    """``value`` with every regularizer replaced by its tagged spec (plain values)."""
+    if isinstance(value, Regularizer):
+        from ode_reg.models._checkpoint import regularizer_spec
+
+        return {SPEC_TAG: regularizer_spec(value)}
+    if isinstance(value, list):
+        return [_plain_hparams(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain_hparams(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain_hparams(v) for k, v in value.items()}
+    return value
 
 
 class RegularizedODEMixin:
@@ -137,6 +230,18 @@ class RegularizedODEMixin:
     a parent); a ``super().training_step`` call adds the terms once. Validation and test steps
     are untouched.
 
+    Each training step starts with a :class:`~ode_reg.StepPlan`: the terms due on the step and
+    the trainer's :class:`~ode_reg.Monitor` callbacks due on it (one cadence rule,
+    :func:`ode_reg.due`), and the union of what they need. The step records exactly that, and
+    nothing at all when nothing is due. ``ode_step`` (a :class:`StepRecord`) holds the step's
+    record from the end of the forward (under manual optimization, from each
+    ``manual_backward``) until the end of the batch, when a callback the module installs
+    (:class:`StepRelease`) releases it: detached values, no field, whatever the module's own
+    hooks do. When something was due and the step made no ode_reg solve, a warning says so
+    once, and nothing is added or logged for it. The regularizers are configuration, not
+    model state: they are not submodules (the ``state_dict`` is the model's own), their run
+    state travels in checkpoints under ``RUN_STATE_KEY``.
+
     Args:
         regularizers: the loss terms, e.g. ``[AdjointMagnitude(0.1), SkewJacobianPenalty(0.01)]``.
         nonfinite: ``"skip"`` drops a term that is NaN/Inf on a step (the decision is collective
@@ -148,15 +253,22 @@ class RegularizedODEMixin:
             them (``detach_adjoints=True``), take the task gradient of the module's parameters
             from the plain backward pass that gives the adjoints, and return a loss whose
             backward adds it as a constant (same value and gradient, one backward pass of the
-            task loss less; automatic optimization only). Caveats, why it is off by default:
-            a tensor hook on a parameter sees that gradient in two parts; the task loss sends
-            gradients to this module's parameters only; under 16-bit AMP the task gradient is
-            taken from the unscaled loss.
+            task loss less; automatic optimization only). A step where a parameter has a
+            tensor hook or a module has a backward hook takes the plain backward instead (so
+            the hooks see what they see with the option off). Caveats, why it is off by
+            default: the task loss sends gradients to this module's parameters only; under
+            16-bit AMP the task gradient is taken from the unscaled loss.
+        capture_torchdiffeq: opt-in. Record, during each training step, the calls that other
+            code makes to ``torchdiffeq.odeint`` / ``torchdiffeq.odeint_adjoint`` through the
+            module attribute (a library such as torchcde that calls torchdiffeq itself), as if
+            they were ``ode_reg.odeint`` calls (:func:`ode_reg.capture_torchdiffeq`; the
+            attributes are restored when the step ends, also on an exception).
         **kwargs: passed on to the LightningModule.
 
     Raises:
-        ValueError: if ``nonfinite`` is not one of ``"skip"``, ``"raise"`` or an element of
-            ``regularizers`` is not a :class:`~ode_reg.Regularizer`, or two share a name.
+        ValueError: if ``nonfinite`` is not one of ``"skip"``, ``"raise"``, a flag is not a
+            bool, an element of ``regularizers`` is not a :class:`~ode_reg.Regularizer`, or two
+            share a name.
 
     Example::
 
@@ -180,6 +292,7 @@ class RegularizedODEMixin:
         *,
         nonfinite: str = "skip",
         shared_backward: bool = False,
+        capture_torchdiffeq: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -187,21 +300,97 @@ class RegularizedODEMixin:
             raise ValueError(f"`nonfinite` must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         if not isinstance(shared_backward, bool):
             raise ValueError(f"`shared_backward` must be True or False, got {shared_backward!r}")
-        regularizers = list(regularizers)
-        for r in regularizers:
-            if not isinstance(r, Regularizer):
-                raise ValueError(
-                    f"`regularizers` must hold ode_reg Regularizer instances, got {type(r).__name__}"
-                )
-        names = [r.name for r in regularizers]
-        if len(set(names)) != len(names):
-            raise ValueError(f"`regularizers` must have distinct names, got {names}")
-        self.regularizers = nn.ModuleList(regularizers)
+        if not isinstance(capture_torchdiffeq, bool):
+            raise ValueError(
+                f"`capture_torchdiffeq` must be True or False, got {capture_torchdiffeq!r}"
+            )
+        self.regularizers = regularizers  # type: ignore[assignment]
         self.nonfinite = nonfinite
         self.shared_backward = shared_backward
+        self.capture_torchdiffeq = capture_torchdiffeq
         self._recorder: StepRecorder | None = None
         self._step_batch: Any = None
+        self._plan_now: StepPlan | None = None
+        self._consumed = 0
         self.ode_step: StepRecord | None = None
+        #: The plan of the last training step (its due terms and monitors).
+        self.ode_plan: StepPlan | None = None
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def regularizers(self) -> list[Regularizer]:
+        """The loss terms: configuration, not model state (no submodule, nothing of them in
+        ``state_dict``; their run state travels in the checkpoint under ``RUN_STATE_KEY``)."""
+        return self.__dict__.setdefault("_ode_regularizers", [])
+
+    @regularizers.setter
+    def regularizers(self, value: Sequence[Regularizer]) -> None:
+        self.__dict__["_ode_regularizers"] = _regularizers_from(value)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The step record holds the last step's values (and, before its release, its graph and
+        # field): not part of a pickled or copied module.
+        state = dict(super().__getstate__())  # type: ignore[misc]
+        state["ode_step"] = None
+        state["_recorder"] = None
+        state["_plan_now"] = None
+        state["ode_plan"] = None
+        return state
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Save the regularizers' run state under ``RUN_STATE_KEY`` and write regularizers found
+        among the hyperparameters as plain specs (so the checkpoint loads with
+        ``weights_only=True`` and ``load_from_checkpoint`` rebuilds them).
+
+        Args:
+            checkpoint: the checkpoint dict being written.
+        """
+        checkpoint[RUN_STATE_KEY] = {
+            "terms": [{"name": r.name, "state": r.run_state()} for r in self.regularizers]
+        }
+        key = getattr(self, "CHECKPOINT_HYPER_PARAMS_KEY", "hyper_parameters")
+        hparams = checkpoint.get(key)
+        if isinstance(hparams, dict):
+            checkpoint[key] = _plain_hparams(hparams)
+        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the regularizers' run state by term name: a term the checkpoint does not
+        know starts fresh, a saved term the module no longer has is dropped (said in one line).
+        A checkpoint written when the run state was kept as buffers (``regularizers.<i>.*`` in
+        its ``state_dict``) is read by position, and those keys are removed so that the strict
+        load of the model's weights succeeds.
+
+        Args:
+            checkpoint: the checkpoint dict being loaded.
+        """
+        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+        terms = self.regularizers
+        weights = checkpoint.get("state_dict")
+        legacy: dict[int, dict[str, int]] = {}
+        if isinstance(weights, dict):
+            for k in [k for k in weights if _LEGACY_KEY.match(k)]:
+                i, attr = _LEGACY_KEY.match(k).groups()  # type: ignore[union-attr]
+                legacy.setdefault(int(i), {})[attr] = int(weights.pop(k))
+        saved = checkpoint.get(RUN_STATE_KEY)
+        if saved is not None:
+            by_name = {e["name"]: e["state"] for e in saved.get("terms", [])}
+            for r in terms:
+                if r.name in by_name:
+                    r.load_run_state(by_name[r.name])
+            new = [r.name for r in terms if r.name not in by_name]
+            dropped = [n for n in by_name if n not in {r.name for r in terms}]
+        else:
+            for i, state in legacy.items():
+                if i < len(terms):
+                    terms[i].load_run_state(state)
+            new = [r.name for i, r in enumerate(terms) if legacy and i not in legacy]
+            dropped = [f"regularizers.{i}" for i in legacy if i >= len(terms)]
+        if new or dropped:
+            rank_zero_warn(
+                f"ode_reg: the checkpoint's terms differ from the module's: new {new} start "
+                f"fresh, saved {dropped} are dropped"
+            )
 
     # ------------------------------------------------------------------ the plug-in contract
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -222,58 +411,113 @@ class RegularizedODEMixin:
             batch_idx = args[1] if len(args) > 1 else kw.get("batch_idx", 0)
             forget_step_values(self)
             self._step_batch = args[0] if args else kw.get("batch")
-            rec = self._new_recorder(int(batch_idx) if isinstance(batch_idx, int) else 0)
-            if rec is None:  # no active term and no monitor: torchdiffeq's calls, untouched
-                self.ode_step = StepRecord([], [], [], [])
+            self._install_release()
+            plan = self.ode_plan = self._plan()
+            self._consumed = 0
+            self.ode_step = StepRecord([], [], [], [])
+            if plan.empty:  # nothing due: torchdiffeq's calls, untouched
                 out = step(self, *args, **kw)
                 skipped = self._skip_nonfinite(out)
                 return out if skipped is None else skipped
-            self._recorder = rec
+            rec = self._new_recorder(plan, int(batch_idx) if isinstance(batch_idx, int) else 0)
+            self._recorder, self._plan_now = rec, plan
+            capture = (
+                capture_torchdiffeq() if self.capture_torchdiffeq else contextlib.nullcontext()
+            )
             try:
-                with rec.active():
+                with rec.active(), capture:
                     out = step(self, *args, **kw)
             finally:
                 self._recorder = None
-            return self._add_regularization(out, rec)
+            try:
+                return self._add_regularization(out, rec, plan)
+            finally:
+                self._plan_now = None
+                self._say_if_nothing(plan, rec)
 
         training_step._ode_reg_wrapped = True  # type: ignore[attr-defined]
         cls.training_step = training_step  # type: ignore[method-assign]
 
+    def _install_release(self) -> None:
+        trainer = self._trainer
+        if trainer is not None and not any(isinstance(c, StepRelease) for c in trainer.callbacks):
+            trainer.callbacks.append(StepRelease())
+
     def _active(self) -> list[Regularizer]:
         return [r for r in self.regularizers if r.active(self.global_step)]
 
-    def _monitors(self) -> list[Any]:
+    def _monitors(self) -> list[Monitor]:
         trainer = self._trainer
-        return [] if trainer is None else [c for c in trainer.callbacks if _is_monitor(c)]
+        return [] if trainer is None else [c for c in trainer.callbacks if isinstance(c, Monitor)]
 
-    def _monitors_due(self) -> bool:
-        return bool(self._monitors())
+    def _plan(self) -> StepPlan:
+        """The due consumers of this step and what they need (``StepPlan``)."""
+        step = self.global_step
+        terms, need = [], Need()
+        for r in self.regularizers:
+            want = r.need(step)
+            if want:
+                terms.append(r)
+                need = need | want
+        monitors = []
+        trainer = self._trainer
+        for m in self._monitors():
+            want = m.need(trainer) if trainer is not None else None
+            if want:
+                if want.field_evaluations or want.probes:
+                    raise ValueError(
+                        f"{type(m).__name__}.need() asks for field_evaluations/probes, which are "
+                        "the terms' needs: a monitor reads the record (ode_step) and evaluates "
+                        "the field itself (Trajectory.field_at); ask for stats/chains/adjoints"
+                    )
+                monitors.append(m)
+                need = need | want
+        batch = -1
+        if trainer is not None:
+            from ode_reg.callbacks._logging import logger_step
 
-    def _new_recorder(self, batch_idx: int) -> StepRecorder | None:
-        active = self._active()
-        monitors = self._monitors()
-        if not active and not monitors:
-            return None
-        # A monitor that reads only solver statistics (``needs_chains = False``) needs neither
-        # the data dependency between solves nor a y0 that requires grad.
-        chains = bool(active) or any(getattr(m, "needs_chains", True) for m in monitors)
-        skew = next((r for r in active if r.needs_skew_probes), None)
-        plan = None
+            batch = logger_step(trainer)
+        return StepPlan(step, terms, monitors, need, batch)
+
+    def _say(self, key: str, message: str) -> None:
+        said = self.__dict__.setdefault("_ode_reg_said", set())
+        if key not in said:
+            said.add(key)
+            rank_zero_warn(message)
+
+    def _say_if_nothing(self, plan: StepPlan, rec: StepRecorder) -> None:
+        """Say it or do it: consumers were due and the step made no ode_reg solve."""
+        if rec.summaries or rec.unrecorded:
+            return
+        names = ", ".join(plan.consumers())
+        self._say(
+            "no_solve",
+            f"ode_reg: training step {plan.step} made no ode_reg solve while {names} "
+            "needed one: nothing was measured or added for them on that step. Call "
+            "ode_reg.odeint / ode_reg.odeint_adjoint (or self.odeint) instead of torchdiffeq's, "
+            "or pass capture_torchdiffeq=True to the module when a library calls "
+            "torchdiffeq.odeint itself (said once)",
+        )
+
+    def _new_recorder(self, plan: StepPlan, batch_idx: int) -> StepRecorder:
+        terms = plan.terms
+        skew = next((r for r in terms if r.needs_skew_probes), None)
+        probes = None
         if skew is not None:
             gen = skew.generator(self.global_step, self.device, micro=batch_idx)
-            plan = SkewPlan(skew.probes, skew.max_states, gen)
+            probes = SkewPlan(skew.probes, skew.max_states, gen)
         norms = tuple(
             r.plan(self.global_step, self.device, batch_idx)
-            for r in active
+            for r in terms
             if getattr(r, "needs_field_norms", False)
         )
         return StepRecorder(
             field_norms=norms,
-            evaluate_fields=_evaluation_mode(active),
-            skew=plan,
-            adjoint_inputs=any(r.needs_adjoints for r in active),
-            refuse_adjoint=tuple(r.name for r in active if r.needs_adjoints),
-            chains=chains,
+            evaluate_fields=_evaluation_mode(terms),
+            skew=probes,
+            adjoint_inputs=plan.need.adjoints,
+            refuse_adjoint=tuple(r.name for r in terms if r.needs_adjoints),
+            chains=plan.need.chains,
         )
 
     def odeint(
@@ -333,20 +577,6 @@ class RegularizedODEMixin:
     def _log_term(self, name: str, value: Tensor, **kw: Any) -> None:
         self.log(name, value, on_step=True, batch_size=1, **kw)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """After the callbacks' ``on_train_batch_end`` (Lightning calls them first): keep the
-        step's record, but detached, so that the forward graph is freed now, not at the next
-        step (it is referenced by the recorded states until then).
-
-        Args:
-            outputs: the training step's outputs.
-            batch: the batch.
-            batch_idx: its index.
-        """
-        super().on_train_batch_end(outputs, batch, batch_idx)  # type: ignore[misc]
-        if self.ode_step is not None:
-            self.ode_step = _released(self.ode_step)
-
     def _skip_nonfinite(self, out: Any) -> Any:
         """The step's output with a zero loss if its batch or task loss is not finite
         (automatic optimization; the optimizer step is then dropped), else ``None``."""
@@ -369,16 +599,25 @@ class RegularizedODEMixin:
         drop_marked_step(self, optimizer)
 
     def _step_record(self, rec: StepRecorder) -> StepRecord:
-        record = getattr(rec, "step_record", None)
+        """The step's record (``ode_step``), brought up to date with the recorder."""
+        record = self.ode_step
         if record is None:
-            record = StepRecord([], [], [], [])
-            rec.step_record = record  # type: ignore[attr-defined]
+            record = self.ode_step = StepRecord([], [], [], [])
         record.trajectories = [r.traj for r in rec.records]
-        record.solves = rec.summaries
-        self.ode_step = record
+        record.solves = list(rec.summaries)
         return record
 
-    def _add_regularization(self, out: Any, rec: StepRecorder) -> Any:
+    def _chains_only(self, loss: Any, pending: Sequence[Any], record: StepRecord) -> None:
+        """No term on these solves: the chains (for the monitors) by the same rules, without
+        adjoints."""
+        if isinstance(loss, Tensor) and loss.requires_grad and pending:
+            res = step_terms(loss, pending, [], step=self.global_step, params=[])
+            record.groups.extend(ctx.trajectory for ctx in res.chains)
+            record.adjoints.extend([None] * len(res.chains))
+            record.sensitivities.extend([None] * len(res.chains))
+            record.left_out.extend(res.left_out)
+
+    def _add_regularization(self, out: Any, rec: StepRecorder, plan: StepPlan) -> Any:
         """After the user's ``training_step``: add the terms to the returned loss (automatic
         optimization), or only record the step (manual optimization, where
         ``manual_backward`` added them)."""
@@ -389,18 +628,15 @@ class RegularizedODEMixin:
         if rec.stats_only:  # no term, no chain: the counts are all the step records
             return out
         loss = out["loss"] if isinstance(out, dict) else out
-        pending = rec.records[getattr(rec, "consumed", 0) :]
-        active = self._active()
-        if not self.automatic_optimization or not isinstance(loss, Tensor) or not active:
-            structural = rec.chains and isinstance(loss, Tensor) and loss.requires_grad
-            if structural and pending and not record.groups:
-                # No term: the chains (for the monitors) by the same rules, without adjoints.
-                res = step_terms(loss, pending, [], step=self.global_step, params=[])
-                record.groups = [ctx.trajectory for ctx in res.chains]
-                record.adjoints = [None] * len(record.groups)
-                record.sensitivities = [None] * len(record.groups)
+        pending = rec.records[self._consumed :]
+        self._consumed = len(rec.records)
+        if not pending:
             return out
-        new_loss = self._regularized(loss, pending, record, rec)
+        if not self.automatic_optimization or not isinstance(loss, Tensor) or not plan.terms:
+            if rec.chains:
+                self._chains_only(loss, pending, record)
+            return out
+        new_loss = self._regularized(loss, pending, record, rec, plan.terms)
         if isinstance(out, dict):
             return {**out, "loss": new_loss}
         return new_loss
@@ -410,31 +646,38 @@ class RegularizedODEMixin:
 
         Each call regularizes the solves recorded since the previous call in the same step
         (with two optimizers and two backward passes, each pass gets the terms of its own
-        solves).
+        solves), and brings ``ode_step`` up to date first, so that the monitors measure the
+        current batch (their hooks in ``on_before_backward`` and ``on_before_optimizer_step``).
 
         Args:
             loss: the loss to backpropagate.
             *args: passed to Lightning's ``manual_backward``.
             **kwargs: passed to Lightning's ``manual_backward``.
         """
-        rec = self._recorder
+        rec, plan = self._recorder, self._plan_now
         if isinstance(loss, Tensor) and task_side_nonfinite(self, loss, self._step_batch):
             super().manual_backward(zero_loss(self, loss), *args, **kwargs)  # type: ignore[misc]
             return
-        if rec is not None and isinstance(loss, Tensor) and self._active():
-            start = getattr(rec, "consumed", 0)
-            pending = rec.records[start:]
-            rec.consumed = len(rec.records)  # type: ignore[attr-defined]
-            if pending:
-                loss = self._regularized(loss, pending, self._step_record(rec), rec)
+        if rec is not None and plan is not None and isinstance(loss, Tensor):
+            record = self._step_record(rec)
+            pending = rec.records[self._consumed :]
+            self._consumed = len(rec.records)
+            if pending and plan.terms:
+                loss = self._regularized(loss, pending, record, rec, plan.terms)
+            elif pending and rec.chains:
+                self._chains_only(loss, pending, record)
         super().manual_backward(loss, *args, **kwargs)  # type: ignore[misc]
 
     def _regularized(
-        self, loss: Tensor, records: Sequence[Any], record: StepRecord, rec: StepRecorder
+        self,
+        loss: Tensor,
+        records: Sequence[Any],
+        record: StepRecord,
+        rec: StepRecorder,
+        active: Sequence[Regularizer],
     ) -> Tensor:
-        """``loss`` plus the weighted active terms on ``records``; logs them, fills ``record``."""
+        """``loss`` plus the weighted due terms on ``records``; logs them, fills ``record``."""
         step = self.global_step
-        active = self._active()
         own = [p for p in self.parameters() if p.requires_grad]
         for r in records:  # fields that are modules outside this one (rare)
             own.extend(p for p in r.traj.parameters() if all(p is not q for q in own))
@@ -448,7 +691,7 @@ class RegularizedODEMixin:
             extra=own if shared else (),
             reduce_mean=all_reduce_mean,
         )
-        record.left_out = res.left_out
+        record.left_out.extend(res.left_out)
         if res.left_out:
             rec.warn(
                 "left_out",
@@ -512,6 +755,8 @@ class RegularizedODEModule(RegularizedODEMixin, L.LightningModule):
         regularizers: the loss terms.
         nonfinite: ``"skip"`` or ``"raise"`` (see :class:`RegularizedODEMixin`).
         shared_backward: opt-in shared backward (see :class:`RegularizedODEMixin`).
+        capture_torchdiffeq: opt-in recording of third-party ``torchdiffeq.odeint`` calls
+            (see :class:`RegularizedODEMixin`).
         **kwargs: passed on to ``LightningModule``.
 
     Raises:

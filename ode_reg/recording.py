@@ -1,7 +1,8 @@
 """Recording the solves of one training step, wherever ``ode_reg.odeint`` is called.
 
 A :class:`StepRecorder` is made current (a context variable) for the duration of a
-``RegularizedODEModule``'s training step. ``ode_reg.odeint`` / ``ode_reg.odeint_adjoint``
+``RegularizedODEModule``'s training step on which a term or monitor is due (built from the
+step's :class:`~ode_reg.StepPlan`: it records what the plan needs). ``ode_reg.odeint`` / ``ode_reg.odeint_adjoint``
 called anywhere during it (a submodule's ``forward``, an ODE-RNN cell, a helper) record their
 solve into it; everywhere else they are torchdiffeq's call and nothing more.
 
@@ -163,6 +164,8 @@ class StepRecorder:
         self.records: list[SolveRecord] = []
         #: What the solver did in every solve of the step, recorded or stats-only, in call order.
         self.summaries: list[SolveSummary] = []
+        #: Solves made inside the step but not recorded (run without grad).
+        self.unrecorded = 0
         #: Only solver statistics are wanted: no term is active and no monitor reads the
         #: trajectories (``ode_reg.odeint`` then makes the stats-only solve).
         self.stats_only = not (

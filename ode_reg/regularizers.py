@@ -1,12 +1,22 @@
 """Loss terms for :class:`~ode_reg.RegularizedODEModule`: thin shells over ``ode_reg.functional``.
 
-Each regularizer is an ``nn.Module`` (so its counters travel in the checkpoint) with a
-``weight``, a cadence ``every_n_steps`` and a linear weight warm-up ``warmup_steps``.
+Each regularizer is configuration: a ``weight``, a cadence ``every_n_steps`` (the one rule
+:func:`ode_reg.plan.due`) and a linear weight warm-up ``warmup_steps``. It is an ``nn.Module``
+for its API only: :class:`~ode_reg.RegularizedODEModule` does not register it as a submodule,
+so it is not in the model's ``state_dict``; its run state (the skip counter, a probe seed)
+travels in the checkpoint under the module's own key (:meth:`Regularizer.run_state`).
+
+A subclass implements :meth:`Regularizer.compute` (the unweighted term on one chain, from
+the :class:`~ode_reg.terms.ChainContext`), sets the class flags that say what it needs
+(``needs_adjoints``, ``needs_field_evaluations``, ``needs_skew_probes``), validates its own
+arguments in ``__init__`` (before calling ``super().__init__(weight, **kwargs)``) and keeps
+them as attributes of the same name (so the checkpoint can rebuild it); extra run state goes
+in :meth:`Regularizer.run_state` / :meth:`Regularizer.load_run_state`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -19,6 +29,8 @@ from ode_reg.functional import (
     sensitivity_magnitude_penalty,
     spectral_penalty,
 )
+from ode_reg.plan import Need, due
+from ode_reg.trajectory import DEFAULT_CHECKPOINTS
 
 if TYPE_CHECKING:
     from ode_reg.terms import ChainContext
@@ -39,6 +51,30 @@ def all_reduce_mean(x: Tensor) -> Tensor:
     from torch.distributed.nn.functional import all_reduce
 
     return all_reduce(x, op=dist.ReduceOp.SUM) / dist.get_world_size()
+
+
+#: Accepted range of a term's ``reference`` checkpoint index: the indices of the default
+#: checkpoint grid (``DEFAULT_CHECKPOINTS + 1`` checkpoints, MATH.md Notation); ``-1`` is the
+#: last reached checkpoint ``k*``.
+REFERENCE_RANGE = (-(DEFAULT_CHECKPOINTS + 1), DEFAULT_CHECKPOINTS)
+
+
+def check_reference(reference: int) -> int:
+    """``reference`` if it is an integer in :data:`REFERENCE_RANGE`, else a ``ValueError``."""
+    lo, hi = REFERENCE_RANGE
+    if isinstance(reference, bool) or not isinstance(reference, int) or not lo <= reference <= hi:
+        raise ValueError(
+            f"`reference` must be an integer in [{lo}, {hi}] (a checkpoint index; -1 is the last "
+            f"reached checkpoint), got {reference!r}"
+        )
+    return reference
+
+
+def check_flags(**flags: bool) -> None:
+    """Each keyword must be ``True`` or ``False`` (a ``ValueError`` naming it otherwise)."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"`{name}` must be True or False, got {value!r}")
 
 
 class Regularizer(nn.Module):
@@ -81,8 +117,11 @@ class Regularizer(nn.Module):
         self.weight = float(weight)
         self.every_n_steps = every_n_steps
         self.warmup_steps = warmup_steps
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ValueError(f"`name` must be a non-empty string or None, got {name!r}")
         self.name = name or self.default_name
-        self.register_buffer("skipped", torch.zeros((), dtype=torch.long), persistent=True)
+        #: Steps on which the term was not finite and was dropped (``nonfinite="skip"``).
+        self.skipped = 0
 
     @property
     def needs_differentiable_adjoints(self) -> bool:
@@ -91,8 +130,41 @@ class Regularizer(nn.Module):
         return self.needs_adjoints and not getattr(self, "detach_adjoints", False)
 
     def active(self, step: int) -> bool:
-        """Whether the term is applied at global step ``step``."""
-        return self.weight > 0 and step % self.every_n_steps == 0
+        """Whether the term is applied at global step ``step`` (:func:`ode_reg.plan.due`: the
+        ``every_n_steps``-th, ``2 * every_n_steps``-th, ... step)."""
+        return self.weight > 0 and due(step, self.every_n_steps)
+
+    def need(self, step: int) -> Need | None:
+        """What global step ``step`` must record for this term (``None``: not due)."""
+        if not self.active(step):
+            return None
+        return Need(
+            stats=True,
+            chains=True,
+            adjoints=self.needs_adjoints,
+            field_evaluations=self.needs_field_evaluations,
+            probes=self.needs_skew_probes,
+        )
+
+    def run_state(self) -> dict[str, Any]:
+        """The term's run state as plain values (saved in the checkpoint by the module): the
+        skip counter, and any buffer a subclass registers (``buffer.<name>``, as a number or
+        nested list), so that a subclass keeping a counter or seed as a buffer still has it
+        saved although the term is not a submodule of the model."""
+        state: dict[str, Any] = {"skipped": int(self.skipped)}
+        for name, buf in self.named_buffers():
+            state[f"buffer.{name}"] = buf.detach().cpu().tolist()
+        return state
+
+    def load_run_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`run_state` (keys it does not know are ignored)."""
+        if "skipped" in state:
+            self.skipped = int(state["skipped"])
+        buffers = dict(self.named_buffers())
+        for key, value in state.items():
+            if key.startswith("buffer.") and key[7:] in buffers:
+                buf = buffers[key[7:]]
+                buf.copy_(torch.as_tensor(value, dtype=buf.dtype).reshape(buf.shape))
 
     def scheduled_weight(self, step: int) -> float:
         """The weight at global step ``step`` (after warm-up)."""
@@ -117,7 +189,8 @@ class AdjointMagnitude(Regularizer):
         **kwargs: ``every_n_steps``, ``warmup_steps``, ``name`` (see :class:`Regularizer`).
 
     Raises:
-        ValueError: on a negative weight or bad cadence.
+        ValueError: on a negative weight, bad cadence, or a ``reference`` that is not an
+            integer in ``[-9, 8]`` (:data:`REFERENCE_RANGE`).
 
     Example::
 
@@ -131,6 +204,7 @@ class AdjointMagnitude(Regularizer):
     zero_value_has_zero_gradient = True
 
     def __init__(self, weight: float = 0.1, reference: int = -1, **kwargs) -> None:
+        check_reference(reference)
         super().__init__(weight, **kwargs)
         self.reference = reference
 
@@ -184,6 +258,8 @@ class SensitivityMagnitude(Regularizer):
         detach_adjoints: bool = False,
         **kwargs,
     ) -> None:
+        check_reference(reference)
+        check_flags(detach_states=detach_states, detach_adjoints=detach_adjoints)
         super().__init__(weight, **kwargs)
         self.reference = reference
         self.detach_states = detach_states
@@ -232,6 +308,8 @@ class DirectionalConstraint(Regularizer):
         **kwargs,
     ) -> None:
         check_gamma(gamma)
+        check_reference(reference)
+        check_flags(detach_states=detach_states, detach_adjoints=detach_adjoints)
         super().__init__(weight, **kwargs)
         self.gamma = float(gamma)
         self.reference = reference
@@ -273,6 +351,7 @@ class SpectralConstraint(Regularizer):
 
     def __init__(self, gamma: float = 0.0, weight: float = 0.1, reference: int = -1, **kwargs):
         check_gamma(gamma)
+        check_reference(reference)
         super().__init__(weight, **kwargs)
         self.gamma = float(gamma)
         self.reference = reference
@@ -288,7 +367,35 @@ class SpectralConstraint(Regularizer):
         return spectral_penalty(w, gamma=self.gamma, reference=self.reference)
 
 
-class SkewJacobianPenalty(Regularizer):
+def _base_seed(seed: int | None) -> int:
+    """A probe term's base seed: ``seed``, or one drawn from torch's global generator."""
+    return int(torch.randint(0, 2**31 - 1, ())) if seed is None else seed
+
+
+class _SeededProbes:
+    """Rademacher probes seeded by (base seed, DDP rank, global step, micro-batch), so a resumed
+    run redraws the probes of the uninterrupted one; ``base_seed`` is run state (saved in the
+    checkpoint by the module). Mixed into the probe terms before :class:`Regularizer`."""
+
+    base_seed: int
+
+    def run_state(self) -> dict[str, Any]:
+        return {**super().run_state(), "base_seed": int(self.base_seed)}  # type: ignore[misc]
+
+    def load_run_state(self, state: dict[str, Any]) -> None:
+        super().load_run_state(state)  # type: ignore[misc]
+        if "base_seed" in state:
+            self.base_seed = int(state["base_seed"])
+
+    def generator(self, step: int, device: torch.device, micro: int = 0) -> torch.Generator:
+        """The probe generator of global step ``step`` and micro-batch ``micro`` on this rank."""
+        rank = dist.get_rank() if _distributed() else 0
+        gen = torch.Generator(device=device)
+        gen.manual_seed(hash((int(self.base_seed), rank, step, micro)) % (2**63 - 1))
+        return gen
+
+
+class SkewJacobianPenalty(_SeededProbes, Regularizer):
     """Penalizes the symmetric part of ``df/dz`` at the checkpoint states (Hutchinson).
 
     The cheap stand-in for :class:`AdjointMagnitude`: no adjoint and no second backward
@@ -336,15 +443,7 @@ class SkewJacobianPenalty(Regularizer):
         super().__init__(weight, **kwargs)
         self.probes = probes
         self.max_states = max_states
-        base = int(torch.randint(0, 2**31 - 1, ())) if seed is None else seed
-        self.register_buffer("base_seed", torch.tensor(base, dtype=torch.long), persistent=True)
-
-    def generator(self, step: int, device: torch.device, micro: int = 0) -> torch.Generator:
-        """The probe generator of global step ``step`` and micro-batch ``micro`` on this rank."""
-        rank = dist.get_rank() if _distributed() else 0
-        gen = torch.Generator(device=device)
-        gen.manual_seed(hash((int(self.base_seed), rank, step, micro)) % (2**63 - 1))
-        return gen
+        self.base_seed = _base_seed(seed)
 
     def compute(self, ctx: ChainContext) -> Tensor:
         return ctx.skew()
@@ -407,7 +506,7 @@ class KineticEnergy(_FieldNormTerm):
     kind = "kinetic"
 
 
-class JacobianFrobenius(_FieldNormTerm):
+class JacobianFrobenius(_SeededProbes, _FieldNormTerm):
     """RNODE's Jacobian term ``R_F = mean_i int |df/dz(t, z_i(t))|_F^2 dt`` (Hutchinson).
 
     At each recorded checkpoint ``|J_i|_F^2`` is estimated by ``mean_p |J_i^T v_p|^2`` with
@@ -450,11 +549,7 @@ class JacobianFrobenius(_FieldNormTerm):
             check_int("seed", seed, 0)
         super().__init__(weight, dims=dims, **kwargs)
         self.probes = probes
-        base = int(torch.randint(0, 2**31 - 1, ())) if seed is None else seed
-        self.register_buffer("base_seed", torch.tensor(base, dtype=torch.long), persistent=True)
-
-    #: The skew term's probe generator: seeded by (base seed, DDP rank, global step, micro-batch).
-    generator = SkewJacobianPenalty.generator
+        self.base_seed = _base_seed(seed)
 
     def plan(self, step: int, device: torch.device, micro: int = 0):  # noqa: ANN201
         """What the recorder evaluates for this term during the step's solves."""

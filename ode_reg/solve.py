@@ -16,14 +16,17 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torchdiffeq
 from torch import Tensor, nn
+from torchdiffeq._impl.adjoint import odeint_adjoint as _td_odeint_adjoint
+from torchdiffeq._impl.odeint import odeint as _td_odeint
 
 from ode_reg.recording import StepRecorder, current_recorder
 from ode_reg.trajectory import (
+    SolveSummary,
     check_field_output,
     field_attr,
     forced_times,
+    grad_only_from_leaves,
     integrate,
     solve_counted,
 )
@@ -73,7 +76,7 @@ def odeint(
     rec = current_recorder()
     t = _as_times(t, y0)
     if rec is None and field_attr(func, "ode_reg_integrate") is None:
-        return _plain(torchdiffeq.odeint, func, y0, t, checkpoints, kw)
+        return _plain(_td_odeint, func, y0, t, checkpoints, kw)
     return _recorded(rec, func, y0, t, checkpoints, False, kw)
 
 
@@ -149,7 +152,7 @@ def odeint_adjoint(
     rec = current_recorder()
     t = _as_times(t, y0)
     if rec is None:
-        return _plain(torchdiffeq.odeint_adjoint, func, y0, t, checkpoints, kw)
+        return _plain(_td_odeint_adjoint, func, y0, t, checkpoints, kw)
     return _recorded(rec, func, y0, t, checkpoints, True, kw)
 
 
@@ -233,10 +236,11 @@ def _recorded(
     adjoint: bool,
     kw: dict[str, Any],
 ) -> Any:
-    solve = torchdiffeq.odeint_adjoint if adjoint else torchdiffeq.odeint
+    solve = _td_odeint_adjoint if adjoint else _td_odeint
     if rec is None:  # a field that integrates itself (OrthogonalFlow's Lie steps), unrecorded
         return integrate(func, y0, t, checkpoints=checkpoints, **_drop_none(kw)).ys
     if not torch.is_grad_enabled() and field_attr(func, "ode_reg_integrate") is None:
+        rec.unrecorded += 1
         rec.warn(
             "no_grad",
             "ode_reg: a solve ran without grad inside a training step; the loss cannot reach "
@@ -266,10 +270,24 @@ def _recorded(
         **{k: v for k, v in kw.items() if k != "event_fn" or v is not None},
     )
     if torch.is_grad_enabled():
+        if grad_only_from_leaves(traj):
+            # Nothing trainable reaches the result (a frozen teacher's rollout from an input
+            # without grad): torchdiffeq's call gives a result without grad, so does this one,
+            # and the solve is no chain (its solver counts are kept).
+            rec.summaries.append(SolveSummary.of(traj))
+            if traj.event_t is not None:
+                return traj.event_t.detach(), _detach(traj.solution)
+            return _detach(traj.ys)
         rec.record(traj)
     if traj.event_t is not None:
         return traj.event_t, traj.solution
     return traj.ys
+
+
+def _detach(x: Any) -> Any:
+    if isinstance(x, tuple):
+        return tuple(c.detach() for c in x)
+    return x.detach()
 
 
 def _drop_none(kw: dict[str, Any]) -> dict[str, Any]:

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torchdiffeq
 from torch import Tensor, nn
+from torchdiffeq._impl.adjoint import odeint_adjoint as _td_odeint_adjoint
 from torchdiffeq._impl.misc import _TupleFunc
 from torchdiffeq._impl.odeint import SOLVERS
+from torchdiffeq._impl.odeint import odeint as _td_odeint
 from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 from torchdiffeq._impl.solvers import FixedGridODESolver
 
@@ -207,6 +208,8 @@ class Trajectory:
     #: for a chained trajectory, the solves it joins (see :func:`chain`).
     parts: tuple[Trajectory, ...] = ()
     _field_at: Callable[[int, Tensor], Tensor] | None = field(default=None, repr=False)
+    #: the grad-requiring leaf copies of ``y0`` that :func:`integrate` made (``grad_leaf``).
+    grad_leaves: tuple[Tensor, ...] = field(default=(), repr=False)
 
     @property
     def num_checkpoints(self) -> int:
@@ -663,12 +666,15 @@ def integrate(
                 forced if user is None else torch.cat([torch.as_tensor(user).to(forced), forced])
             )
             options["step_t"] = step_t.unique()
+    leaves: tuple[Tensor, ...] = ()
     if torch.is_grad_enabled() and not adjoint and grad_leaf:
         # A leaf that requires grad, so that a_0 = dL/dz_0 exists (values unchanged).
         if isinstance(y0, tuple) and not any(c.requires_grad for c in y0):
             y0 = tuple(c.detach().requires_grad_(True) for c in y0)
+            leaves = y0
         elif isinstance(y0, Tensor) and not y0.requires_grad:
             y0 = y0.detach().requires_grad_(True)
+            leaves = (y0,)
         if isinstance(y0, Tensor):
             # The solve starts from its own alias of y0 (same values, no copy): the adjoint
             # there is what flows into this solve, not what other readers of y0 add.
@@ -679,14 +685,49 @@ def integrate(
         kwargs["event_fn"] = event_fn
     if adjoint:
         kwargs.update(adjoint_kwargs)
-        solve = torchdiffeq.odeint_adjoint
+        solve = _td_odeint_adjoint
     else:
-        solve = torchdiffeq.odeint
+        solve = _td_odeint
     out = _run_probe(solve, probe, y0, t, kwargs, func, quiet=True)
     event_t = None
     if event_fn is not None:
         event_t, out = out
-    return _trajectory(probe, func, y0, t, out, method, adjoint, forced, event_t)
+    traj = _trajectory(probe, func, y0, t, out, method, adjoint, forced, event_t)
+    traj.grad_leaves = leaves
+    return traj
+
+
+#: Graph nodes visited at most when asking whether a result depends on anything trainable.
+MAX_SOURCE_WALK = 200_000
+
+
+def grad_only_from_leaves(traj: Trajectory) -> bool:
+    """Whether the result of ``traj`` requires grad only through the leaf copies of ``y0`` that
+    :func:`integrate` made (``grad_leaves``): then torchdiffeq's own call (a ``y0`` without
+    grad, a frozen field) would have returned a result without grad. The walk stops at the
+    first other grad-requiring leaf (a parameter), so it is short when there is one.
+    """
+    if not traj.grad_leaves:
+        return False
+    sol = traj.flat_solution
+    start = (sol if sol is not None else traj.states[-1]).grad_fn
+    if start is None:
+        return False
+    ours = {id(x) for x in traj.grad_leaves}
+    seen = {start}
+    stack = [start]
+    while stack:
+        node = stack.pop()
+        var = getattr(node, "variable", None)
+        if var is not None and id(var) not in ours:
+            return False
+        for nxt, _ in node.next_functions:
+            if nxt is not None and nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+        if len(seen) > MAX_SOURCE_WALK:
+            return False
+    return True
 
 
 def solve_counted(
@@ -729,7 +770,7 @@ def solve_counted(
     method = kwargs.get("method") or "dopri5"
     kind = _solver_kind(method) if method in SOLVERS else "other"
     probe = (_Probe if adjoint else _CallProbe)(func, kind == "adaptive", keep_states=False)
-    solve = torchdiffeq.odeint_adjoint if adjoint else torchdiffeq.odeint
+    solve = _td_odeint_adjoint if adjoint else _td_odeint
     # Only where the probe's step callback is not one the solver calls is torchdiffeq's
     # "does not support callbacks" silenced: elsewhere the user's own warnings stay.
     out = _run_probe(solve, probe, y0, t, kwargs, func, quiet=kind == "other")

@@ -33,7 +33,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from ode_reg import RegularizedODEModule
+from ode_reg import Monitor, Need, RegularizedODEModule
 from ode_reg.callbacks import SolverStatsMonitor
 
 GLOO_TIMEOUT_S = 30
@@ -199,18 +199,18 @@ class Snapshot(Callback):
             torch.save(self.result, os.path.join(self.out, name))
 
 
-class TrajectoryReader(Callback):
-    """A monitor (for the module: defined in ``ode_reg.callbacks``) that reads the step's
-    trajectories, so every solve is recorded in full instead of the stats-only solve."""
+class TrajectoryReader(Monitor):
+    """A monitor (a public ``ode_reg.Monitor``) that reads the step's trajectories on every
+    step, so every solve is recorded in full instead of the stats-only solve."""
 
-    needs_chains = True
+    needs = Need(stats=True, chains=True)
+
+    def need(self, trainer):
+        return self.needs
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         record = pl_module.ode_step
         assert len(record.trajectories) == len(record.solves) == 3
-
-
-TrajectoryReader.__module__ = "ode_reg.callbacks.test_trajectory_reader"
 
 
 def run(scenario: str, out: str, ddp: bool) -> dict[str, Any]:

@@ -473,9 +473,10 @@ def test_every_n_steps_warmup_and_subclass_super_call() -> None:
     assert steps == 8 and len(model.task_losses) == len(model.logged) == steps
     for step, logged in enumerate(model.logged):
         added = model.returned[step] - model.task_losses[step]
-        on = [r for r in (sens, adj) if step % r.every_n_steps == 0]
+        # the one cadence rule (ode_reg.due): the n-th, 2n-th, ... step, (step + 1) % n == 0
+        on = [r for r in (sens, adj) if (step + 1) % r.every_n_steps == 0]
         reg_keys = {k for k in logged if k.startswith("reg/")}
-        if not on:  # steps 1 and 7: no term computed, added or logged
+        if not on:  # steps 0, 4 and 6: no term computed, added or logged
             assert added == 0.0 and reg_keys == set()
             continue
         assert reg_keys == {f"reg/{r.name}" for r in on} | {"reg/total", "reg/skipped"}

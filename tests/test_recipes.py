@@ -41,14 +41,18 @@ def test_recipes_exist() -> None:
 def test_recipe_runs_two_steps(recipe: Path, tmp_path: Path) -> None:
     config = yaml.safe_load(recipe.read_text())
     data_args = config["data"]["init_args"]
-    overrides = ["--trainer.fast_dev_run", "2", "--trainer.default_root_dir", str(tmp_path)]
+    # Enough steps for every term to be due once (the n-th step for every_n_steps = n).
+    regs = config["model"].get("init_args", {}).get("regularizers") or []
+    steps = max([2] + [int(r.get("init_args", {}).get("every_n_steps", 1)) for r in regs])
+    overrides = ["--trainer.fast_dev_run", str(steps), "--trainer.default_root_dir", str(tmp_path)]
     # Small splits keep the test fast; shapes and models are those of the recipe.
-    for key, value in (("n_train", 160), ("n_val", 32), ("n_test", 32)):
+    n_train = max(160, steps * int(data_args.get("batch_size", 1)))
+    for key, value in (("n_train", n_train), ("n_val", 32), ("n_test", 32)):
         if key in data_args:
             overrides += [f"--data.init_args.{key}", str(value)]
     cli = run(["fit", "--config", str(recipe), *overrides])
     trainer, model = cli.trainer, cli.model
-    assert trainer.global_step == 2
+    assert trainer.global_step == steps
     assert all(p.isfinite().all() for p in model.parameters())
     loss = trainer.callback_metrics.get(
         "train/loss_step", trainer.callback_metrics.get("train/loss")

@@ -144,8 +144,10 @@ def test_frobenius_of_a_linear_field_is_within_hutchinson_standard_error() -> No
 
 
 def test_both_terms_are_zero_for_a_zero_field() -> None:
-    """f = 0 (a function of nothing, and a zero linear layer): both terms exactly 0."""
-    z0 = torch.randn(B, D, dtype=torch.float64)
+    """f = 0 (a function of nothing, and a zero linear layer): both terms exactly 0. The state
+    carries grad (an encoder's output), so that the solve of a field with no parameters is
+    still one the loss trains through (a chain)."""
+    z0 = torch.randn(B, D, dtype=torch.float64, requires_grad=True)
     terms = [KineticEnergy(1.0), JacobianFrobenius(1.0, probes=3)]
     for f in (lambda t, z: torch.zeros_like(z), Field(_linear(torch.zeros(D, D)))):
         values, _ = _terms(f, z0, terms, steps=10)
@@ -317,14 +319,15 @@ def test_cnf_log_prob_of_a_linear_field_equals_the_change_of_variables() -> None
 
 def test_terms_travel_in_the_checkpoint_and_redraw_the_same_probes() -> None:
     """Rebuilt from their checkpoint spec and state dict (as RegularizersInCheckpoint does),
-    the terms keep their arguments, and JacobianFrobenius its probe seed: the same step draws
+    the terms keep their arguments, and JacobianFrobenius its probe seed (run state, as the
+    module saves it): the same step draws
     the same probes, so a resumed run's estimate equals the uninterrupted one."""
     from ode_reg.models._checkpoint import build_regularizer, regularizer_spec
 
     jf = JacobianFrobenius(0.02, probes=3, dims=2, every_n_steps=2)
     ke = KineticEnergy(0.03, dims=2, warmup_steps=5)
     new_jf = build_regularizer(regularizer_spec(jf))
-    new_jf.load_state_dict(jf.state_dict())
+    new_jf.load_run_state(jf.run_state())
     new_ke = build_regularizer(regularizer_spec(ke))
     assert (new_jf.weight, new_jf.probes, new_jf.dims, new_jf.every_n_steps) == (0.02, 3, 2, 2)
     assert (new_ke.weight, new_ke.dims, new_ke.warmup_steps) == (0.03, 2, 5)

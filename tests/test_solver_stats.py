@@ -28,7 +28,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ode_reg import AdjointMagnitude, IntegrationError, RegularizedODEModule
+from ode_reg import AdjointMagnitude, IntegrationError, Monitor, Need, RegularizedODEModule
 from ode_reg.callbacks import SolverStatsMonitor
 from ode_reg.callbacks._logging import plot_path
 from ode_reg.callbacks.solver_stats import nfe_figure
@@ -353,22 +353,22 @@ class Ordinary(RegularizedODEModule):
         return torch.optim.Adam(self.parameters(), lr=1e-2)
 
 
-class RawMin(Callback):
-    """The raw smallest step of each training step. It counts as an ode_reg monitor that reads
-    trajectories, so the solves are recorded in full, with their checkpoints (a stats-only
-    solve leaves ``checkpoints`` out, as the unrecorded call does)."""
+class RawMin(Monitor):
+    """The raw smallest step of each training step. A public ``ode_reg.Monitor`` that reads
+    trajectories on every step, so the solves are recorded in full, with their checkpoints (a
+    stats-only solve leaves ``checkpoints`` out, as the unrecorded call does)."""
 
-    needs_chains = True
+    needs = Need(stats=True, chains=True)
 
     def __init__(self) -> None:
         self.mins: list[float] = []
 
+    def need(self, trainer):
+        return self.needs
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         assert len(pl_module.ode_step.trajectories) == len(pl_module.ode_step.solves)
         self.mins.append(min(s.stats.dt_min for s in pl_module.ode_step.solves))
-
-
-RawMin.__module__ = "ode_reg.callbacks.test_raw_min"
 
 
 @pytest.mark.parametrize("checkpoints", [None, 8])

@@ -14,10 +14,12 @@ from ode_reg.callbacks.orthogonality import (
 )
 from ode_reg.callbacks.solver_stats import SolverStatsMonitor
 from ode_reg.callbacks.spectrum import SpectrumMonitor
+from ode_reg.plan import Monitor
 
 __all__ = [
     "GradientNormMonitor",
     "HasOrthogonalWeights",
+    "Monitor",
     "OrthogonalityMonitor",
     "SolverStatsMonitor",
     "SpectrumMonitor",

@@ -34,7 +34,6 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
@@ -43,6 +42,7 @@ from torch.optim import Optimizer
 from torchmetrics import Metric
 from typing_extensions import override
 
+from ode_reg.plan import Monitor, due
 from ode_reg.plotting import figure_to_array, histogram_figure, save_figure
 
 #: W&B refuses histograms with more bins than this.
@@ -64,13 +64,14 @@ def logger_step(trainer: pl.Trainer) -> int:
 def is_due(trainer: pl.Trainer, every_n: int) -> bool:
     """Whether a cadence of ``every_n`` steps fires on the current training batch.
 
-    Lightning's convention (``should_update_logs``): the batch with logger step ``s`` fires
-    when ``(s + 1) % every_n == 0``. The counter only advances after ``on_train_batch_end``,
+    The one cadence rule of terms and monitors (:func:`ode_reg.plan.due`, Lightning's
+    ``should_update_logs`` convention): the batch with logger step ``s`` fires when
+    ``(s + 1) % every_n == 0``. The counter only advances after ``on_train_batch_end``,
     so ``on_before_backward``, ``on_before_optimizer_step`` and ``on_train_batch_end`` of one
     batch agree. Under gradient accumulation only the micro-batch that steps the optimizer
     fires (as Lightning logs step metrics only then).
     """
-    if every_n <= 0 or (logger_step(trainer) + 1) % every_n != 0:
+    if not due(logger_step(trainer), every_n):
         return False
     module = trainer.lightning_module
     if module is not None and module.automatic_optimization:
@@ -278,7 +279,7 @@ def restore_metric_state(metric: Metric, state: Mapping[str, Tensor]) -> None:
     metric._computed = None
 
 
-class PreStepMonitor(Callback):
+class PreStepMonitor(Monitor):
     """Base of the monitors: measure each due batch once, before ``optimizer.step``.
 
     Subclasses implement :meth:`measure_and_log`, which runs in ``on_before_optimizer_step``

@@ -27,6 +27,7 @@ from ode_reg.callbacks._logging import (
     resolve_every_n,
 )
 from ode_reg.metrics import MeanAdjointRatio
+from ode_reg.plan import Need
 from ode_reg.plotting import profile_figure
 from ode_reg.trajectory import Trajectory
 
@@ -127,9 +128,10 @@ def _adjoint_targets(traj: Trajectory) -> list[tuple[Tensor, bool]]:
 
 
 def _first_last_finite(p: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
-    """``(max/min ratio, first, last)`` over the finite entries of a profile (``None``: none)."""
+    """``(max/min ratio, first, last)`` over the finite entries of a profile (``None``: fewer
+    than two, so no ratio can be read: one point is no profile)."""
     ok = torch.isfinite(p)
-    if not bool(ok.any()):
+    if int(ok.sum()) < 2:
         return None
     q = p[ok]
     return q.max() / q.min().clamp_min(_TINY), q[0], q[-1]
@@ -273,6 +275,7 @@ class GradientNormMonitor(PreStepMonitor):
         self._grad_norms: dict[str, Tensor] | None = None
         self._profiles_now: list[dict[str, Any]] | None = None
         self._warned_sens = False
+        self._warned_unreadable = False
 
     @property
     @override
@@ -284,6 +287,15 @@ class GradientNormMonitor(PreStepMonitor):
         every = resolve_every_n(trainer, self.every_n_steps)
         plot = self.plot_every_n_steps if self.plot_every_n_steps is not None else 10 * every
         return every, plot
+
+    @override
+    def cadences(self, trainer: pl.Trainer) -> tuple[int, int]:
+        return self._cadences(trainer)
+
+    @property
+    def needs(self) -> Need:  # type: ignore[override]
+        """The chains' states for the adjoint profile; nothing for the gradient norms alone."""
+        return Need(stats=True, chains=True) if self.adjoint_profile else Need()
 
     def _due(self, trainer: pl.Trainer) -> tuple[bool, bool]:
         every, plot = self._cadences(trainer)
@@ -532,6 +544,7 @@ class GradientNormMonitor(PreStepMonitor):
                 s = "" if g == 0 else f"/group{g}"
                 found = _first_last_finite(entry["adjoint"])
                 if found is None:
+                    self._say_unreadable(entry)
                     continue
                 ratio, first, last = found
                 ratios.append(ratio)
@@ -561,6 +574,9 @@ class GradientNormMonitor(PreStepMonitor):
         if plot_due and profiles and trainer.is_global_zero and has_plot_sink(trainer):
             for g, entry in enumerate(profiles):
                 s = "" if g == 0 else f"/group{g}"
+                if _first_last_finite(entry["adjoint"]) is None:
+                    self._say_unreadable(entry)
+                    continue  # one point is no profile: nothing drawn
                 fig = profile_figure(
                     entry["times"],
                     entry["adjoint"],
@@ -570,6 +586,19 @@ class GradientNormMonitor(PreStepMonitor):
                     samples=entry["samples"],
                 )
                 log_figure(trainer, f"adjoint/profile{s}", fig)
+
+    def _say_unreadable(self, entry: dict[str, Any]) -> None:
+        """Say it or do it: a profile with fewer than two readable checkpoints logs nothing."""
+        if self._warned_unreadable:
+            return
+        self._warned_unreadable = True
+        readable = int(torch.isfinite(entry["adjoint"]).sum())
+        rank_zero_warn(
+            f"GradientNormMonitor: the adjoint profile has {readable} readable checkpoint(s) of "
+            f"{entry['adjoint'].numel()} (an odeint_adjoint solve exposes only its result to "
+            "autograd, not its checkpoint states), so no adjoint/ratio_* or adjoint/norm_* is "
+            "logged for it; solve with ode_reg.odeint to read the profile (said once)"
+        )
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from ode_reg._checks import check_int
 from ode_reg.callbacks._logging import PreStepMonitor, is_due, log_scalars, resolve_every_n
 from ode_reg.functional.orthogonal import orthogonality_defect
 from ode_reg.metrics import MaxOrthogonalityDefect
+from ode_reg.plan import Need
 
 __all__ = ["HasOrthogonalWeights", "OrthogonalityMonitor", "find_orthogonal_matrices"]
 
@@ -231,6 +232,11 @@ class OrthogonalityMonitor(PreStepMonitor):
         return self._generate_state_key(
             every_n_steps=self.every_n_steps, modules=self.modules, flows=self.flows
         )
+
+    @property
+    def needs(self) -> Need:  # type: ignore[override]
+        """The trajectories (flow weights) when ``flows``; nothing for the module matrices."""
+        return Need(stats=True, chains=True) if self.flows else Need()
 
     def measure(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
         """The defects now: ``{key: value}`` with the keys this monitor logs (no aggregates).

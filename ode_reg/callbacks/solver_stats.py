@@ -19,7 +19,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
@@ -41,6 +40,7 @@ from ode_reg.callbacks._logging import (
     reduce_values,
     resolve_every_n,
 )
+from ode_reg.plan import Monitor, Need
 from ode_reg.plotting import histogram_figure, new_figure, save_figure
 from ode_reg.trajectory import DEFAULT_CHECKPOINTS, SolveSummary, median_value
 
@@ -226,7 +226,7 @@ def nfe_figure(
     return fig
 
 
-class SolverStatsMonitor(Callback):
+class SolverStatsMonitor(Monitor):
     r"""Logs what the solver did in each training step, and warns before it fails.
 
     For every solve a :class:`~ode_reg.RegularizedODEModule` records in a training step
@@ -431,6 +431,16 @@ class SolverStatsMonitor(Callback):
             key = self._generate_state_key(every_n_steps=args[0], window=args[1])
             cached = self._state_key = (args, key)
         return cached[1]
+
+    @property
+    def needs(self) -> Need:  # type: ignore[override]
+        """The solver counts (and the chains, for a subclass that sets ``needs_chains``)."""
+        return Need(stats=True, chains=bool(self.needs_chains))
+
+    @override
+    def need(self, trainer: pl.Trainer) -> Need | None:
+        """Every training batch: the epoch sums and the early warnings read every step."""
+        return self.needs
 
     # ------------------------------------------------------------------ collection
     def _reset_epoch(self, epoch: int) -> None:
@@ -667,6 +677,13 @@ class SolverStatsMonitor(Callback):
             if should_accumulate is not None and should_accumulate():
                 return  # the optimizer step's other micro-batches are still to come
         step, self._pending = self._pending, _Step()
+        measured = bool(step.solves)
+        if trainer.world_size > 1:  # every rank takes the same branch (collectives below)
+            measured = trainer.strategy.reduce_boolean_decision(measured, all=False)
+        if not measured:
+            # Say it or do it: no ode_reg solve this step (the module says so once): nothing
+            # was measured, so no solver/* value is logged and the epoch sums are untouched.
+            return
         sums = self._epoch_sums
         for name in _COUNTS:
             sums[name] += step.total(name)

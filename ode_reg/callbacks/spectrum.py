@@ -304,6 +304,10 @@ class SpectrumMonitor(PreStepMonitor):
                 "(no `ode_step`): only the structural spectra (skew, flows) can be logged"
             )
 
+    @override
+    def cadences(self, trainer: pl.Trainer) -> tuple[int, int]:
+        return self._cadences(trainer)
+
     def _cadences(self, trainer: pl.Trainer) -> tuple[int, int]:
         every = resolve_every_n(trainer, self.every_n_steps)
         plot = self.plot_every_n_steps if self.plot_every_n_steps is not None else 10 * every

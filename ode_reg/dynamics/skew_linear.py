@@ -7,8 +7,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torchdiffeq
 from torch import Tensor, nn
+from torchdiffeq._impl.odeint import odeint as _td_odeint
 
 from ode_reg._checks import check_int, check_range
 from ode_reg.trajectory import IntegrationError
@@ -153,7 +153,7 @@ class SkewLinearODEFunc(nn.Module):
         if self.g is None or float(tt) == self.t0:
             return self.A
         span = torch.stack([tt.new_tensor(self.t0), tt])
-        return torchdiffeq.odeint(
+        return _td_odeint(
             lambda s, a: self._matrix_rate(a),
             self.A,
             span,
@@ -197,7 +197,7 @@ class SkewLinearODEFunc(nn.Module):
                 continue
             span = torch.stack([ti.new_tensor(self.t0), ti])
             # Q^T evolves like a batch of row states: d(Q^T)/dt = Q^T (alpha (A - A^T))^T.
-            qt, _ = torchdiffeq.odeint(
+            qt, _ = _td_odeint(
                 self, (eye, self.A), span, method="rk4", options={"step_size": self.step_size}
             )
             out.append(qt[-1].mT)
@@ -227,7 +227,7 @@ class SkewLinearODEFunc(nn.Module):
         for k in range(1, grid.numel()):
             ta, tb = grid[k - 1], grid[k]
             try:
-                zs, As = torchdiffeq.odeint(
+                zs, As = _td_odeint(
                     self,
                     (z, a.to(z.dtype)),
                     torch.stack([ta, tb]),

@@ -2,11 +2,13 @@
 
 The recipe models take their regularizers as an ``__init__`` argument and leave it out of the
 hyperparameters (``nn.Module`` instances do not belong in ``hparams.yaml``). A checkpoint then
-holds the regularizers' buffers (``regularizers.0.skipped``, a ``base_seed``) but nothing to
-rebuild them from, and ``Model.load_from_checkpoint(path)`` builds a model without them: its
-strict ``load_state_dict`` fails on the unexpected keys. :class:`RegularizersInCheckpoint`
-saves each regularizer's class and constructor arguments (plain values, so the checkpoint
-still loads with ``weights_only=True``) and rebuilds them before the state dict is loaded.
+holds the regularizers' run state (``ode_reg_run_state``: skip counters, a ``base_seed``) but
+nothing to rebuild them from, and ``Model.load_from_checkpoint(path)`` would build a model
+without them. :class:`RegularizersInCheckpoint` saves each regularizer's class and constructor
+arguments (plain values, so the checkpoint still loads with ``weights_only=True``) and rebuilds
+them before the module restores their run state. (A module that lists its regularizers among
+the arguments it gives ``save_hyperparameters()`` needs none of this: the module writes them
+into the hyperparameters as the same plain specs.)
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ def regularizer_spec(reg: nn.Module) -> dict[str, Any]:
     Every named constructor argument (of the class and its bases, up to ``nn.Module``) that
     the instance holds as an attribute of the same name with a plain value (number, string,
     bool, ``None`` or a list of them) is recorded; the others take their defaults when the
-    term is rebuilt, and the buffers (counters, seeds) come from the state dict.
+    term is rebuilt, and the run state (counters, seeds) comes from the module's
+    ``ode_reg_run_state`` entry.
 
     Args:
         reg: a regularizer (an ``nn.Module``).
@@ -67,8 +70,10 @@ def regularizer_spec(reg: nn.Module) -> dict[str, Any]:
     cls = type(reg)
     args: dict[str, Any] = {}
     for klass in cls.__mro__:
-        if klass is nn.Module or not issubclass(klass, nn.Module):
+        if klass is nn.Module:
             break
+        if not issubclass(klass, nn.Module):
+            continue  # a mixin (the probe terms' seeding): its arguments are the class's
         init = klass.__dict__.get("__init__")
         if init is None:
             continue
@@ -148,7 +153,7 @@ class RegularizersInCheckpoint:
         True
     """
 
-    regularizers: nn.ModuleList
+    regularizers: list[Regularizer]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record the regularizers' specifications (then the next class's hook)."""
