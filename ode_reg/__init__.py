@@ -20,6 +20,8 @@ from ode_reg.plan import Monitor, Need, StepPlan, capture_torchdiffeq, due
 from ode_reg.regularizers import (
     AdjointMagnitude,
     DirectionalConstraint,
+    JacobianFrobenius,
+    KineticEnergy,
     Regularizer,
     SensitivityMagnitude,
     SkewJacobianPenalty,
@@ -53,6 +55,8 @@ __all__ = [
     "SolverStatsMonitor",
     "SpectrumMonitor",
     "IntegrationError",
+    "JacobianFrobenius",
+    "KineticEnergy",
     "OrthogonalFlow",
     "Regularizer",
     "RegularizedODEMixin",

@@ -16,6 +16,12 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from ode_reg._nonfinite import (
+    drop_marked_step,
+    forget_step_values,
+    task_side_nonfinite,
+    zero_loss,
+)
 from ode_reg._ranks import Ranks
 from ode_reg.plan import Monitor, Need, StepPlan, capture_torchdiffeq
 from ode_reg.recording import SkewPlan, StepRecorder
@@ -239,7 +245,10 @@ class RegularizedODEMixin:
     Args:
         regularizers: the loss terms, e.g. ``[AdjointMagnitude(0.1), SkewJacobianPenalty(0.01)]``.
         nonfinite: ``"skip"`` drops a term that is NaN/Inf on a step (the decision is collective
-            under DDP), counts it and logs ``reg/skipped``; ``"raise"`` raises instead.
+            under DDP), counts it and logs ``reg/skipped``; a step whose batch, task loss or
+            gradient is NaN/Inf is not applied (no term, no optimizer step; counted in
+            ``reg/skipped_steps``, see :mod:`ode_reg._nonfinite`). ``"raise"`` raises
+            ``FloatingPointError`` instead, naming what was not finite.
         shared_backward: opt-in. When the active terms need adjoints but none differentiates
             them (``detach_adjoints=True``), take the task gradient of the module's parameters
             from the plain backward pass that gives the adjoints, and return a loss whose
@@ -300,6 +309,7 @@ class RegularizedODEMixin:
         self.shared_backward = shared_backward
         self.capture_torchdiffeq = capture_torchdiffeq
         self._recorder: StepRecorder | None = None
+        self._step_batch: Any = None
         self._plan_now: StepPlan | None = None
         self._consumed = 0
         self.ode_step: StepRecord | None = None
@@ -399,12 +409,16 @@ class RegularizedODEMixin:
             if self._recorder is not None:  # super().training_step from a subclass: outer adds
                 return step(self, *args, **kw)
             batch_idx = args[1] if len(args) > 1 else kw.get("batch_idx", 0)
+            forget_step_values(self)
+            self._step_batch = args[0] if args else kw.get("batch")
             self._install_release()
             plan = self.ode_plan = self._plan()
             self._consumed = 0
             self.ode_step = StepRecord([], [], [], [])
             if plan.empty:  # nothing due: torchdiffeq's calls, untouched
-                return step(self, *args, **kw)
+                out = step(self, *args, **kw)
+                skipped = self._skip_nonfinite(out)
+                return out if skipped is None else skipped
             rec = self._new_recorder(plan, int(batch_idx) if isinstance(batch_idx, int) else 0)
             self._recorder, self._plan_now = rec, plan
             capture = (
@@ -499,7 +513,13 @@ class RegularizedODEMixin:
         common = Ranks.of(self).distributed and (
             any(r.reduces_over_batch for r in terms) or (bool(plan.monitors) and plan.need.chains)
         )
+        norms = tuple(
+            r.plan(self.global_step, self.device, batch_idx)
+            for r in terms
+            if getattr(r, "needs_field_norms", False)
+        )
         return StepRecorder(
+            field_norms=norms,
             evaluate_fields=_evaluation_mode(terms),
             skew=probes,
             adjoint_inputs=plan.need.adjoints,
@@ -567,6 +587,27 @@ class RegularizedODEMixin:
     def _log_term(self, name: str, value: Tensor, **kw: Any) -> None:
         self.log(name, value, on_step=True, batch_size=1, **kw)
 
+    def _skip_nonfinite(self, out: Any) -> Any:
+        """The step's output with a zero loss if its batch or task loss is not finite
+        (automatic optimization; the optimizer step is then dropped), else ``None``."""
+        loss = out["loss"] if isinstance(out, dict) else out
+        if not self.automatic_optimization or not isinstance(loss, Tensor):
+            return None
+        if not task_side_nonfinite(self, loss, self._step_batch):
+            return None
+        zero = zero_loss(self, loss)
+        return {**out, "loss": zero} if isinstance(out, dict) else zero
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """Drop the optimizer step (every gradient set to ``None``) when the step's batch, task
+        loss or a gradient is not finite; counts it in ``reg/skipped_steps``.
+
+        Args:
+            optimizer: the optimizer about to step.
+        """
+        super().on_before_optimizer_step(optimizer)  # type: ignore[misc]
+        drop_marked_step(self, optimizer)
+
     def _step_record(self, rec: StepRecorder) -> StepRecord:
         """The step's record (``ode_step``), brought up to date with the recorder."""
         record = self.ode_step
@@ -591,6 +632,9 @@ class RegularizedODEMixin:
         optimization), or only record the step (manual optimization, where
         ``manual_backward`` added them)."""
         record = self._step_record(rec)
+        skipped = self._skip_nonfinite(out)
+        if skipped is not None:  # the batch or task loss is not finite: no term, no step
+            return skipped
         if rec.stats_only:  # no term, no chain: the counts are all the step records
             return out
         loss = out["loss"] if isinstance(out, dict) else out
@@ -621,6 +665,9 @@ class RegularizedODEMixin:
             **kwargs: passed to Lightning's ``manual_backward``.
         """
         rec, plan = self._recorder, self._plan_now
+        if isinstance(loss, Tensor) and task_side_nonfinite(self, loss, self._step_batch):
+            super().manual_backward(zero_loss(self, loss), *args, **kwargs)  # type: ignore[misc]
+            return
         if rec is not None and plan is not None and isinstance(loss, Tensor):
             record = self._step_record(rec)
             pending = rec.records[self._consumed :]

@@ -70,8 +70,10 @@ def regularizer_spec(reg: nn.Module) -> dict[str, Any]:
     cls = type(reg)
     args: dict[str, Any] = {}
     for klass in cls.__mro__:
-        if klass is nn.Module or not issubclass(klass, nn.Module):
+        if klass is nn.Module:
             break
+        if not issubclass(klass, nn.Module):
+            continue  # a mixin (the probe terms' seeding): its arguments are the class's
         init = klass.__dict__.get("__init__")
         if init is None:
             continue
