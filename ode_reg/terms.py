@@ -23,12 +23,23 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from torchdiffeq._impl.odeint import SOLVERS
+from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 
 from ode_reg._ranks import Ranks
 from ode_reg.adjoint import _through_state
 from ode_reg.functional.penalties import time_integral
 from ode_reg.recording import SolveRecord
 from ode_reg.trajectory import Trajectory, chain, starts_from_end
+
+#: A sample is reached when its reference adjoint norm is above this fraction of the batch's
+#: largest (MATH.md, Reached samples, scale-free).
+REACHED_FRACTION = 1e-6
+#: Reached reference norms spread over more than this factor, in a chain with an adaptive
+#: solve: the flow-only adjoint takes its own vector-Jacobian product with per-sample unit
+#: cotangents, so that a heavy sample's adjoint cannot leak into a light one's in proportion to
+#: their weights through the shared step sizes.
+UNEQUAL_SPREAD = 1e3
 
 
 def _zeros_like_flat(p: Tensor) -> Tensor:
@@ -220,25 +231,41 @@ class ChainContext:
             self._cache["common_kstar"] = ks
         return self._cache["common_kstar"]  # type: ignore[return-value]
 
+    def reference_norms(self) -> Tensor:
+        """``|a_{k*,i}|`` per sample, ``(B,)`` (detached)."""
+        return self.adjoints()[self.kstar()].detach().flatten(1).norm(dim=1)
+
     def reached_samples(self) -> Tensor:
-        """Samples whose adjoint at ``k*`` is non-zero, ``(B,)`` booleans."""
-        return (self.adjoints()[self.kstar()].detach() != 0).any(-1)
+        """Samples the loss reaches, ``(B,)`` booleans: reference adjoint ``|a_{k*,i}|`` above
+        :data:`REACHED_FRACTION` of the batch's largest (MATH.md, Reached samples, scale-free),
+        so that samples whose weight underflows (a ``logsumexp`` over the batch) add nothing."""
+        ref = self.reference_norms()
+        return (ref > REACHED_FRACTION * ref.max()) & (ref > 0)
 
     def flow_adjoints(self) -> Tensor:
-        """``ā_k = d(a_{k*} . z_{k*}) / dz_k`` for ``k <= k*``, per-sample form.
+        """``ā_k = d(c_{k*} . z_{k*}) / dz_k`` for ``k <= k*``, per-sample form, with the
+        cotangent ``c_{k*,i} = a_{k*,i} / |a_{k*,i}|`` for each reached sample and 0 for the
+        others: every reached sample's reference row has norm 1, so its ratios (and the ``eps``
+        guard of the log) do not depend on how much the loss weighs it.
 
-        Equal to ``a_k`` (no extra work) when the chain is one solve whose loss reads only its
-        end; otherwise one more vector-Jacobian product from ``z_{k*}``.
+        Equal to ``a_k`` scaled per sample (no extra work) when the chain is one solve whose
+        loss reads only its end, unless an adaptive solve couples samples of very different
+        weights through its step sizes (reference norms spread over more than
+        :data:`UNEQUAL_SPREAD`); otherwise one more vector-Jacobian product from ``z_{k*}``.
         """
         if "flow" in self._cache:
             return self._cache["flow"]  # type: ignore[return-value]
         ks = self.kstar()
         raw = self.raw_adjoints()
-        if self._reads_only_the_end() and ks == len(raw) - 1:
-            flow = self.adjoints()[: ks + 1]
+        ref = self.reference_norms()
+        reached = self.reached_samples()
+        weights = torch.where(reached, 1.0 / ref.clamp_min(torch.finfo(ref.dtype).tiny), 0.0)
+        if self._reads_only_the_end() and ks == len(raw) - 1 and not self._coupled(ref, reached):
+            flow = self.adjoints()[: ks + 1] * weights[None, :, None]
         else:
             rec, k = self.owners[ks]
             target = _output(rec, k)
+            cot = _per_sample_scaled(rec, raw[ks], weights)
             inputs, slots = [], []
             for j in range(ks):
                 r, kk = self.owners[j]
@@ -251,7 +278,7 @@ class ChainContext:
                 grads = torch.autograd.grad(
                     target,
                     inputs,
-                    raw[ks],
+                    cot,
                     create_graph=self.differentiable,
                     retain_graph=True,
                     allow_unused=True,
@@ -264,10 +291,21 @@ class ChainContext:
                 if g is not None and _is_end(r, kk):
                     g = g[-1]
                 rows.append(torch.zeros_like(raw[j]) if g is None else g)
-            rows.append(raw[ks])
+            rows.append(cot)
             flow = self._samples(rows)
         self._cache["flow"] = flow
         return flow
+
+    def _coupled(self, ref: Tensor, reached: Tensor) -> bool:
+        """Whether an adaptive solve of the chain may carry a heavy sample's adjoint into a
+        light one's through its step sizes (one error norm per batch), with reached reference
+        norms that differ by more than :data:`UNEQUAL_SPREAD`."""
+        if int(reached.sum()) < 2:
+            return False
+        r = ref[reached]
+        if float(r.max() / r.min()) <= UNEQUAL_SPREAD:
+            return False
+        return any(_adaptive(rec.traj.method) for rec in self.records)
 
     def _reads_only_the_end(self) -> bool:
         """Whether the loss reads the chain only at its end, so that ``ā_k = a_k``.
@@ -377,6 +415,22 @@ class ChainContext:
             total = value if total is None else total + value
         assert total is not None
         return total
+
+
+def _adaptive(method: str) -> bool:
+    return method in SOLVERS and issubclass(SOLVERS[method], RKAdaptiveStepsizeODESolver)
+
+
+def _per_sample_scaled(rec: SolveRecord, x: Tensor, weights: Tensor) -> Tensor:
+    """``x`` (solver-state shape) with each sample's entries times ``weights[i]``: the weights
+    laid out per sample and mapped back through the (linear, entry-permuting)
+    ``Trajectory.samples``; entries outside the sample rows (left-out components) get 0."""
+    rows = rec.traj.samples(x.detach())
+    if rows.shape[-2] != weights.numel():  # the chain's solves differ in batch: one sample
+        return x * weights.reshape(-1)[0]
+    _, back = torch.func.vjp(rec.traj.samples, x.detach())
+    (w,) = back(weights.to(x.dtype)[:, None].expand_as(rows).contiguous())
+    return x * w
 
 
 def _is_end(rec: SolveRecord, k: int) -> bool:

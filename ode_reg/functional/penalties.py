@@ -43,7 +43,9 @@ def adjoint_magnitude_penalty(adjoints: Tensor, reference: int = -1, eps: float 
     Args:
         adjoints: ``(K + 1, B, ...)`` adjoints; dimension 1 is the batch.
         reference: checkpoint index of the reference adjoint (default the final time).
-        eps: added to squared norms before the log.
+        eps: added to the squared norms relative to each sample's reference norm before the
+            log (``log(|a_k,i|^2 / |a_ref,i|^2 + eps)``): scale-free, whatever the loss weighs
+            the sample.
 
     Returns:
         Scalar tensor ``>= 0``.
@@ -62,7 +64,11 @@ def adjoint_magnitude_penalty(adjoints: Tensor, reference: int = -1, eps: float 
     check_range("eps", eps, 0.0, low_open=True)
     ref = _check_reference(reference, adjoints.shape[0])
     dims = tuple(range(2, adjoints.dim()))
-    logn = _log_norm(adjoints, dims, eps) if dims else 0.5 * torch.log(adjoints.pow(2) + eps)
+    sq = adjoints.pow(2).sum(dim=dims) if dims else adjoints.pow(2)
+    # Each sample relative to its own reference norm (a constant: the ratios are unchanged),
+    # so that eps guards relative to the sample's scale, whatever the loss weighs it.
+    scale = sq[ref].detach().clamp_min(torch.finfo(sq.dtype).tiny)
+    logn = 0.5 * torch.log(sq / scale + eps)
     diff = logn - logn[ref]
     mask = torch.ones(adjoints.shape[0], dtype=torch.bool, device=adjoints.device)
     mask[ref] = False

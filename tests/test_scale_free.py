@@ -1,0 +1,93 @@
+"""Per-sample terms are scale-free (MATH.md, Reached samples, scale-free) and see the batch
+components of tuple states (MATH.md, Tuple states).
+
+References are hand-written: a 3/8-rule RK4 loop (torchdiffeq's ``rk4`` step, written out
+here) with ``torch.autograd`` for the adjoints.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ode_reg import AdjointMagnitude, odeint
+from ode_reg.recording import StepRecorder
+from ode_reg.terms import REACHED_FRACTION, step_terms
+
+F64 = torch.float64
+STEP = 0.25
+
+
+def rk4_states(f, z0: torch.Tensor, steps: int, dt: float) -> list[torch.Tensor]:
+    """States at the grid points of a fixed-step 3/8-rule RK4 solve (torchdiffeq's ``rk4``)."""
+    zs = [z0]
+    z, t = z0, 0.0
+    for _ in range(steps):
+        k1 = f(t, z)
+        k2 = f(t + dt / 3, z + dt * k1 / 3)
+        k3 = f(t + 2 * dt / 3, z + dt * (k2 - k1 / 3))
+        k4 = f(t + dt, z + dt * (k1 - k2 + k3))
+        z = z + dt * (k1 + 3 * (k2 + k3) + k4) / 8
+        t += dt
+        zs.append(z)
+    return zs
+
+
+def module_value(field: nn.Module, loss_of, z0: torch.Tensor, y0=None) -> torch.Tensor:
+    term = AdjointMagnitude(weight=1.0)
+    rec = StepRecorder(adjoint_inputs=True)
+    with rec.active():
+        out = odeint(
+            field,
+            z0 if y0 is None else y0,
+            torch.tensor([0.0, 1.0], dtype=F64),
+            method="rk4",
+            options={"step_size": STEP},
+        )
+    loss = loss_of(out[-1] if y0 is None else out)
+    res = step_terms(loss, rec.records, [term], step=0, params=list(field.parameters()))
+    return res.values[term.name]
+
+
+class Field(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(3, 3).double()
+
+    def forward(self, t, z):
+        return torch.tanh(self.lin(z))
+
+
+def test_logsumexp_batch_loss_gives_the_value_of_the_samples_that_carry_the_gradient() -> None:
+    """A ``logsumexp`` over the batch: two samples carry the gradient (softmax weights ~0.95 and
+    ~0.05), two have weights ~1e-39 and ~1e-44. ``AdjointMagnitude`` equals the hand
+    computation ``mean_{k<K, i reached} (log|a_k,i| - log|a_K,i|)^2`` over the reached samples
+    (``|a_K,i| > 1e-6 max_j |a_K,j|``) with no ``eps`` at all; counting the underflowed samples
+    with an absolute ``eps`` floor (the earlier rule) reads a log-ratio of tens per checkpoint."""
+    field = Field()
+    head = torch.tensor([0.7, -0.4, 0.2], dtype=F64)
+    offsets = torch.tensor([0.0, -3.0, -90.0, -100.0], dtype=F64)
+    z0 = torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
+
+    def loss_of(z_end: torch.Tensor) -> torch.Tensor:
+        return torch.logsumexp(z_end @ head + offsets, dim=0)
+
+    got = module_value(field, loss_of, z0)
+
+    # Hand computation: an independent solve, autograd adjoints, plain logs.
+    zs = rk4_states(lambda t, z: torch.tanh(field.lin(z)), z0.requires_grad_(True), 4, STEP)
+    loss = loss_of(zs[-1])
+    adj = torch.stack(torch.autograd.grad(loss, zs))  # (K + 1, B, d)
+    norms = adj.norm(dim=-1)
+    reached = norms[-1] > REACHED_FRACTION * norms[-1].max()
+    assert reached.tolist() == [True, True, False, False]
+    assert float(norms[-1, 2:].max()) < 1e-35  # underflowed weights, still non-zero
+    logs = norms[:, reached].log()
+    want = (logs[:-1] - logs[-1]).pow(2).mean()
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
+    assert float(want) < 1.0
+    # Scale-free: the value does not depend on how much the loss weighs the samples (here, a
+    # loss scaled by 1e-30 underflows nothing: the reached samples and their ratios are the same).
+    scaled = module_value(field, lambda z: 1e-30 * loss_of(z), z0.detach())
+    torch.testing.assert_close(scaled, want, rtol=1e-9, atol=0)
