@@ -91,3 +91,95 @@ def test_logsumexp_batch_loss_gives_the_value_of_the_samples_that_carry_the_grad
     # loss scaled by 1e-30 underflows nothing: the reached samples and their ratios are the same).
     scaled = module_value(field, lambda z: 1e-30 * loss_of(z), z0.detach())
     torch.testing.assert_close(scaled, want, rtol=1e-9, atol=0)
+
+
+class CNF(nn.Module):
+    """A toy CNF: ``dz/dt = tanh(W z + b)``, ``d log p/dt = -tr(df/dz)`` (exact), and
+    optionally a 0-dim accumulator ``d acc/dt = mean_i |f(z_i)|^2`` (RNODE-style)."""
+
+    def __init__(self, accumulator: bool) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.lin = nn.Linear(2, 2).double()
+        self.accumulator = accumulator
+
+    def parts(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.tanh(self.lin(z))
+        div = ((1 - h.pow(2)) * torch.diagonal(self.lin.weight)).sum(-1, keepdim=True)
+        return h, -div
+
+    def forward(self, t, state):
+        dz, dlogp = self.parts(state[0])
+        if not self.accumulator:
+            return dz, dlogp
+        return dz, dlogp, dz.pow(2).sum(-1).mean()
+
+
+def cnf_loss(out) -> torch.Tensor:
+    z, logp = out[0][-1], out[1][-1]
+    loss = (0.5 * z.pow(2).sum(-1) - logp.squeeze(-1)).mean()
+    if len(out) == 3:
+        loss = loss + 0.0 * out[2][-1]  # the accumulator, with coefficient 0
+    return loss
+
+
+def test_zero_dim_accumulator_leaves_the_tuple_state_term_unchanged() -> None:
+    """FFJORD's ``(z, log p)`` plus a 0-dim accumulator (coefficient 0, the task loss
+    unchanged): the per-sample rows come from the components with the batch dimension, so the
+    accumulator is left out and ``AdjointMagnitude`` is the same (it was the whole batch as one
+    sample before)."""
+    z0 = torch.randn(5, 2, dtype=F64, generator=torch.Generator().manual_seed(3))
+    logp0 = torch.zeros(5, 1, dtype=F64)
+    plain = CNF(accumulator=False)
+    with_acc = CNF(accumulator=True)
+    with_acc.load_state_dict(plain.state_dict())
+    v2 = module_value(plain, cnf_loss, z0, y0=(z0, logp0))
+    v3 = module_value(with_acc, cnf_loss, z0, y0=(z0, logp0, torch.zeros((), dtype=F64)))
+    assert float(v2) > 1e-4
+    torch.testing.assert_close(v3, v2, rtol=1e-12, atol=0)
+
+
+def test_named_components_give_the_hand_computed_value_over_z_only() -> None:
+    """``components=(0,)`` (a CNF's ``z``, not ``log p``): the term equals the hand computation
+    from ``a_z`` alone, on an independent RK4 solve of the concatenated state."""
+    field = CNF(accumulator=False)
+    z0 = torch.randn(5, 2, dtype=F64, generator=torch.Generator().manual_seed(4))
+    logp0 = torch.zeros(5, 1, dtype=F64)
+    term = AdjointMagnitude(weight=1.0)
+    rec = StepRecorder(adjoint_inputs=True)
+    with rec.active():
+        out = odeint(
+            field,
+            (z0, logp0),
+            torch.tensor([0.0, 1.0], dtype=F64),
+            method="rk4",
+            options={"step_size": STEP},
+            components=(0,),
+        )
+    res = step_terms(cnf_loss(out), rec.records, [term], step=0, params=list(field.parameters()))
+
+    def flat(t, y):
+        dz, dlogp = field.parts(y[:, :2])
+        return torch.cat([dz, dlogp], dim=-1)
+
+    ys = rk4_states(flat, torch.cat([z0, logp0], -1).requires_grad_(True), 4, STEP)
+    loss = (0.5 * ys[-1][:, :2].pow(2).sum(-1) - ys[-1][:, 2]).mean()
+    adj = torch.stack(torch.autograd.grad(loss, ys))[..., :2]  # a_z only
+    logs = adj.norm(dim=-1).log()
+    want = (logs[:-1] - logs[-1]).pow(2).mean()
+    torch.testing.assert_close(res.values[term.name], want, rtol=1e-9, atol=0)
+    # with log p as well (the default), the value is another one
+    both = module_value(field, cnf_loss, z0, y0=(z0, logp0))
+    assert abs(float(both) - float(want)) > 1e-3 * float(want)
+
+
+def test_components_are_checked_before_solving() -> None:
+    import pytest
+
+    z0, logp0 = torch.zeros(3, 2), torch.zeros(3, 1)
+    with pytest.raises(ValueError, match="`components`"):
+        odeint(
+            lambda t, y: y, (z0, logp0, torch.zeros(())), torch.tensor([0.0, 1.0]), components=(2,)
+        )
+    with pytest.raises(ValueError, match="`components`"):
+        odeint(lambda t, y: y, z0, torch.tensor([0.0, 1.0]), components=(0,))
