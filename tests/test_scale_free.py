@@ -7,6 +7,7 @@ here) with ``torch.autograd`` for the adjoints.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -174,7 +175,6 @@ def test_named_components_give_the_hand_computed_value_over_z_only() -> None:
 
 
 def test_components_are_checked_before_solving() -> None:
-    import pytest
 
     z0, logp0 = torch.zeros(3, 2), torch.zeros(3, 1)
     with pytest.raises(ValueError, match="`components`"):
@@ -183,3 +183,49 @@ def test_components_are_checked_before_solving() -> None:
         )
     with pytest.raises(ValueError, match="`components`"):
         odeint(lambda t, y: y, z0, torch.tensor([0.0, 1.0]), components=(0,))
+
+
+def test_skew_term_on_a_cnf_sees_the_named_components_only() -> None:
+    """A linear CNF ``dz/dt = M z``, ``d log p/dt = -tr M`` with ``M = D + (A - A^T)``:
+    with ``components=(0,)`` the term is ``T^2 |sym M|_F^2 / d_z = T^2 |D|_F^2 / 2`` exactly
+    (every Rademacher probe gives ``|D v|^2 = |D|_F^2``), and a 0-dim accumulator changes
+    nothing; the default (``z`` and ``log p``, d = 3) averages over the ``log p`` coordinate
+    too."""
+    from ode_reg import SkewJacobianPenalty
+    from ode_reg.recording import SkewPlan
+
+    a = torch.randn(2, 2, dtype=F64, generator=torch.Generator().manual_seed(5))
+    diag = torch.diag(torch.tensor([0.5, -1.5], dtype=F64))
+    m = (diag + a - a.T).requires_grad_(True)
+
+    def field(t, y):
+        dz = y[0] @ m.T
+        dlogp = -torch.trace(m) * torch.ones_like(y[1])
+        if len(y) == 2:
+            return dz, dlogp
+        return dz, dlogp, dz.pow(2).sum(-1).mean()
+
+    z0 = torch.randn(4, 2, dtype=F64, generator=torch.Generator().manual_seed(6))
+    logp0 = torch.zeros(4, 1, dtype=F64)
+
+    def value(y0, components=None) -> float:
+        term = SkewJacobianPenalty(weight=1.0, probes=2, seed=3)
+        rec = StepRecorder(skew=SkewPlan(2, None, term.generator(0, torch.device("cpu"))))
+        with rec.active():
+            out = odeint(
+                field,
+                y0,
+                torch.tensor([0.0, 2.0], dtype=F64),
+                method="rk4",
+                options={"step_size": 0.5},
+                components=components,
+            )
+        loss = out[0][-1].pow(2).sum() + out[1][-1].sum()
+        return float(step_terms(loss, rec.records, [term], step=0, params=[m]).values[term.name])
+
+    closed = 2.0**2 * float(diag.pow(2).sum())
+    assert value((z0, logp0), (0,)) == pytest.approx(closed / 2, rel=1e-12)
+    acc = torch.zeros((), dtype=F64)
+    assert value((z0, logp0, acc), (0,)) == pytest.approx(closed / 2, rel=1e-12)
+    assert value((z0, logp0, acc)) == pytest.approx(closed / 3, rel=1e-12)
+    assert value((z0, logp0)) == pytest.approx(closed / 3, rel=1e-12)
