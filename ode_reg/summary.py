@@ -358,6 +358,23 @@ class SampleCounter(Callback):
         self._end(trainer, "test")
 
 
+def task_loss_of(model: Any) -> Any:
+    """The model's task loss ``(out, y) -> loss``: its ``task_loss`` or (recipe models)
+    ``_loss`` method, or ``None``.
+
+    Example::
+
+        >>> from ode_reg.models import FlowClassifier
+        >>> task_loss_of(FlowClassifier()) is not None, task_loss_of(object())
+        (True, None)
+    """
+    for name in ("task_loss", "_loss"):
+        fn = getattr(model, name, None)
+        if callable(fn):
+            return fn
+    return None
+
+
 def held_out_adjoint_profile(
     model: L.LightningModule, x: Tensor, y: Tensor, loss_fn: Any = None
 ) -> Tensor | None:
@@ -373,14 +390,14 @@ def held_out_adjoint_profile(
         model: a module whose forward pass solves with ``self.odeint`` / ``ode_reg.odeint``.
         x: inputs.
         y: targets.
-        loss_fn: ``loss_fn(out, y)``; default the model's ``_loss`` (the recipe models').
+        loss_fn: ``loss_fn(out, y)``; default the model's :func:`task_loss_of`.
 
     Returns:
         ``(K + 1,)`` profile along the chained checkpoints, or ``None`` when the forward pass
         made no solve (a GRU or an orthogonal cell).
 
     Raises:
-        ValueError: if no ``loss_fn`` is given and the model has no ``_loss``.
+        ValueError: if no ``loss_fn`` is given and the model has no ``task_loss``/``_loss``.
 
     Example::
 
@@ -395,10 +412,11 @@ def held_out_adjoint_profile(
     from ode_reg.recording import StepRecorder
     from ode_reg.trajectory import chain
 
-    loss_fn = loss_fn if loss_fn is not None else getattr(model, "_loss", None)
-    if not callable(loss_fn):
+    loss_fn = loss_fn if loss_fn is not None else task_loss_of(model)
+    if loss_fn is None:
         raise ValueError(
-            f"`loss_fn` must be given for {type(model).__name__}, which has no `_loss(out, y)`"
+            f"`loss_fn` must be given for {type(model).__name__}, which has no "
+            "`task_loss(out, y)` (or `_loss`)"
         )
     was_training = model.training
     model.eval()
@@ -434,12 +452,12 @@ def held_out_adjoint_ratio(
     """The held-out adjoint max/min on the first ``samples`` samples of ``(x, y)`` batches.
 
     Args:
-        model: the trained module (with ``_loss(out, y)``).
+        model: the trained module (with ``task_loss(out, y)`` or ``_loss``).
         batches: an iterable of ``(x, y)`` batches (the test data loader).
         samples: how many samples to take.
 
     Returns:
-        ``(ratio, samples used)``, or ``None`` when the model has no ``_loss``, the batches
+        ``(ratio, samples used)``, or ``None`` when the model has no task loss, the batches
         are not ``(x, y)`` tensor pairs, or the forward pass makes no solve.
 
     Example::
@@ -451,7 +469,7 @@ def held_out_adjoint_ratio(
         >>> ratio >= 1.0, n
         (True, 10)
     """
-    if not callable(getattr(model, "_loss", None)) or batches is None:
+    if task_loss_of(model) is None or batches is None:
         return None
     xs, ys, n = [], [], 0
     for batch in batches:
@@ -647,6 +665,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     if held is not None:
         n = s.get("adjoint_held_out_n")
         add(f"held-out adjoint max/min ({n} test samples)", _g3(held))
+    elif s.get("adjoint_held_out_note"):
+        add("held-out adjoint max/min", s["adjoint_held_out_note"])
     if s.get("adjoint_ratio_max_min") is not None:
         add("adjoint max/min (last logged training step)", _g3(s["adjoint_ratio_max_min"]))
     if s.get("adjoint_ratio_epoch_geomean") is not None:
@@ -798,6 +818,9 @@ def print_summary(
     counter = _counter(trainer)
     counts = counter.counts if counter is not None else {}
     held = held_out_adjoint_ratio(model, trainer.test_dataloaders) if tests else None
+    held_note = None
+    if held is None and tests and task_loss_of(model) is None:
+        held_note = "n/a (the model has no task_loss(out, y) to take adjoints of)"
 
     def n_of(split: str) -> int | None:
         c = counts.get(split) or {}
@@ -821,6 +844,7 @@ def print_summary(
         "val_n": n_of("val"),
         "adjoint_ratio_held_out": None if held is None else held[0],
         "adjoint_held_out_n": None if held is None else held[1],
+        "adjoint_held_out_note": held_note,
         "adjoint_ratio_max_min": _scalar(metrics, "adjoint/ratio_max_min"),
         "adjoint_ratio_epoch_geomean": _scalar(metrics, "adjoint/ratio_epoch_geomean"),
         "adjoint_norm_first": _scalar(metrics, "adjoint/norm_first"),
