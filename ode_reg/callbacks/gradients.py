@@ -293,6 +293,13 @@ class GradientNormMonitor(PreStepMonitor):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.epoch_ratio = self.epoch_ratio.to(pl_module.device)
+        if stage == "fit" and self.adjoint_profile and not hasattr(pl_module, "ode_step"):
+            # As SpectrumMonitor: say once what cannot be measured, instead of logging nothing.
+            rank_zero_warn(
+                f"GradientNormMonitor: {type(pl_module).__name__} is not a RegularizedODEModule "
+                "(no `ode_step`): only grad/* norms are logged, no adjoint/* or sensitivity/* "
+                "(use ode_reg.RegularizedODEModule and ode_reg.odeint, or adjoint_profile=False)"
+            )
 
     def _remove_hooks(self) -> None:
         for h in self._hooks:
