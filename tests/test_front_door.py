@@ -330,3 +330,118 @@ def test_working_folder_is_put_on_the_module_path(tmp_path: Path) -> None:
     )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "42"
+
+
+# --------------------------------------------------------------------------- logged key names
+
+_PLACEHOLDERS = {
+    "<name>": r"[a-z0-9_]+",
+    "<param name>": r"[^,]+",
+    "<child module>": r"[^/,]+",
+    "<i>": r"\d+",
+}
+
+
+def readme_logged_keys() -> dict[str, list[str]]:
+    """The "logged keys" column of the README's key table: ``{row: [key pattern, ...]}``."""
+    text = README.read_text()
+    table = text[text.index("| callback | logged keys | plots |") :]
+    table = table[: table.index("\n\n")]
+    keys: dict[str, list[str]] = {}
+    for row in table.splitlines()[2:]:
+        cells = row.split(" | ")
+        name = re.findall(r"`([^`]+)`", cells[0])[0]
+        spans = re.findall(r"`([^`]+)`", cells[1])
+        keys[name] = [k for k in spans if re.fullmatch(r"[a-z]+/[\w<>./ ]+", k)]
+    return keys
+
+
+def _pattern(key: str) -> re.Pattern[str]:
+    out = re.escape(key)
+    for holder, rx in _PLACEHOLDERS.items():
+        out = out.replace(re.escape(holder), rx)
+    return re.compile(out)
+
+
+class _Probe(__import__("ode_reg").RegularizedODEModule):
+    """Every kind of key at once: an antisymmetric field (skew spectrum), an orthogonal
+    parametrization (``orthogonality/<param name>``), two terms, sensitivities."""
+
+    def __init__(self) -> None:
+        import ode_reg
+
+        super().__init__(
+            regularizers=[ode_reg.AdjointMagnitude(0.1), ode_reg.SkewJacobianPenalty(0.01)]
+        )
+        self.field = ode_reg.AntisymmetricODEFunc(dim=4)
+        self.head = nn.utils.parametrizations.orthogonal(nn.Linear(4, 4))
+
+    def training_step(self, batch, batch_idx):
+        import ode_reg
+
+        (x,) = batch
+        t = torch.tensor([0.0, 1.0])
+        z = ode_reg.odeint(self.field, x, t, method="rk4", options={"step_size": 0.25})[-1]
+        loss = self.head(z).pow(2).mean()
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_readme_key_table_matches_the_header_of_a_csv_a_run_wrote(tmp_path: Path) -> None:
+    """README -> CSV: every key this run can make is a column; CSV -> README: every column the
+    library wrote is in the table (the issue: the README said ``reg/<name>``, the CSV held
+    ``reg/<name>_step`` and ``reg/<name>_epoch``)."""
+    import csv
+
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from ode_reg.callbacks import (
+        GradientNormMonitor,
+        OrthogonalityMonitor,
+        SolverStatsMonitor,
+        SpectrumMonitor,
+    )
+
+    table = readme_logged_keys()
+    assert {"RegularizedODEModule", "SolverStatsMonitor"} <= table.keys()
+    logger = CSVLogger(tmp_path)
+    trainer = L.Trainer(
+        max_epochs=1,
+        log_every_n_steps=1,
+        logger=logger,
+        callbacks=[
+            GradientNormMonitor(compute_sensitivities=True, plot_every_n_steps=1000),
+            SpectrumMonitor(plot_every_n_steps=1000),
+            OrthogonalityMonitor(),
+            SolverStatsMonitor(plot_every_n_steps=1000),
+        ],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    data = torch.utils.data.TensorDataset(torch.randn(12, 4))
+    trainer.fit(_Probe(), torch.utils.data.DataLoader(data, batch_size=4))
+    with open(Path(logger.log_dir) / "metrics.csv") as fh:
+        header = next(csv.reader(fh))
+    library = [c for c in header if "/" in c]  # the model's own train_loss, epoch, step aside
+    assert set(header) - set(library) == {"epoch", "step", "train_loss"}
+    patterns = {k: _pattern(k) for keys in table.values() for k in keys}
+    unlisted = [c for c in library if not any(p.fullmatch(c) for p in patterns.values())]
+    assert not unlisted, f"logged but not in the README's key table: {unlisted}"
+    # Keys this run cannot make: an OrthogonalFlow's (no flow here).
+    flow_only = {
+        "orthogonality/flow_max",
+        "spectrum/flow_q_min_real",
+        "spectrum/flow_q_circle_dist",
+    }
+    missing = [
+        k
+        for k, p in patterns.items()
+        if k not in flow_only and not any(p.fullmatch(c) for c in library)
+    ]
+    assert not missing, f"in the README's key table but not in the CSV: {missing}"
+    assert "reg/adjoint_magnitude_step" in header and "reg/skew_jacobian_epoch" in header
