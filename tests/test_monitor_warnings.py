@@ -8,6 +8,7 @@ grid took extra steps of length 0 (22 of 50 intervals) that showed only as ``dt_
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -123,6 +124,10 @@ def test_solver_stats_flags_zero_length_steps_of_the_float32_grid_once() -> None
     assert monitor.last_metrics["solver/dt_min"] < 1e-5 * STEP  # the zero-length step
     # The zero-length steps do not turn the dt early warning off or on.
     assert monitor.warnings == []
+    # The README's figures are these counts.
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    assert f"{hit} get such a step" in readme
+    assert f"{4 * sum(steps)} evaluations instead of {4 * 4 * 50}" in readme
 
 
 def test_a_grid_that_ends_on_t1_has_no_zero_length_step() -> None:
