@@ -25,11 +25,11 @@ def test_ode_rnn_on_irregular_times_with_masks_learns_and_counts_its_solves() ->
     times, values, masks, _ = ex.irregular_sines(64, length=12)
     assert (times.diff(dim=1) >= 0).all() and not torch.equal(times[0], times[1])  # own times
     assert (values[..., 0][masks == 0] == 0).all() and 0 < masks.mean() < 1
-    out = ex.main(["--steps", "16", "--batch", "32"])
-    assert out["loss_after"] < 0.6 * out["loss_before"]
+    out = ex.main(["--steps", "24", "--batch", "32", "--length", "8"])
+    assert out["loss_after"] < 0.7 * out["loss_before"]
     assert out["acc_after"] > 0.75 > out["acc_before"]
-    # One solve per observation time (12), each 2 rk4 steps of 4 evaluations.
-    assert out["solves_per_step"] == 12 and out["nfe_per_step"] == 12 * 2 * 4
+    # One solve per observation time (8), each 2 rk4 steps of 4 evaluations.
+    assert out["solves_per_step"] == 8 and out["nfe_per_step"] == 8 * 2 * 4
     assert math.isfinite(out["reg_adjoint_magnitude"]) and out["reg_adjoint_magnitude"] > 0
 
 
