@@ -308,8 +308,9 @@ class SampleCounter(Callback):
         known = torch.tensor([-1.0 if v is None else float(v) for v in run])
         if trainer.world_size > 1:
             # A rank that could not count (-1) makes the sum meaningless: take the minimum too.
-            low = trainer.strategy.reduce(known.clone(), reduce_op="min")
-            known = trainer.strategy.reduce(known.clone(), reduce_op="sum")
+            known = known.to(trainer.strategy.root_device)
+            low = trainer.strategy.reduce(known.clone(), reduce_op="min").cpu()
+            known = trainer.strategy.reduce(known.clone(), reduce_op="sum").cpu()
             known = torch.where(low < 0, torch.full_like(known, -1.0), known)
         samples, labels = (None if v < 0 else int(v) for v in known.tolist())
         self.counts[split] = {"samples": samples, "labels": labels}
