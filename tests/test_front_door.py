@@ -33,16 +33,10 @@ from ode_reg.summary import (
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+# W&B offline with its folders in each test's tmp_path (the newcomer tests' fixture).
+from test_newcomer import offline_wandb  # noqa: E402, F401
 
-
-@pytest.fixture
-def offline_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    folder = tmp_path / "wandb"
-    folder.mkdir()
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
-        monkeypatch.setenv(var, str(folder))
-    return folder
+pytestmark = pytest.mark.usefixtures("offline_wandb")
 
 
 def readme_file_block(first_line: str) -> str:
@@ -135,7 +129,7 @@ def test_readme_user_module_runs_through_the_console_script_from_its_folder(
 
 
 def test_summary_counts_what_ran_under_limit_test_batches(
-    tmp_path: Path, offline_wandb: Path, capsys: pytest.CaptureFixture
+    tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     """Two test batches of 64: the summary counts 128 samples (it said the whole split)."""
     cli = run(
@@ -173,7 +167,7 @@ def _accuracy(model: nn.Module, dataset: torch.utils.data.TensorDataset) -> floa
 
 @pytest.mark.parametrize("which", ["final", "best"])
 def test_summary_names_the_weights_it_tested(
-    which: str, tmp_path: Path, offline_wandb: Path, capsys: pytest.CaptureFixture
+    which: str, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     """The test metrics belong to the weights the summary names: the final state, or with
     ``--test_weights best`` the monitored best checkpoint (each re-tested here by hand)."""
@@ -212,7 +206,7 @@ def test_summary_names_the_weights_it_tested(
 
 
 def test_test_weights_best_without_a_monitored_checkpoint_says_so(
-    tmp_path: Path, offline_wandb: Path, capsys: pytest.CaptureFixture
+    tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     run(
         [
@@ -235,7 +229,7 @@ def test_test_weights_best_without_a_monitored_checkpoint_says_so(
 
 
 def test_copying_summary_shows_its_cross_entropy_and_why_no_plot_was_drawn(
-    tmp_path: Path, offline_wandb: Path, capsys: pytest.CaptureFixture
+    tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     """The copying recipe targets a cross-entropy: the summary prints it (it printed only the
     accuracy), and with a logger that takes images it gives the true reason for no plot (its
