@@ -384,7 +384,7 @@ class ODERegCLI(LightningCLI):
         fit_metrics = {k: v for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         datamodule = self.datamodule
         results: list[dict[str, float]] = []
-        weights, fallback = test_weights_choice(trainer, self._test_weights())
+        weights, fallback = choose_test_weights(trainer, self._test_weights())
         if fallback:
             weights["note"] = fallback
         note = None
@@ -426,7 +426,7 @@ def attach_sample_counter(trainer: L.Trainer) -> None:
         trainer.callbacks.append(SampleCounter())
 
 
-def test_weights_choice(trainer: L.Trainer, choice: str) -> tuple[dict[str, Any], str | None]:
+def choose_test_weights(trainer: L.Trainer, choice: str) -> tuple[dict[str, Any], str | None]:
     """The weights the test after ``fit`` runs on, and a note when ``best`` cannot be had.
 
     Args:
@@ -440,7 +440,7 @@ def test_weights_choice(trainer: L.Trainer, choice: str) -> tuple[dict[str, Any]
     Example::
 
         >>> import lightning as L
-        >>> test_weights_choice(L.Trainer(logger=False, enable_checkpointing=False), "best")[1]
+        >>> choose_test_weights(L.Trainer(logger=False, enable_checkpointing=False), "best")[1]
         '--test_weights best: no ModelCheckpoint monitors a metric; tested the final weights'
     """
     if choice != "best":
