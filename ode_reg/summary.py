@@ -406,8 +406,8 @@ def held_out_adjoint_profile(
         >>> from ode_reg.models import FlowClassifier
         >>> model = FlowClassifier()
         >>> p = held_out_adjoint_profile(model, torch.randn(8, 2), torch.randint(0, 2, (8,)))
-        >>> p.shape
-        torch.Size([10])
+        >>> p.shape  # checkpoints=8: K = 8 intervals, K + 1 states
+        torch.Size([9])
     """
     from ode_reg import adjoints
     from ode_reg.recording import StepRecorder
