@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import re
 import subprocess
 import sys
@@ -310,20 +309,20 @@ def test_held_out_ratio_is_one_for_a_norm_preserving_linear_flow() -> None:
     assert ratio > 1.0 + 1e-3  # tanh's saturation makes the profile non-flat
 
 
-def test_working_folder_is_put_on_the_module_path(tmp_path: Path) -> None:
+def test_working_folder_is_put_on_the_module_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """What ``ode-reg`` (a console script) lacked: ``python -m`` has the working folder."""
-    code = (
-        "import os, sys; from ode_reg.cli import add_working_folder_to_path as f; "
-        "sys.path[:] = [p for p in sys.path if p not in ('', os.getcwd())]; "
-        "f(); import mymod2; print(mymod2.X)"
-    )
+    from ode_reg.cli import add_working_folder_to_path
+
     (tmp_path / "mymod2.py").write_text("X = 41 + 1\n")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    res = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
-    )
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "42"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("mymod2")
+    assert add_working_folder_to_path() == str(tmp_path) == sys.path[0]
+    assert importlib.import_module("mymod2").X == 42
+    sys.modules.pop("mymod2", None)
 
 
 # --------------------------------------------------------------------------- logged key names
