@@ -138,3 +138,26 @@ def test_a_grid_that_ends_on_t1_has_no_zero_length_step() -> None:
     assert not [m for m in messages if "took a step of length 0" in m]
     assert monitor.last_metrics["solver/nfe"] == 4 * 4 * 50
     assert monitor.last_metrics["solver/dt_min"] == pytest.approx(STEP, rel=1e-4)
+
+
+class NoSolve(ode_reg.RegularizedODEModule):
+    """A RegularizedODEModule whose step makes no solve (as the copying recipe's RNN cell)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 1)
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        return self.lin(x).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_gradient_norm_monitor_says_once_when_a_step_recorded_no_solve() -> None:
+    module = NoSolve()
+    messages = _fit(module, GradientNormMonitor(every_n_steps=1), steps=3)
+    said = [m for m in messages if "training step recorded no ode_reg.odeint solve" in m]
+    assert len(said) == 1
+    assert not any(k.startswith("adjoint/") for k in module.trainer.callback_metrics)
