@@ -19,6 +19,8 @@ from ode_reg.module import RegularizedODEMixin, RegularizedODEModule, StepRecord
 from ode_reg.regularizers import (
     AdjointMagnitude,
     DirectionalConstraint,
+    JacobianFrobenius,
+    KineticEnergy,
     Regularizer,
     SensitivityMagnitude,
     SkewJacobianPenalty,
@@ -50,6 +52,8 @@ __all__ = [
     "SolverStatsMonitor",
     "SpectrumMonitor",
     "IntegrationError",
+    "JacobianFrobenius",
+    "KineticEnergy",
     "OrthogonalFlow",
     "Regularizer",
     "RegularizedODEMixin",

@@ -87,6 +87,10 @@ def ensure_logger_available(trainer: L.Trainer) -> None:
     if mode not in ("offline", "disabled", "dryrun") and not wandb_account_configured():
         _fallback_logger(trainer, f"WANDB_MODE={mode} but no W&B account is configured")
         return
+    unreachable = _wandb_unreachable(trainer, mode)
+    if unreachable is not None:
+        _fallback_logger(trainer, f"WANDB_MODE={mode} but the W&B server is {unreachable}")
+        return
     for lg in trainer.loggers:
         if isinstance(lg, WandbLogger):
             _drop_unset_wandb_options(lg)
@@ -95,6 +99,49 @@ def ensure_logger_available(trainer: L.Trainer) -> None:
             except Exception as exc:  # wandb raises many error types on init failure
                 _fallback_logger(trainer, f"wandb.init failed: {type(exc).__name__}: {exc}")
                 return
+
+
+def _wandb_unreachable(trainer: L.Trainer, mode: str) -> str | None:
+    """``"<url> unreachable (...)"`` when a WandbLogger would go online to a server that does
+    not answer within seconds (``wandb.init`` would wait about 90 s), else ``None``."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from ode_reg._preflight import wandb_server_unreachable
+
+    online = [
+        lg
+        for lg in trainer.loggers
+        if isinstance(lg, WandbLogger) and getattr(lg, "_wandb_init", {}).get("mode") != "offline"
+    ]
+    if mode in ("offline", "disabled", "dryrun") or not online:
+        return None
+    return wandb_server_unreachable()
+
+
+def preflight(trainer: L.Trainer | None, ckpt_path: Any = None) -> None:
+    """Refuse, in one line, what would fail later: an unwritable run, log or checkpoint folder
+    and an unreadable ``--ckpt_path`` file (before any logger, W&B run or training step).
+
+    Args:
+        trainer: the trainer about to fit (``None``: only the checkpoint file is checked).
+        ckpt_path: the ``--ckpt_path`` value (``None``: none).
+
+    Raises:
+        ConfigError: naming the folder or file and the reason.
+
+    Example::
+
+        >>> import lightning as L, tempfile
+        >>> preflight(L.Trainer(logger=False, default_root_dir=tempfile.mkdtemp()))
+    """
+    from ode_reg._preflight import check_checkpoint_file, check_folders
+
+    try:
+        if trainer is not None:
+            check_folders(trainer)
+        check_checkpoint_file(ckpt_path)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 class _DropLightningTips(logging.Filter):
@@ -350,6 +397,14 @@ class ODERegCLI(LightningCLI):
             ),
         )
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the --ckpt_path file (for its hyperparameters) right after parsing:
+        # an empty, truncated or foreign file is refused in one line first.
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            preflight(None, self.config[subcommand].get("ckpt_path"))
+        super()._parse_ckpt_path()
+
     def instantiate_classes(self) -> None:
         """Instantiate as LightningCLI does; an ode_reg argument error becomes ConfigError."""
         self._started = time.perf_counter()
@@ -369,6 +424,7 @@ class ODERegCLI(LightningCLI):
             except ValueError as exc:
                 name = type(self.datamodule).__name__
                 raise ConfigError(f"{name}: {exc}\n  all options: ode-reg fit --help") from None
+        preflight(self.trainer)
         ensure_logger_available(self.trainer)
         attach_sample_counter(self.trainer)
 

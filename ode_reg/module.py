@@ -13,6 +13,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ode_reg._nonfinite import (
+    drop_marked_step,
+    forget_step_values,
+    task_side_nonfinite,
+    zero_loss,
+)
 from ode_reg.recording import SkewPlan, StepRecorder
 from ode_reg.regularizers import Regularizer, _distributed, all_reduce_mean
 from ode_reg.solve import odeint as _odeint
@@ -134,7 +140,10 @@ class RegularizedODEMixin:
     Args:
         regularizers: the loss terms, e.g. ``[AdjointMagnitude(0.1), SkewJacobianPenalty(0.01)]``.
         nonfinite: ``"skip"`` drops a term that is NaN/Inf on a step (the decision is collective
-            under DDP), counts it and logs ``reg/skipped``; ``"raise"`` raises instead.
+            under DDP), counts it and logs ``reg/skipped``; a step whose batch, task loss or
+            gradient is NaN/Inf is not applied (no term, no optimizer step; counted in
+            ``reg/skipped_steps``, see :mod:`ode_reg._nonfinite`). ``"raise"`` raises
+            ``FloatingPointError`` instead, naming what was not finite.
         shared_backward: opt-in. When the active terms need adjoints but none differentiates
             them (``detach_adjoints=True``), take the task gradient of the module's parameters
             from the plain backward pass that gives the adjoints, and return a loss whose
@@ -191,6 +200,7 @@ class RegularizedODEMixin:
         self.nonfinite = nonfinite
         self.shared_backward = shared_backward
         self._recorder: StepRecorder | None = None
+        self._step_batch: Any = None
         self.ode_step: StepRecord | None = None
 
     # ------------------------------------------------------------------ the plug-in contract
@@ -210,10 +220,14 @@ class RegularizedODEMixin:
             if self._recorder is not None:  # super().training_step from a subclass: outer adds
                 return step(self, *args, **kw)
             batch_idx = args[1] if len(args) > 1 else kw.get("batch_idx", 0)
+            forget_step_values(self)
+            self._step_batch = args[0] if args else kw.get("batch")
             rec = self._new_recorder(int(batch_idx) if isinstance(batch_idx, int) else 0)
             if rec is None:  # no active term and no monitor: torchdiffeq's calls, untouched
                 self.ode_step = StepRecord([], [], [], [])
-                return step(self, *args, **kw)
+                out = step(self, *args, **kw)
+                skipped = self._skip_nonfinite(out)
+                return out if skipped is None else skipped
             self._recorder = rec
             try:
                 with rec.active():
@@ -248,7 +262,13 @@ class RegularizedODEMixin:
         if skew is not None:
             gen = skew.generator(self.global_step, self.device, micro=batch_idx)
             plan = SkewPlan(skew.probes, skew.max_states, gen)
+        norms = tuple(
+            r.plan(self.global_step, self.device, batch_idx)
+            for r in active
+            if getattr(r, "needs_field_norms", False)
+        )
         return StepRecorder(
+            field_norms=norms,
             evaluate_fields=_evaluation_mode(active),
             skew=plan,
             adjoint_inputs=any(r.needs_adjoints for r in active),
@@ -327,6 +347,27 @@ class RegularizedODEMixin:
         if self.ode_step is not None:
             self.ode_step = _released(self.ode_step)
 
+    def _skip_nonfinite(self, out: Any) -> Any:
+        """The step's output with a zero loss if its batch or task loss is not finite
+        (automatic optimization; the optimizer step is then dropped), else ``None``."""
+        loss = out["loss"] if isinstance(out, dict) else out
+        if not self.automatic_optimization or not isinstance(loss, Tensor):
+            return None
+        if not task_side_nonfinite(self, loss, self._step_batch):
+            return None
+        zero = zero_loss(self, loss)
+        return {**out, "loss": zero} if isinstance(out, dict) else zero
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """Drop the optimizer step (every gradient set to ``None``) when the step's batch, task
+        loss or a gradient is not finite; counts it in ``reg/skipped_steps``.
+
+        Args:
+            optimizer: the optimizer about to step.
+        """
+        super().on_before_optimizer_step(optimizer)  # type: ignore[misc]
+        drop_marked_step(self, optimizer)
+
     def _step_record(self, rec: StepRecorder) -> StepRecord:
         record = getattr(rec, "step_record", None)
         if record is None:
@@ -342,6 +383,9 @@ class RegularizedODEMixin:
         optimization), or only record the step (manual optimization, where
         ``manual_backward`` added them)."""
         record = self._step_record(rec)
+        skipped = self._skip_nonfinite(out)
+        if skipped is not None:  # the batch or task loss is not finite: no term, no step
+            return skipped
         if rec.stats_only:  # no term, no chain: the counts are all the step records
             return out
         loss = out["loss"] if isinstance(out, dict) else out
@@ -374,6 +418,9 @@ class RegularizedODEMixin:
             **kwargs: passed to Lightning's ``manual_backward``.
         """
         rec = self._recorder
+        if isinstance(loss, Tensor) and task_side_nonfinite(self, loss, self._step_batch):
+            super().manual_backward(zero_loss(self, loss), *args, **kwargs)  # type: ignore[misc]
+            return
         if rec is not None and isinstance(loss, Tensor) and self._active():
             start = getattr(rec, "consumed", 0)
             pending = rec.records[start:]

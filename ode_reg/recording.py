@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ode_reg.functional.penalties import rademacher_probes
+from ode_reg.functional.penalties import field_norm_rows, rademacher_probes
 from ode_reg.trajectory import SolveSummary, Trajectory
 
 #: Graph nodes visited at most when looking for the solves a new ``y0`` depends on.
@@ -68,6 +68,26 @@ class SkewPlan:
 
 
 @dataclass
+class FieldNormPlan:
+    """One RNODE-style term (:class:`~ode_reg.KineticEnergy`, :class:`~ode_reg.JacobianFrobenius`)
+    to evaluate at the checkpoints during the solve.
+
+    Attributes:
+        name: the term's name (key of :attr:`SolveRecord.field_norms`).
+        kind: ``"kinetic"`` (``|f|^2``) or ``"frobenius"`` (``|df/dz|_F^2``, Hutchinson).
+        dims: leading per-sample coordinates the term reads (``None``: all).
+        probes: Rademacher probes per checkpoint state (``"frobenius"``).
+        generator: random generator of the probes.
+    """
+
+    name: str
+    kind: str
+    dims: int | None = None
+    probes: int = 1
+    generator: torch.Generator | None = None
+
+
+@dataclass
 class SolveRecord:
     """One recorded solve and what the terms need of it.
 
@@ -77,6 +97,8 @@ class SolveRecord:
         parents: indices of earlier solves whose results ``y0`` was computed from.
         evaluations: the field at each checkpoint (when a sensitivity term is active).
         skew: ``(sum over checkpoints of the probe mean of mean_i |S v|^2, count)``.
+        field_norms: per :class:`FieldNormPlan` name, ``(times, rows)``: the checkpoint times
+            and the batch mean of the per-sample value at each checkpoint, ``(K + 1,)``.
     """
 
     index: int
@@ -85,6 +107,7 @@ class SolveRecord:
     evaluations: list[Evaluation] | None = None
     batched: BatchedEvaluation | None = None
     skew: tuple[Tensor, int] | None = None
+    field_norms: dict[str, tuple[Tensor, Tensor]] | None = None
 
     @property
     def node(self) -> Any:
@@ -129,9 +152,11 @@ class StepRecorder:
         refuse_adjoint: tuple[str, ...] = (),
         chains: bool = True,
         warn: Callable[[str, str], None] | None = None,
+        field_norms: tuple[FieldNormPlan, ...] = (),
     ) -> None:
         self.evaluate_fields = evaluate_fields
         self.skew = skew
+        self.field_norms = tuple(field_norms)
         self.adjoint_inputs = adjoint_inputs
         self.refuse_adjoint = refuse_adjoint
         self.chains = chains
@@ -141,7 +166,12 @@ class StepRecorder:
         #: Only solver statistics are wanted: no term is active and no monitor reads the
         #: trajectories (``ode_reg.odeint`` then makes the stats-only solve).
         self.stats_only = not (
-            chains or evaluate_fields or skew is not None or adjoint_inputs or refuse_adjoint
+            chains
+            or evaluate_fields
+            or skew is not None
+            or adjoint_inputs
+            or refuse_adjoint
+            or self.field_norms
         )
         self._substitutable: dict[int, bool] = {}
         self._nodes: dict[Any, int] = {}
@@ -172,6 +202,8 @@ class StepRecorder:
             rec.evaluations = _evaluate(traj)
         if self.skew is not None:
             rec.skew = _skew(traj, self.skew)
+        if self.field_norms:
+            rec.field_norms = _field_norms(traj, self.field_norms)
         self.records.append(rec)
         self.summaries.append(SolveSummary.of(traj))
         node = rec.node
@@ -324,3 +356,32 @@ def _skew_at(out: Tensor, z: Tensor, vs: Tensor) -> Tensor:
         sv = 0.5 * (jv + jtv)
         total = total + sv.pow(2).flatten(1).sum(1).mean()
     return total
+
+
+def _field_norms(
+    traj: Trajectory, plans: tuple[FieldNormPlan, ...]
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Each plan's per-checkpoint batch mean of ``|f_i|^2`` or of the Hutchinson estimate of
+    ``|df_i/dz_i|_F^2``, from one field evaluation per checkpoint (at the live state, so the
+    terms' gradient goes through ``z_k`` where the solve kept it; ``odeint_adjoint``'s states
+    are constants). Per-sample rows as :meth:`Trajectory.samples` (a 1-D or mixed tuple state
+    is one sample)."""
+    n = traj.num_checkpoints
+    first = traj.states[0]
+    index = traj.samples(torch.arange(first.numel(), device=first.device).reshape(first.shape))
+    index = index.reshape(index.shape[0], -1)  # (samples, coordinates) into the flat state
+    probes = {
+        p.name: rademacher_probes(traj.states, p.probes, p.generator)
+        for p in plans
+        if p.kind == "frobenius"
+    }
+    rows: dict[str, list[Tensor]] = {p.name: [] for p in plans}
+    with torch.enable_grad():
+        for k in range(n):
+            z = traj.states[k]
+            z = z if z.requires_grad else z.detach().requires_grad_(True)
+            out = traj.field_at(k, z)
+            for p in plans:
+                vs = probes[p.name][k] if p.kind == "frobenius" else None
+                rows[p.name].append(field_norm_rows(out, z, index, p.dims, vs).mean())
+    return {name: (traj.times, torch.stack(r)) for name, r in rows.items()}

@@ -349,3 +349,117 @@ class SkewJacobianPenalty(Regularizer):
 
     def compute(self, ctx: ChainContext) -> Tensor:
         return ctx.skew()
+
+
+# --------------------------------------------------------------------------- RNODE's terms
+class _FieldNormTerm(Regularizer):
+    """A term integrated from the field at the recorded checkpoints (evaluated during the
+    solve, :class:`~ode_reg.recording.FieldNormPlan`): per sample, the trapezoid rule over the
+    checkpoint times, then the batch mean. Needs no adjoint."""
+
+    zero_value_has_zero_gradient = True
+    #: Evaluates the field at the checkpoints during the solve (:meth:`plan`).
+    needs_field_norms = True
+    kind = ""
+
+    def __init__(self, weight: float = 0.01, dims: int | None = None, **kwargs) -> None:
+        if dims is not None:
+            check_int("dims", dims, 1)
+        super().__init__(weight, **kwargs)
+        self.dims = dims
+
+    def plan(self, step: int, device: torch.device, micro: int = 0):  # noqa: ANN201
+        """What the recorder evaluates for this term during the step's solves."""
+        from ode_reg.recording import FieldNormPlan
+
+        return FieldNormPlan(self.name, self.kind, self.dims)
+
+    def compute(self, ctx: ChainContext) -> Tensor:
+        return ctx.field_norm(self.name)
+
+
+class KineticEnergy(_FieldNormTerm):
+    """RNODE's kinetic energy ``R_K = mean_i int |f(t, z_i(t))|^2 dt`` (Finlay et al. 2020).
+
+    The field is evaluated at the recorded checkpoints during the solve and integrated by the
+    trapezoid rule over the checkpoint times (:func:`~ode_reg.functional.kinetic_energy_penalty`,
+    MATH.md); per sample, then the batch mean. It needs no adjoint, so it works with
+    ``odeint`` and ``odeint_adjoint`` (whose recorded states are constants: the term's
+    gradient is then the one in the parameters at those states).
+
+    Args:
+        weight: multiplier, ``>= 0`` (RNODE's published value: 0.01).
+        dims: read only each sample's first ``dims`` coordinates (``None``: all); for a CNF's
+            tuple state ``(z, log p)`` with ``z`` of width ``d``, ``dims=d`` leaves
+            ``d log p / dt`` out, as RNODE does.
+        **kwargs: ``every_n_steps``, ``warmup_steps``, ``name`` (see :class:`Regularizer`).
+
+    Raises:
+        ValueError: on a negative weight, bad cadence or ``dims < 1``.
+
+    Example::
+
+        >>> from ode_reg import KineticEnergy
+        >>> KineticEnergy(weight=0.01)
+        KineticEnergy(weight=0.01, every_n_steps=1, warmup_steps=0)
+    """
+
+    default_name = "kinetic_energy"
+    kind = "kinetic"
+
+
+class JacobianFrobenius(_FieldNormTerm):
+    """RNODE's Jacobian term ``R_F = mean_i int |df/dz(t, z_i(t))|_F^2 dt`` (Hutchinson).
+
+    At each recorded checkpoint ``|J_i|_F^2`` is estimated by ``mean_p |J_i^T v_p|^2`` with
+    Rademacher probes (the skew-Jacobian term's probes and seeding), then integrated by the
+    trapezoid rule (:func:`~ode_reg.functional.jacobian_frobenius_penalty`, MATH.md). One
+    vector-Jacobian product per probe and checkpoint; no adjoint.
+
+    Args:
+        weight: multiplier, ``>= 0`` (RNODE's published value: 0.01).
+        probes: Rademacher probes per checkpoint state, ``>= 1``.
+        dims: as for :class:`KineticEnergy` (the block ``df_{:d}/dz_{:d}``).
+        seed: base seed of the probes, as for :class:`SkewJacobianPenalty` (``None``: drawn
+            from torch's global generator when the term is built).
+        **kwargs: ``every_n_steps``, ``warmup_steps``, ``name``.
+
+    Raises:
+        ValueError: if ``probes < 1``, ``dims < 1``, ``seed < 0``, on a negative weight or bad
+            cadence.
+
+    Example::
+
+        >>> from ode_reg import JacobianFrobenius
+        >>> JacobianFrobenius(weight=0.01, probes=2).probes
+        2
+    """
+
+    default_name = "jacobian_frobenius"
+    kind = "frobenius"
+
+    def __init__(
+        self,
+        weight: float = 0.01,
+        probes: int = 1,
+        dims: int | None = None,
+        seed: int | None = None,
+        **kwargs,
+    ) -> None:
+        check_int("probes", probes, 1)
+        if seed is not None:
+            check_int("seed", seed, 0)
+        super().__init__(weight, dims=dims, **kwargs)
+        self.probes = probes
+        base = int(torch.randint(0, 2**31 - 1, ())) if seed is None else seed
+        self.register_buffer("base_seed", torch.tensor(base, dtype=torch.long), persistent=True)
+
+    #: The skew term's probe generator: seeded by (base seed, DDP rank, global step, micro-batch).
+    generator = SkewJacobianPenalty.generator
+
+    def plan(self, step: int, device: torch.device, micro: int = 0):  # noqa: ANN201
+        """What the recorder evaluates for this term during the step's solves."""
+        from ode_reg.recording import FieldNormPlan
+
+        gen = self.generator(step, device, micro)
+        return FieldNormPlan(self.name, self.kind, self.dims, self.probes, gen)

@@ -11,15 +11,22 @@ nothing more.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torchdiffeq
-from torch import Tensor
+from torch import Tensor, nn
 
 from ode_reg.recording import StepRecorder, current_recorder
-from ode_reg.trajectory import _checkpoint_times, field_attr, integrate, solve_counted
+from ode_reg.trajectory import (
+    check_field_output,
+    field_attr,
+    forced_times,
+    integrate,
+    solve_counted,
+)
 
 
 def odeint(
@@ -64,9 +71,9 @@ def odeint(
     """
     kw = {"rtol": rtol, "atol": atol, "method": method, "options": options, "event_fn": event_fn}
     rec = current_recorder()
+    t = _as_times(t, y0)
     if rec is None and field_attr(func, "ode_reg_integrate") is None:
-        _check_checkpoints(checkpoints, t)  # the recorded path checks them in integrate
-        return torchdiffeq.odeint(func, y0, t, **kw)
+        return _plain(torchdiffeq.odeint, func, y0, t, checkpoints, kw)
     return _recorded(rec, func, y0, t, checkpoints, False, kw)
 
 
@@ -140,16 +147,81 @@ def odeint_adjoint(
     }
     kw.update({k: v for k, v in extra.items() if v is not None})
     rec = current_recorder()
+    t = _as_times(t, y0)
     if rec is None:
-        _check_checkpoints(checkpoints, t)  # the recorded path checks them in integrate
-        return torchdiffeq.odeint_adjoint(func, y0, t, **kw)
+        return _plain(torchdiffeq.odeint_adjoint, func, y0, t, checkpoints, kw)
     return _recorded(rec, func, y0, t, checkpoints, True, kw)
 
 
-def _check_checkpoints(checkpoints: Any, t: Any) -> None:
-    """Bad ``checkpoints`` are refused on every call, recorded or not (cheap: no solve)."""
+def _as_times(t: Any, y0: Any) -> Any:
+    """``t`` as a tensor of the state's dtype and device when given as a list (every call, as
+    ``integrate`` does; torchdiffeq alone refuses a list)."""
+    if isinstance(t, (list, tuple)):
+        ref = y0[0] if isinstance(y0, tuple) else y0
+        if isinstance(ref, Tensor):
+            return torch.as_tensor(t, dtype=ref.dtype, device=ref.device)
+    return t
+
+
+def _check_checkpoints(checkpoints: Any, t: Any, y0: Any, kw: dict[str, Any]) -> None:
+    """``checkpoints`` are checked on every call, recorded or not, as ``integrate`` checks them
+    (times off a fixed grid refused; cheap: no solve)."""
     if checkpoints is not None and isinstance(t, Tensor) and t.dim() == 1 and t.numel() >= 2:
-        _checkpoint_times(t, checkpoints)
+        forced_times(t, checkpoints, kw.get("method"), kw.get("options"), y0)
+
+
+class _FirstOutputChecked:
+    """A plain field whose first output's shape is checked; torchdiffeq finds the field's own
+    step callbacks through it."""
+
+    def __init__(self, func: Callable[..., Any]) -> None:
+        self.func = func
+        self.checked = False
+
+    def __call__(self, t: Tensor, y: Any) -> Any:
+        out = self.func(t, y)
+        if not self.checked:
+            self.checked = True
+            check_field_output(self.func, out, y)
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["func"], name)
+
+
+@contextmanager
+def _output_checked(func: Callable[..., Any]) -> Iterator[Callable[..., Any]]:
+    """The field to hand to torchdiffeq, its first output's shape checked (a forward hook
+    removed at the first call for an ``nn.Module``, so ``odeint_adjoint`` still finds its
+    parameters; a thin wrapper otherwise)."""
+    if not isinstance(func, nn.Module):
+        yield _FirstOutputChecked(func)
+        return
+
+    def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        handle.remove()
+        if len(args) >= 2:
+            check_field_output(module, out, args[1])
+
+    handle = func.register_forward_hook(hook)
+    try:
+        yield func
+    finally:
+        handle.remove()
+
+
+def _plain(
+    solve: Callable[..., Any],
+    func: Callable[..., Any],
+    y0: Any,
+    t: Any,
+    checkpoints: Any,
+    kw: dict[str, Any],
+) -> Any:
+    """torchdiffeq's call, with the checks every call makes (checkpoints, the field's shape)."""
+    _check_checkpoints(checkpoints, t, y0, kw)
+    with _output_checked(func) as checked:
+        return solve(checked, y0, t, **kw)
 
 
 def _recorded(
@@ -165,17 +237,16 @@ def _recorded(
     if rec is None:  # a field that integrates itself (OrthogonalFlow's Lie steps), unrecorded
         return integrate(func, y0, t, checkpoints=checkpoints, **_drop_none(kw)).ys
     if not torch.is_grad_enabled() and field_attr(func, "ode_reg_integrate") is None:
-        _check_checkpoints(checkpoints, t)
         rec.warn(
             "no_grad",
             "ode_reg: a solve ran without grad inside a training step; the loss cannot reach "
             "it, so it is left out of the terms (said once)",
         )
-        return solve(func, y0, t, **kw)
+        return _plain(solve, func, y0, t, checkpoints, kw)
     if rec.stats_only and field_attr(func, "ode_reg_integrate") is None:
         # Only solver statistics are wanted: torchdiffeq's call with a counting field, no
         # trajectory (checkpoints are checked, and not used, as on the unrecorded call).
-        _check_checkpoints(checkpoints, t)
+        _check_checkpoints(checkpoints, t, y0, kw)
         out, summary = solve_counted(func, y0, t, adjoint=adjoint, **_drop_none(kw))
         rec.summaries.append(summary)
         return out

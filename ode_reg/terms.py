@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ode_reg.adjoint import _through_state
+from ode_reg.functional.penalties import time_integral
 from ode_reg.recording import SolveRecord
 from ode_reg.trajectory import Trajectory, chain, starts_from_end
 
@@ -345,6 +346,23 @@ class ChainContext:
             count += n
             span += rec.traj.span
         return span**2 * total / max(count, 1)
+
+    # ------------------------------------------------------------------ RNODE's terms
+    def field_norm(self, name: str) -> Tensor:
+        """The chain's ``int`` of the batch-mean integrand of the term ``name``
+        (:class:`~ode_reg.KineticEnergy`, :class:`~ode_reg.JacobianFrobenius`): the sum over
+        its solves of the trapezoid rule over each solve's checkpoint times."""
+        total = None
+        for rec in self.records:
+            norms = rec.field_norms
+            if norms is None or name not in norms:
+                raise RuntimeError(
+                    f"the field norms of term '{name}' were not evaluated during the solve"
+                )
+            value = time_integral(*norms[name])
+            total = value if total is None else total + value
+        assert total is not None
+        return total
 
 
 def _is_end(rec: SolveRecord, k: int) -> bool:

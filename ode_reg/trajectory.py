@@ -394,7 +394,10 @@ class _CallProbe(_ProbeBase):
 
     def __call__(self, t: Tensor, y: Any) -> Any:
         self.stats.nfe += 1
-        return self.func(t, y)
+        out = self.func(t, y)
+        if self.stats.nfe == 1:
+            check_field_output(self.func, out, y)
+        return out
 
 
 class _Probe(_ProbeBase, nn.Module):
@@ -418,7 +421,10 @@ class _Probe(_ProbeBase, nn.Module):
         else:
             self.stats.nfe += 1
         func = self._modules.get("func") or self._closure
-        return func(t, y)
+        out = func(t, y)
+        if self.stats.nfe == 1 and not self.in_backward:
+            check_field_output(func, out, y)
+        return out
 
 
 def _flat(y: Any) -> Tensor:
@@ -649,13 +655,9 @@ def integrate(
     options = dict(options or {})
     kind = _solver_kind(method)
     forced: Tensor | None = None
-    grid: Tensor | None = None
     if checkpoints is not None:
-        forced = _checkpoint_times(t, checkpoints)
-        if kind == "fixed":
-            grid = _fixed_grid(method, options, y0, t)
-            forced = _on_grid(forced, grid, snap=isinstance(checkpoints, int), method=method)
-        elif kind == "adaptive" and forced.numel():
+        forced = forced_times(t, checkpoints, method, options, y0)
+        if kind == "adaptive" and forced.numel():
             user = options.get("step_t")
             step_t = (
                 forced if user is None else torch.cat([torch.as_tensor(user).to(forced), forced])
@@ -766,6 +768,81 @@ def _run_probe(
         raise _odeint_error(exc, method, func) from exc
     probe.finish()
     return out
+
+
+def forced_times(
+    t: Tensor, checkpoints: Any, method: str | None, options: dict[str, Any] | None, y0: Any
+) -> Tensor:
+    """The checkpoint times a solve must reach, checked as every call checks them.
+
+    Fixed-grid methods: times on the solver's grid (``checkpoints`` as a count is snapped to
+    it; given times off the grid are refused). Other methods: the times themselves.
+
+    Args:
+        t: the output times (a 1-D tensor).
+        checkpoints: as for :func:`integrate`.
+        method: the torchdiffeq method (``None``: ``"dopri5"``).
+        options: the solver options.
+        y0: the initial state.
+
+    Returns:
+        The checkpoint times, a 1-D tensor.
+
+    Raises:
+        ValueError: on a bad ``checkpoints`` or a given time off a fixed grid.
+
+    Example::
+
+        >>> forced_times(torch.tensor([0.0, 1.0]), 2, "rk4", {"step_size": 0.25}, torch.ones(1))
+        tensor([0.5000])
+    """
+    forced = _checkpoint_times(t, checkpoints)
+    method = method or "dopri5"
+    if method in SOLVERS and _solver_kind(method) == "fixed":
+        grid = _fixed_grid(method, dict(options or {}), y0, t)
+        forced = _on_grid(forced, grid, snap=isinstance(checkpoints, int), method=method)
+    return forced
+
+
+def check_field_output(func: Any, out: Any, y: Any) -> None:
+    """Refuse a field whose output does not have the state's shape (its first evaluation).
+
+    A broadcastable wrong shape (``(B, 1)`` for a ``(B, 4)`` state) would otherwise be
+    stepped silently by the fixed-grid solvers.
+
+    Args:
+        func: the field (named in the message).
+        out: what it returned.
+        y: the state it was evaluated at (a tensor, or a tuple of tensors).
+
+    Raises:
+        ValueError: naming the field and both shapes.
+
+    Example::
+
+        >>> check_field_output(None, torch.zeros(3, 4), torch.zeros(3, 4))  # accepted
+    """
+    if isinstance(y, Tensor):
+        ok = isinstance(out, Tensor) and out.shape == y.shape
+        want, got = tuple(y.shape), tuple(out.shape) if isinstance(out, Tensor) else type(out)
+    else:
+        ok = (
+            isinstance(out, (tuple, list))
+            and len(out) == len(y)
+            and all(isinstance(o, Tensor) and o.shape == c.shape for o, c in zip(out, y))
+        )
+        want = [tuple(c.shape) for c in y]
+        got = (
+            [tuple(o.shape) if isinstance(o, Tensor) else type(o).__name__ for o in out]
+            if isinstance(out, (tuple, list))
+            else type(out).__name__
+        )
+    if not ok:
+        name = getattr(func, "__qualname__", None) or type(func).__name__
+        raise ValueError(
+            f"the field {name} returned shape {got} for a state of shape {want}: f(t, z) must "
+            "return dz/dt with the state's shape"
+        )
 
 
 def _on_grid(forced: Tensor, grid: Tensor, *, snap: bool, method: str) -> Tensor:

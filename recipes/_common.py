@@ -19,6 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
 
 
+def output_dir(out: Path | None, fast: bool, default: Path, fast_default: Path) -> Path:
+    """Where a result script writes: ``--out`` when given; else ``default`` (under
+    ``results/``) for a real run and ``fast_default`` (under ``runs/``) for ``--fast``, so that
+    a quick try never overwrites recorded results."""
+    return (out or (fast_default if fast else default)).resolve()
+
+
 def single_thread() -> None:
     """One intra-op thread per run: faster for these small matrices when runs share 2 cores."""
     torch.set_num_threads(1)

@@ -399,7 +399,15 @@ def readme_blocks(records: dict[str, dict[str, Any]]) -> dict[str, str]:
         "results-table": _readme_table(records),
         "sweep-table": _sweep_table(),
         "sweep-long-table": _sweep_table("sweep_long.yaml", "sweep_long"),
+        "rnode-study-table": _rnode_table(),
     }
+
+
+def _rnode_table() -> str:
+    """The RNODE study's table and verdict, from ``results/rnode_study/records``."""
+    import rnode_study
+
+    return rnode_study.readme_block()
 
 
 def update_readme(records: dict[str, dict[str, Any]], check: bool = False) -> list[str]:

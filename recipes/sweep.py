@@ -16,6 +16,10 @@ Usage::
     python recipes/sweep.py --only gru unstructured --horizons 100
     python recipes/sweep.py --render         # tables and plots from the records only
     python recipes/sweep.py --fast --out /tmp/sweep   # 2 steps per run, T = 20 (the tests)
+
+``--fast`` writes into ``runs/sweep_fast/`` unless ``--out`` says otherwise, never into the
+recorded ``results/sweep/``; a records folder that mixes budgets (fast and full runs, or
+different step budgets) is refused.
 """
 
 from __future__ import annotations
@@ -39,12 +43,14 @@ from _common import (
     adjoint_profile,
     machine,
     md_table,
+    output_dir,
     profile_ratio,
     run_worker,
     write_json,
 )  # noqa: E402
 
 SPEC = Path(__file__).resolve().parent / "sweep.yaml"
+FAST_OUT = ROOT / "runs" / "sweep_fast"
 
 
 def load_spec(path: Path = SPEC) -> dict[str, Any]:
@@ -143,6 +149,11 @@ def worker(spec: dict[str, Any], key: str, record: Path, out: Path, fast: bool) 
             "nonfinite_skipped": int(getattr(model, "nonfinite_skipped", 0) or 0),
             "command": "ode-reg " + shlex.join(public),
             "fast": fast,
+            "budget": {
+                "fast": fast,
+                "max_steps": 2 if fast else spec["max_steps"],
+                "batch_size": spec["common"].get("--data.init_args.batch_size"),
+            },
         },
     )
 
@@ -153,8 +164,36 @@ def _parse_key(key: str) -> tuple[str, int, int]:
     return variant, int(horizon), int(seed)
 
 
+def record_budget(r: dict[str, Any]) -> dict[str, Any]:
+    """A record's budget: its ``budget`` field, or for records written before it existed, the
+    fast flag and the ``--trainer.max_steps`` of its command (a fast run's 2 steps were set
+    outside the command, hence the flag)."""
+    if "budget" in r:
+        return {k: r["budget"].get(k) for k in ("fast", "max_steps")}
+    words = r["command"].split()
+    steps = (
+        words[words.index("--trainer.max_steps") + 1] if "--trainer.max_steps" in words else None
+    )
+    fast = bool(r.get("fast", False))
+    return {"fast": fast, "max_steps": 2 if fast else (int(steps) if steps else None)}
+
+
 def load_records(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted((out / "records").glob("*.json"))]
+    """The records under ``out/records``.
+
+    Raises:
+        ValueError: if they mix budgets (fast and full runs, or different step budgets).
+    """
+    records = [json.loads(p.read_text()) for p in sorted((out / "records").glob("*.json"))]
+    budgets: dict[str, str] = {}
+    for r in records:
+        budgets.setdefault(json.dumps(record_budget(r), sort_keys=True), r["key"])
+    if len(budgets) > 1:
+        raise ValueError(
+            f"{out}/records mixes budgets {sorted(budgets)} (e.g. runs "
+            f"{sorted(budgets.values())}): use separate --out folders"
+        )
+    return records
 
 
 def summarize(spec: dict[str, Any], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -349,14 +388,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rerun", action="store_true", help="run even where a record exists")
     p.add_argument("--render", action="store_true", help="only the tables and plots")
     p.add_argument("--fast", action="store_true", help="2 steps per run at T = 20 (tests)")
-    p.add_argument("--out", type=Path, default=None, help="output folder (results/sweep)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default results/sweep; with --fast runs/sweep_fast)",
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--record", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     spec = load_spec(args.spec)
     if args.fast:
         spec["horizons"], spec["seeds"] = [20], [0]
-    out = (args.out or RESULTS / "sweep").resolve()
+    out = output_dir(args.out, args.fast, RESULTS / "sweep", FAST_OUT)
     if args.worker:
         worker(spec, args.worker, args.record, out, args.fast)
         return
@@ -375,6 +419,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.render:
         print(render(load_spec(args.spec) if not args.fast else spec, out))
         return
+    existing = load_records(out)  # refuses a folder that already mixes budgets
+    want = {"fast": args.fast, "max_steps": 2 if args.fast else spec["max_steps"]}
+    if existing and record_budget(existing[0]) != want:
+        p.error(
+            f"{out}/records hold runs of budget {record_budget(existing[0])}, this invocation's "
+            f"is {want}: use another --out"
+        )
     keys = [
         run_key(v["key"], t, s)
         for t in sorted(spec["horizons"])

@@ -34,6 +34,8 @@ from torch.nn import functional as F
 from ode_reg import (
     AdjointMagnitude,
     DirectionalConstraint,
+    JacobianFrobenius,
+    KineticEnergy,
     RegularizedODEModule,
     SensitivityMagnitude,
     SkewJacobianPenalty,
@@ -57,6 +59,21 @@ class Field(nn.Module):
 
     def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.l2(torch.tanh(self.l1(z))))
+
+
+class DiagonalField(nn.Module):
+    """``f(z) = c * tanh(a * z + b)`` coordinate-wise: a diagonal Jacobian, for which every
+    Rademacher probe gives the exact ``|J|_F^2`` (``|J^T v|^2 = sum_j J_jj^2 v_j^2``), so the
+    Frobenius term is deterministic and DDP can be compared with one process exactly."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.linspace(0.5, 1.5, dim))
+        self.b = nn.Parameter(torch.linspace(-0.3, 0.3, dim))
+        self.c = nn.Parameter(torch.ones(dim))
+
+    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.c * torch.tanh(self.a * z + self.b)
 
 
 class FlakyAdjointMagnitude(AdjointMagnitude):
@@ -101,12 +118,16 @@ def regularizers(scenario: str, mode: str) -> list:
         ]
     if scenario == "skew":
         return [SkewJacobianPenalty(1.0, probes=16)]
+    if scenario == "rnode":
+        return [KineticEnergy(0.5), JacobianFrobenius(0.5, every_n_steps=2, warmup_steps=3)]
     if scenario == "nonfinite":
         # In one process the only rank (0) meets the bad value; under DDP only rank 1 does.
         return [
             FlakyAdjointMagnitude(0.2, bad_step=1, bad_rank=0 if mode == "single" else 1),
             SensitivityMagnitude(0.2),
         ]
+    if scenario == "loss_nan":  # the task loss is NaN at step 1 on one rank (see DDPModel)
+        return [AdjointMagnitude(0.2), SensitivityMagnitude(0.2)]
     if scenario.startswith("step_"):  # one bare training_step, bad on rank 1
         return [FlakyAdjointMagnitude(0.2, bad_step=0, bad_rank=1), SensitivityMagnitude(0.2)]
     raise ValueError(f"unknown scenario {scenario!r}")
@@ -123,10 +144,14 @@ class DDPModel(RegularizedODEModule):
             from ode_reg.dynamics import OrthogonalFlow
 
             self.field: nn.Module = OrthogonalFlow(DIM, step="exp", step_size=0.25)
+        elif scenario == "rnode":
+            self.field = DiagonalField(DIM)
         else:
             self.field = Field(DIM)
         self.head = nn.Linear(DIM, 1)
         self.lr = 0.0 if scenario == "skew" else 0.1
+        # loss_nan: NaN task loss at step 1, on the only rank (single) or on rank 1 (DDP)
+        self.nan_rank = (0 if mode == "single" else 1) if scenario == "loss_nan" else None
         self.logged: list[dict[str, float]] = []
         self.rng: list[int] = []
 
@@ -147,6 +172,8 @@ class DDPModel(RegularizedODEModule):
         )
         loss = F.mse_loss(self.head(z[-1]), y)
         self.log("task", loss, sync_dist=True)
+        if self.global_step == 1 and rank() == self.nan_rank:
+            loss = loss * float("nan")
         return loss
 
     def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
@@ -211,6 +238,7 @@ class Recorder(Callback):
                 "synced": self.synced,
                 "logged": pl_module.logged,
                 "skipped": {reg.name: int(reg.skipped) for reg in pl_module.regularizers},
+                "skipped_steps": int(getattr(pl_module, "_ode_reg_skipped_steps", 0)),
                 "rng": pl_module.rng,
                 "exact": self.exact,
                 "steps": trainer.global_step,

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 WORKER = Path(__file__).with_name("_ddp_worker.py")
-SCENARIOS = ("parity", "spectral", "every_n", "skew", "parity_local", "stopgrad")
+SCENARIOS = ("parity", "spectral", "every_n", "skew", "parity_local", "stopgrad", "rnode")
 WORKER_TIMEOUT_S = 240
 PARAM_TOL = 1e-5
 
@@ -186,3 +186,25 @@ def test_skew_jacobian_estimate_is_unbiased_across_ranks(ddp) -> None:
     # the one-process estimate agrees as well
     single = torch.tensor([row["reg/skew_jacobian"] for row in res["single"][0]["synced"]])
     assert float(((single - exact).abs() / exact).max()) < 0.10
+
+
+def test_rnode_terms_equal_one_process(ddp) -> None:
+    """KineticEnergy and JacobianFrobenius (cadence 2, warm-up 3) under DDP: the parameters and
+    the logged terms equal one process with the whole batch (per sample, then the batch mean:
+    the mean of the ranks' half-batch values). The field's Jacobian is diagonal, so the
+    Hutchinson estimate is exact and both runs see the same values."""
+    res = ddp["rnode"]
+    check_parity(res)
+    r0, r1 = res["ddp"]
+    synced = res["single"][0]["synced"]
+    assert max(row["reg/kinetic_energy"] for row in synced) > 1e-3
+    assert max(row.get("reg/jacobian_frobenius", 0.0) for row in synced) > 1e-3
+    for step, row in enumerate(r0["synced"]):
+        names = {k[4:] for k in r0["logged"][step] if k.startswith("reg/")} - {"total", "skipped"}
+        assert names == (
+            {"kinetic_energy", "jacobian_frobenius"} if step % 2 == 0 else {"kinetic_energy"}
+        )
+        for name in names:
+            local = (r0["logged"][step][f"reg/{name}"], r1["logged"][step][f"reg/{name}"])
+            assert local[0] != local[1]  # each rank's own half batch ...
+            assert row[f"reg/{name}"] == pytest.approx(sum(local) / 2, rel=1e-5)  # ... averaged

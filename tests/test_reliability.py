@@ -16,6 +16,7 @@ import pytest
 import torch
 import torchdiffeq
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from test_newcomer import offline_wandb  # noqa: F401 - the fixture: W&B offline, in tmp_path
 from torch import nn
 from torch.nn import functional as F
 
@@ -155,27 +156,128 @@ def all_regularizers() -> list:
     ]
 
 
-def test_nan_batch_drops_every_term_and_counts_it() -> None:
+def test_nan_batch_skips_the_step_without_blaming_the_terms() -> None:
+    """A NaN in the batch: no term is evaluated (``reg/skipped`` stays 0, the terms' count),
+    the optimizer step is dropped (parameters unchanged) and counted in reg/skipped_steps."""
     model = ODEModel(regularizers=all_regularizers())
+    before = snapshot(model)
     x, y = data(8)
     x[3, 1] = math.nan
     tr = trainer(max_steps=1)
-    tr.fit(model, loader(x, y))
-    assert [int(r.skipped) for r in model.regularizers] == [1, 1, 1, 1]
+    with pytest.warns(UserWarning, match=r"step 0 skipped, the batch is not finite: batch\[0\]"):
+        tr.fit(model, loader(x, y))
+    assert [int(r.skipped) for r in model.regularizers] == [0, 0, 0, 0]
     metrics = tr.callback_metrics
-    assert float(metrics["reg/skipped"]) == 4.0
-    assert float(metrics["reg/total"]) == 0.0
+    assert float(metrics["reg/skipped_steps"]) == 1.0
+    assert "reg/skipped" not in metrics and "reg/total" not in metrics
     for r in model.regularizers:
-        assert f"reg/{r.name}" not in metrics  # a dropped term is not logged
+        assert f"reg/{r.name}" not in metrics  # not evaluated, not logged
+    assert max_diff(before, snapshot(model)) == 0.0
 
 
-def test_nan_batch_raises_under_raise_policy() -> None:
+def test_nan_batch_raises_under_raise_policy_naming_the_batch() -> None:
     model = ODEModel(regularizers=all_regularizers(), nonfinite="raise")
     x, y = data(8)
     x[0, 0] = math.nan
-    with pytest.raises(FloatingPointError, match=r"regularizer 'adjoint_magnitude' is not finite"):
+    with pytest.raises(FloatingPointError, match=r"the batch is not finite: batch\[0\] \(1 of"):
         trainer(max_steps=1).fit(model, loader(x, y))
     assert int(model.regularizers[0].skipped) == 0
+
+
+class NaNLossAt(ODEModel):
+    """The task loss is NaN at global step ``bad_step`` (the batch is finite)."""
+
+    def __init__(self, bad_step: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.bad_step = bad_step
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * math.nan if self.global_step == self.bad_step else loss
+
+
+class ParamsEachStep(Callback):
+    """The parameters at the start of every training batch, and after the last."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.seen.append(snapshot(pl_module))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.seen.append(snapshot(pl_module))
+
+
+def test_nan_task_loss_at_step_3_skips_that_step_only(tmp_path: Path) -> None:
+    """NaN task loss at step 3 (lr > 0): step 3 leaves the parameters (and Adam's state) as
+    they were, every other step changes them, all stay finite; the skip is logged under
+    reg/skipped_steps (not reg/skipped), and no term value is logged for step 3."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    model = NaNLossAt(3, regularizers=[AdjointMagnitude(0.1), SkewJacobianPenalty(0.05, seed=1)])
+    params = ParamsEachStep()
+    tr = trainer(max_steps=6, logger=CSVLogger(tmp_path), log_every_n_steps=1, callbacks=[params])
+    with pytest.warns(UserWarning, match=r"step 3 skipped, the task loss is not finite"):
+        tr.fit(model, loader(*data(48)))
+    seen = params.seen
+    assert len(seen) == 7
+    for k, (a, b) in enumerate(zip(seen, seen[1:])):
+        assert all(torch.isfinite(p).all() for p in b.values())
+        if k == 3:
+            assert max_diff(a, b) == 0.0  # the skipped step
+        else:
+            assert max_diff(a, b) > 1e-5  # it trains
+    adam = tr.optimizers[0]
+    assert all(int(st["step"]) == 5 for st in adam.state.values())  # 6 steps, one skipped
+    assert [int(r.skipped) for r in model.regularizers] == [0, 0]
+    logged = _logged(tmp_path)
+    assert [logged[s].get("reg/skipped_steps") for s in range(6)] == [
+        None,
+        None,
+        None,
+        1,
+        None,
+        None,
+    ]
+    assert all(logged[s]["reg/skipped"] == 0 for s in range(6) if s != 3)
+    for key in ("reg/adjoint_magnitude_step", "reg/skew_jacobian_step", "reg/total_step"):
+        assert key not in logged[3] and all(key in logged[s] for s in (2, 4)), key
+
+
+def test_nan_task_loss_raises_under_raise_policy_naming_the_task_loss() -> None:
+    model = NaNLossAt(3, regularizers=[AdjointMagnitude(0.1)], nonfinite="raise")
+    with pytest.raises(
+        FloatingPointError, match=r"^the task loss is not finite \(value nan\) at step 3$"
+    ):
+        trainer(max_steps=6).fit(model, loader(*data(48)))
+    assert model.global_step == 3 and int(model.regularizers[0].skipped) == 0
+
+
+class NaNGradient(ODEModel):
+    """A finite task loss whose gradient is NaN at step 1: ``sqrt(|w - w|)`` has value 0 and
+    derivative ``inf * 0``."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        if self.global_step == 1:
+            w = self.field.lin.weight
+            loss = loss + (w - w.detach()).abs().sqrt().sum()
+        return loss
+
+
+def test_nan_gradient_of_a_finite_loss_skips_the_step_or_raises_naming_the_parameter() -> None:
+    model = NaNGradient(regularizers=[AdjointMagnitude(0.1)])
+    params = ParamsEachStep()
+    tr = trainer(max_steps=3, callbacks=[params])
+    with pytest.warns(UserWarning, match=r"step 1 skipped, the gradient of field.lin.weight"):
+        tr.fit(model, loader(*data(24)))
+    assert max_diff(params.seen[1], params.seen[2]) == 0.0
+    assert max_diff(params.seen[2], params.seen[3]) > 1e-5
+    assert float(tr.callback_metrics["reg/skipped_steps"]) == 1.0
+    raising = NaNGradient(regularizers=[AdjointMagnitude(0.1)], nonfinite="raise")
+    with pytest.raises(FloatingPointError, match=r"gradient of field.lin.weight is not finite"):
+        trainer(max_steps=3).fit(raising, loader(*data(24)))
 
 
 def exploding(regs: list, **kwargs: Any) -> ODEModel:
@@ -556,7 +658,7 @@ def load(out: Path, name: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def ddp_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("ddp_reliability")
-    log = run_worker(out, ("nonfinite", "step_skip", "step_raise"))
+    log = run_worker(out, ("nonfinite", "loss_nan", "step_skip", "step_raise"))
     (out / "worker.log").write_text(log)
     return out
 
@@ -580,6 +682,21 @@ def test_ddp_one_rank_nonfinite_collective_skip(ddp_out: Path) -> None:
         logged = res["logged"]
         assert "reg/adjoint_magnitude" not in logged[1] and "reg/adjoint_magnitude" in logged[2]
         assert [row["reg/skipped"] for row in logged] == [0.0, 1.0, 1.0, 1.0]
+        assert all(torch.isfinite(p).all() for p in res["params"].values())
+    assert max_diff(r0["params"], r1["params"]) == 0.0
+    assert max_diff(single["params"], r0["params"]) < 1e-5
+
+
+def test_ddp_one_rank_nan_task_loss_skips_the_step_on_every_rank(ddp_out: Path) -> None:
+    """Only rank 1's task loss is NaN (step 1): both ranks drop that optimizer step (the
+    decision is collective), stay equal and finite, and match one process that dropped it."""
+    assert status(ddp_out, "loss_nan-ddp") == "ok", status(ddp_out, "loss_nan-ddp")
+    assert status(ddp_out, "loss_nan-single") == "ok"
+    single = load(ddp_out, "loss_nan-single-rank0.pt")
+    r0, r1 = load(ddp_out, "loss_nan-ddp-rank0.pt"), load(ddp_out, "loss_nan-ddp-rank1.pt")
+    for res in (single, r0, r1):
+        assert res["steps"] == 4 and res["skipped_steps"] == 1
+        assert res["skipped"] == {"adjoint_magnitude": 0, "sensitivity_magnitude": 0}
         assert all(torch.isfinite(p).all() for p in res["params"].values())
     assert max_diff(r0["params"], r1["params"]) == 0.0
     assert max_diff(single["params"], r0["params"]) < 1e-5
@@ -711,3 +828,208 @@ def test_resumed_run_logs_the_same_sequence_as_an_uninterrupted_one(tmp_path: Pa
                 compared += 1
     assert compared > 40
     assert max(full) == max(joined)
+
+
+# --------------------------------------------------------------------------- the same checks
+
+
+class CallsOdeint(RegularizedODEModule):
+    """A training step that makes one ``ode_reg.odeint`` call with the given arguments."""
+
+    def __init__(self, field: Any, t: Any, adjoint: bool = False, **odeint_kw: Any) -> None:
+        term = SkewJacobianPenalty(0.1, seed=0) if adjoint else AdjointMagnitude(0.1)
+        super().__init__(regularizers=[term])  # recorded: a term is active
+        self.field, self.t, self.adjoint, self.odeint_kw = field, t, adjoint, odeint_kw
+        self.out: torch.Tensor | None = None
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.out = self.odeint(self.field, batch, self.t, adjoint=self.adjoint, **self.odeint_kw)
+        return self.out[-1].pow(2).mean()
+
+
+def solve_both_ways(field: Any, t: Any, adjoint: bool = False, **kw: Any) -> dict[str, Any]:
+    """``ode_reg.odeint`` outside training and inside a training step (recorded): the result,
+    or the error message, of each."""
+    from ode_reg import odeint, odeint_adjoint
+
+    torch.manual_seed(0)
+    z0 = torch.randn(3, 4)
+    out: dict[str, Any] = {}
+    try:
+        call = odeint_adjoint if adjoint else odeint
+        out["outside"] = call(field, z0, t, method="rk4", options={"step_size": 0.25}, **kw)
+    except ValueError as exc:
+        out["outside"] = str(exc)
+    model = CallsOdeint(field, t, adjoint=adjoint, method="rk4", options={"step_size": 0.25}, **kw)
+    try:
+        model.training_step(z0, 0)
+        out["inside"] = model.out
+    except ValueError as exc:
+        out["inside"] = str(exc)
+    return out
+
+
+def test_off_grid_checkpoints_are_refused_inside_and_outside_training() -> None:
+    field = TanhField(4)
+    res = solve_both_ways(field, torch.tensor([0.0, 1.0]), checkpoints=[0.3])
+    assert res["outside"] == res["inside"]
+    assert (
+        "`checkpoints` time 0.3 is not on the 'rk4' grid (nearest grid time 0.25)" in res["inside"]
+    )
+    on_grid = solve_both_ways(field, torch.tensor([0.0, 1.0]), checkpoints=[0.25, 0.5])
+    assert torch.equal(on_grid["outside"], on_grid["inside"].detach())
+
+
+def test_a_list_of_times_is_accepted_inside_and_outside_training() -> None:
+    field = TanhField(4)
+    listed = solve_both_ways(field, [0.0, 0.5, 1.0])
+    tensor = solve_both_ways(field, torch.tensor([0.0, 0.5, 1.0]))
+    for where in ("outside", "inside"):
+        assert isinstance(listed[where], torch.Tensor), listed[where]
+        assert torch.equal(listed[where].detach(), tensor[where].detach())
+
+
+class OneColumn(nn.Module):
+    """A field that returns ``(B, 1)`` for a ``(B, 4)`` state (broadcastable, wrong)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 1)
+
+    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.lin(z))
+
+
+@pytest.mark.parametrize("adjoint", [False, True])
+@pytest.mark.parametrize("kind", ["module", "closure"])
+def test_a_field_output_of_the_wrong_shape_is_refused_everywhere(kind: str, adjoint: bool) -> None:
+    f = OneColumn()
+    field = f if kind == "module" else (lambda t, z: f(t, z))
+    kw = {"adjoint_params": tuple(f.parameters())} if adjoint and kind == "closure" else {}
+    res = solve_both_ways(field, torch.tensor([0.0, 1.0]), adjoint=adjoint, **kw)
+    for where in ("outside", "inside"):
+        msg = res[where]
+        assert isinstance(msg, str), f"{where}: accepted a (3, 1) output for a (3, 4) state"
+        assert "returned shape (3, 1) for a state of shape (3, 4)" in msg, msg
+    # torchdiffeq alone steps it silently (rk4 broadcasts (3, 1) against (3, 4))
+    z0 = torch.randn(3, 4)
+    assert torchdiffeq.odeint(field, z0, torch.tensor([0.0, 1.0]), method="rk4").shape == (2, 3, 4)
+    assert not f._forward_hooks  # the check's hook is gone
+
+
+# --------------------------------------------------------------------------- fail early
+
+TWO_MOONS = Path(__file__).resolve().parents[1] / "recipes" / "two_moons.yaml"
+
+
+def wandb_folder() -> Path:
+    """The W&B folder of the ``offline_wandb`` fixture (empty unless a W&B run was made)."""
+    return Path(os.environ["WANDB_DIR"])
+
+
+def fit_two_moons(tmp_path: Path, *extra: str):
+    from ode_reg.cli import run
+
+    args = ["fit", "--config", str(TWO_MOONS), "--trainer.max_steps", "2"]
+    args += ["--trainer.limit_val_batches", "1", "--data.init_args.n_samples", "200"]
+    args += ["--trainer.logger.init_args.save_dir", str(tmp_path / "logs")]
+    return run([*args, *extra])
+
+
+@pytest.mark.usefixtures("offline_wandb")
+def test_an_unwritable_run_folder_is_refused_before_any_w_and_b_run(tmp_path: Path) -> None:
+    from ode_reg.cli import ConfigError
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    root = blocker / "runs"
+    with pytest.raises(ConfigError) as info:
+        fit_two_moons(tmp_path, "--trainer.default_root_dir", str(root))
+    message = str(info.value)
+    assert message.startswith(f"cannot write to {root} (--trainer.default_root_dir): ")
+    assert "\n" not in message  # one line
+    assert list(wandb_folder().iterdir()) == []  # no W&B run was created
+    assert not (tmp_path / "logs").exists()
+
+
+def test_an_unwritable_checkpoint_folder_is_refused_before_training(tmp_path: Path) -> None:
+    from ode_reg.cli import ConfigError, preflight
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    ckpt = ModelCheckpoint(dirpath=blocker / "ckpt")
+    t = trainer(enable_checkpointing=True, callbacks=[ckpt], default_root_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"cannot write to .*a_file/ckpt \(the ModelCheckpoint's"):
+        preflight(t)
+    preflight(trainer(enable_checkpointing=True, default_root_dir=tmp_path / "new"))  # made
+    assert (tmp_path / "new").is_dir()
+
+
+def _bad_checkpoints(tmp_path: Path) -> dict[str, Path]:
+    real = tmp_path / "real.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(4096)}, "global_step": 3}, real)
+    data = real.read_bytes()
+    files = {"empty": b"", "truncated": data[: len(data) // 2], "text": b"epoch=3 not a ckpt\n"}
+    out = {}
+    for name, content in files.items():
+        (tmp_path / f"{name}.ckpt").write_bytes(content)
+        out[name] = tmp_path / f"{name}.ckpt"
+    out["missing"] = tmp_path / "missing.ckpt"
+    return out
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("empty", "the file is empty"),
+        ("truncated", "a truncated or damaged checkpoint"),
+        ("text", "not a checkpoint torch can read"),
+        ("missing", "no such file"),
+    ],
+)
+@pytest.mark.usefixtures("offline_wandb")
+def test_a_bad_ckpt_path_gets_one_line_naming_the_file(
+    tmp_path: Path, kind: str, reason: str
+) -> None:
+    from ode_reg.cli import ConfigError
+
+    path = _bad_checkpoints(tmp_path)[kind]
+    with pytest.raises(ConfigError) as info:
+        fit_two_moons(
+            tmp_path, "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", str(path)
+        )
+    message = str(info.value)
+    assert message.startswith(f"--ckpt_path {path}: {reason}"), message
+    assert "\n" not in message
+    assert list(wandb_folder().iterdir()) == []
+
+
+@pytest.mark.usefixtures("offline_wandb")
+def test_wandb_online_with_an_unreachable_server_falls_back_within_seconds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """W&B asked online, an account configured, the server a loopback port that refuses
+    connections: the run says so and goes on with the CSV logger in seconds (wandb.init itself
+    waits about 90 s)."""
+    import socket
+    import time
+
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    from ode_reg.cli import ensure_logger_available
+
+    with socket.socket() as sock:  # a free port on 127.0.0.1, closed again: connections refused
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+    t = trainer(logger=WandbLogger(save_dir=str(tmp_path / "logs"), project="p"),
+                default_root_dir=tmp_path)  # fmt: skip
+    start = time.perf_counter()
+    with pytest.warns(UserWarning, match=rf"W&B server is http://127.0.0.1:{port} unreachable"):
+        ensure_logger_available(t)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 5.0, elapsed  # "within a few seconds"; the fallback itself is immediate
+    assert [type(lg) for lg in t.loggers] == [CSVLogger]
+    assert list(wandb_folder().iterdir()) == []

@@ -116,6 +116,75 @@ def test_sweep_fast(tmp_path: Path, env: dict[str, str]) -> None:
         timeout=300,
     )
     assert proc.returncode == 0 and "0 of 2 runs to do" in proc.stdout
+    # A records folder that mixes budgets is refused: one recorded 400-step run beside the
+    # fast ones makes the render fail, naming the problem, and writes no table.
+    (tmp_path / "SWEEP.md").unlink()
+    full = sorted((ROOT / "results" / "sweep" / "records").glob("*.json"))[0]
+    (tmp_path / "records" / full.name).write_text(full.read_text())
+    proc = _script("sweep.py", env, "--fast", "--out", str(tmp_path), "--render")
+    assert proc.returncode != 0 and "mixes budgets" in proc.stderr
+    assert not (tmp_path / "SWEEP.md").exists()
+
+
+def _script(script: str, env: dict[str, str], *args: str, timeout: int = 300):
+    """``python recipes/<script> <args>`` from the repository root, output captured."""
+    cmd = [sys.executable, str(ROOT / "recipes" / script), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _tree_digest(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_fast_runs_never_write_into_results(env: dict[str, str]) -> None:
+    """Without --out, the fast modes of the sweep and of the RNODE study write under runs/,
+    never into results/ (the recorded sweep was once overwritten by a 2-step try)."""
+    sys.path.insert(0, str(ROOT / "recipes"))
+    import rnode_study
+    import sweep
+
+    for mod in (sweep, rnode_study):
+        assert not mod.FAST_OUT.resolve().is_relative_to((ROOT / "results").resolve())
+    before = _tree_digest(ROOT / "results")
+    for script in ("sweep.py", "rnode_study.py"):  # --render: the output folder, no training
+        proc = _script(script, env, "--fast", "--render")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _tree_digest(ROOT / "results") == before
+    assert (sweep.FAST_OUT / "SWEEP.md").exists() and (rnode_study.FAST_OUT / "STUDY.md").exists()
+
+
+def test_rnode_study_fast(tmp_path: Path, env: dict[str, str]) -> None:
+    """The study's fast mode (2 epochs of 3 batches, seed 0): one record per run with the
+    budget, equal updates per variant, NFE per step from SolverStatsMonitor; STUDY.md, the
+    plot and the verdict rendered from the records; a folder mixing budgets is refused."""
+    args = ("--fast", "--out", str(tmp_path), "--only", "cnf", "--variants", "none", "rnode")
+    proc = _script("rnode_study.py", env, *args, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "records").glob("*.json")}
+    assert sorted(records) == ["cnf_none_s0", "cnf_rnode_s0"]
+    for r in records.values():
+        assert r["steps"] == 6 and r["epochs"] == 2 and r["budget"]["fast"] is True
+        assert len(r["history"]) == 2 and all(e["steps"] == 3 for e in r["history"])
+        assert r["nfe_per_step"] > 0 and r["nfe_backward_per_step"] == 0  # odeint: no adjoint solve
+        assert r["nfe_per_step"] == pytest.approx(sum(e["nfe_per_step"] for e in r["history"]) / 2)
+        assert r["metric"] is not None and math.isfinite(r["metric"])
+    assert "KineticEnergy" in " ".join(records["cnf_rnode_s0"]["regularizers"])
+    md = (tmp_path / "STUDY.md").read_text()
+    assert "| 2-D CNF (two moons density) | no regularizer | 1 | 6 |" in md
+    assert "Per unit of metric lost" in md
+    assert (tmp_path / "rnode_nfe.png").stat().st_size > 0
+    # mixing budgets: a record of another epoch count beside these is refused
+    other = dict(records["cnf_none_s0"], key="cnf_skew_s0", variant="skew")
+    other["budget"] = {**other["budget"], "epochs": 3}
+    (tmp_path / "records" / "cnf_skew_s0.json").write_text(json.dumps(other))
+    proc = _script("rnode_study.py", env, "--fast", "--out", str(tmp_path), "--render")
+    assert proc.returncode != 0 and "mixes budgets" in proc.stderr
 
 
 def test_sweep_summary_statistics() -> None:

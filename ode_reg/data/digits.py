@@ -275,4 +275,4 @@ class DigitsDataModule(SplitDataModule):
                 )
             self.train_set = TensorDataset(x, y)
             self._noise_epoch = epoch
-        return self._loader("train", shuffle=True, epoch=epoch)
+        return self._loader("train", shuffle=True)

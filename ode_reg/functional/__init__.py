@@ -10,6 +10,8 @@ from ode_reg.functional.orthogonal import (
 from ode_reg.functional.penalties import (
     adjoint_magnitude_penalty,
     directional_penalty,
+    jacobian_frobenius_penalty,
+    kinetic_energy_penalty,
     sensitivity_magnitude_penalty,
     skew_jacobian_penalty,
     spectral_penalty,
@@ -28,6 +30,8 @@ __all__ = [
     "expm_orthogonal",
     "jacobian",
     "jacobian_eigvals",
+    "jacobian_frobenius_penalty",
+    "kinetic_energy_penalty",
     "orthogonality_defect",
     "scaled_cayley",
     "sensitivity_magnitude_penalty",

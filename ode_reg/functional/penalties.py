@@ -1,7 +1,8 @@
-"""The five penalties of MATH.md, as functions of tensors.
+"""The penalties of MATH.md (the note's five and RNODE's two), as functions of tensors.
 
-All are dimensionless (unchanged when the loss is scaled), zero exactly when their property
-holds, and guarded against zero norms with ``eps``.
+The note's are dimensionless (unchanged when the loss is scaled), zero exactly when their
+property holds, and guarded against zero norms with ``eps``; RNODE's (kinetic energy, Jacobian
+Frobenius norm) are integrals over time with units, zero exactly for ``f = 0``.
 """
 
 from __future__ import annotations
@@ -285,3 +286,177 @@ def skew_sum_loop(
             sv = 0.5 * (jv + jtv)
             total = total + sv.pow(2).flatten(1).sum(1).mean()
     return total
+
+
+# --------------------------------------------------------------------------- RNODE's terms
+def time_integral(times: Tensor, rows: Tensor) -> Tensor:
+    """``int rows dt`` over the checkpoint times by the trapezoid rule (``torch.trapezoid``
+    along dim 0), in the length of time (a solve backwards in time integrates over
+    ``|t - t_0|``, so a non-negative integrand gives a non-negative integral)."""
+    span = (times - times[0]).abs().to(rows.dtype)
+    return torch.trapezoid(rows, span, dim=0)
+
+
+def field_norm_rows(
+    out: Tensor,
+    z: Tensor,
+    index: Tensor,
+    dims: int | None = None,
+    probes: Tensor | None = None,
+) -> Tensor:
+    """Per-sample ``|f_i|^2`` (``probes is None``) or the Hutchinson estimate
+    ``mean_p |J_i^T v_{p,i}|^2`` of ``|J_i|_F^2``, ``J_i = df_i/dz_i``, at one state.
+
+    ``E_v |J^T v|^2 = tr(J J^T) = |J|_F^2`` for probes with ``E[v v^T] = I`` (Rademacher): one
+    vector-Jacobian product per probe. The field must act on each sample independently (the
+    batch Jacobian is block diagonal), as for the skew-Jacobian term.
+
+    Args:
+        out: ``f(t, z)``, shaped like ``z``.
+        z: the state (requires grad for the Frobenius estimate).
+        index: ``(B, d)`` positions of each sample's coordinates in ``z.reshape(-1)``.
+        dims: read only each sample's first ``dims`` coordinates (``None``: all of them); the
+            Frobenius estimate is then that of the block ``df_{:dims}/dz_{:dims}``.
+        probes: ``(P, *z.shape)`` probes, or ``None`` for ``|f|^2``.
+
+    Returns:
+        ``(B,)`` per-sample values.
+    """
+    sel = index if dims is None else index[:, :dims]
+    if probes is None:
+        return out.reshape(-1)[sel].pow(2).sum(-1)
+    rows = out.new_zeros(sel.shape[0])
+    if not out.requires_grad:
+        return rows
+    mask = torch.zeros(z.numel(), dtype=out.dtype, device=out.device)
+    mask[sel.reshape(-1)] = 1.0
+    for v in probes:
+        cot = (v.reshape(-1) * mask).reshape(out.shape)
+        (g,) = torch.autograd.grad(
+            out, z, cot, create_graph=True, retain_graph=True, allow_unused=True
+        )
+        if g is not None:
+            rows = rows + g.reshape(-1)[sel].pow(2).sum(-1)
+    return rows / probes.shape[0]
+
+
+def _per_sample_index(state: Tensor) -> Tensor:
+    """``(B, d)`` positions of each sample's coordinates in a ``(B, ...)`` state (dim 0 is the
+    batch, as in the functional forms' ``(K + 1, B, ...)`` stacks)."""
+    idx = torch.arange(state.numel(), device=state.device)
+    return idx.reshape(state.shape[0], -1)
+
+
+def _check_path(times: Tensor, states: Tensor, name: str) -> None:
+    if not isinstance(states, Tensor) or states.dim() < 2 or states.shape[0] < 2:
+        shape = tuple(states.shape) if isinstance(states, Tensor) else type(states).__name__
+        raise ValueError(
+            f"`{name}` must be a tensor (K + 1, B, ...) with K + 1 >= 2 checkpoints, got {shape}"
+        )
+    if not isinstance(times, Tensor) or times.dim() != 1 or times.numel() != states.shape[0]:
+        got = tuple(times.shape) if isinstance(times, Tensor) else type(times).__name__
+        raise ValueError(
+            f"`times` must be a 1-D tensor with one entry per checkpoint ({states.shape[0]}), "
+            f"got {got}"
+        )
+
+
+def kinetic_energy_penalty(times: Tensor, velocities: Tensor) -> Tensor:
+    """``R_K = mean_i int |f(t, z_i(t))|^2 dt`` (RNODE's kinetic energy, MATH.md).
+
+    Per sample, the squared Euclidean norm of the field (summed over the sample's coordinates,
+    no factor 1/2), integrated over the checkpoint times by the trapezoid rule; then the batch
+    mean. Per sample, so a batch split over DDP ranks needs no communication.
+
+    Args:
+        times: ``(K + 1,)`` checkpoint times (increasing or decreasing).
+        velocities: ``(K + 1, B, ...)`` the field ``f(t_k, z_k)`` at the checkpoints.
+
+    Returns:
+        Scalar tensor ``>= 0``.
+
+    Raises:
+        ValueError: on fewer than 2 checkpoints or ``times`` of the wrong length.
+
+    Example::
+
+        >>> import torch
+        >>> t = torch.linspace(0.0, 2.0, 5)
+        >>> f = torch.ones(5, 3, 4)  # |f|^2 = 4 for every sample, over a time of 2
+        >>> float(kinetic_energy_penalty(t, f))
+        8.0
+    """
+    _check_path(times, velocities, "velocities")
+    index = _per_sample_index(velocities[0])
+    rows = torch.stack([field_norm_rows(v, v, index) for v in velocities.unbind(0)])
+    return time_integral(times, rows).mean()
+
+
+def jacobian_frobenius_penalty(
+    func: Callable[[Tensor, Tensor], Tensor],
+    times: Tensor,
+    states: Tensor,
+    probes: int = 1,
+    generator: torch.Generator | None = None,
+    probe_vectors: Tensor | None = None,
+) -> Tensor:
+    """``R_F = mean_i int |df/dz(t, z_i(t))|_F^2 dt`` by Hutchinson (RNODE's Jacobian term).
+
+    At each checkpoint, ``|J_i|_F^2`` is estimated by ``mean_p |J_i^T v_p|^2`` with Rademacher
+    ``v`` (the probes of the skew-Jacobian term, :func:`rademacher_probes`), unbiased; then the
+    trapezoid rule over the checkpoint times, and the batch mean. The field must act on each
+    sample independently.
+
+    Args:
+        func: vector field ``f(t, z)``.
+        times: ``(K + 1,)`` checkpoint times.
+        states: ``(K + 1, B, ...)`` states (keep them attached to differentiate through them).
+        probes: Rademacher probes per state, ``>= 1``.
+        generator: random generator for the probes.
+        probe_vectors: ``(K + 1, P, B, ...)`` given probes instead of drawn ones (any
+            ``E[v v^T] = I`` family; all ``2^d`` sign vectors give the exact value).
+
+    Returns:
+        Scalar tensor ``>= 0``, differentiable in the field's parameters and the states.
+
+    Raises:
+        ValueError: if ``probes < 1``, on fewer than 2 checkpoints, ``times`` of the wrong
+            length or ``probe_vectors`` of the wrong shape.
+
+    Example::
+
+        >>> import torch
+        >>> m = torch.tensor([[0.0, 2.0], [-2.0, 0.0]])  # |M^T v|^2 = 8 for every sign vector v
+        >>> f = lambda t, z: z @ m.T
+        >>> float(jacobian_frobenius_penalty(f, torch.tensor([0.0, 0.5, 1.0]), torch.randn(3, 4, 2)))
+        8.0
+    """
+    check_int("probes", probes, 1)
+    _check_path(times, states, "states")
+    if probe_vectors is None:
+        vs = rademacher_probes(states.unbind(0), probes, generator)
+    else:
+        if (
+            not isinstance(probe_vectors, Tensor)
+            or probe_vectors.dim() != states.dim() + 1
+            or probe_vectors.shape[0] != states.shape[0]
+            or probe_vectors.shape[2:] != states.shape[1:]
+        ):
+            got = (
+                tuple(probe_vectors.shape)
+                if isinstance(probe_vectors, Tensor)
+                else type(probe_vectors).__name__
+            )
+            raise ValueError(
+                f"`probe_vectors` must have shape (K + 1, P, *state.shape) = "
+                f"({states.shape[0]}, P, {', '.join(map(str, states.shape[1:]))}), got {got}"
+            )
+        vs = probe_vectors.to(states.dtype)
+    index = _per_sample_index(states[0])
+    rows = []
+    with torch.enable_grad():
+        for k in range(states.shape[0]):
+            z = states[k]
+            z = z if z.requires_grad else z.detach().requires_grad_(True)
+            rows.append(field_norm_rows(func(times[k], z), z, index, None, vs[k]))
+    return time_integral(times, torch.stack(rows)).mean()
