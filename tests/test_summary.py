@@ -52,11 +52,12 @@ def test_summary_reports_fit_metrics_and_saves_json(
 def test_accuracy_counts_labels_per_step_for_sequence_targets() -> None:
     """Copying predicts a label at every step: the summary's "(k of n)" counts those labels."""
     from ode_reg.data import CopyingDataModule, TwoMoonsDataModule
-    from ode_reg.summary import _split_size
+    from ode_reg.summary import batch_counts
 
     dm = CopyingDataModule(delay=5, n_train=8, n_val=4, n_test=6, batch_size=2)
     dm.setup()
-    assert _split_size(dm, "test") == 6 * dm.seq_len
+    assert batch_counts(next(iter(dm.test_dataloader()))) == (2, 2 * dm.seq_len)
     moons = TwoMoonsDataModule()
     moons.setup()
-    assert _split_size(moons, "test") == len(moons.test_set)
+    x, y = next(iter(moons.test_dataloader()))
+    assert batch_counts((x, y)) == (len(y), len(y))
