@@ -79,10 +79,7 @@ def odeint(
         torch.Size([2, 2])
     """
     kw = {"rtol": rtol, "atol": atol, "method": method, "options": options, "event_fn": event_fn}
-    if components is not None:  # refused on every call, recorded or not (no solve needed)
-        if not isinstance(y0, tuple):
-            raise ValueError("`components` names components of a tuple `y0`; `y0` is a tensor")
-        batch_components([c.shape for c in y0], components)
+    _check_components(y0, components)
     rec = current_recorder()
     t = _as_times(t, y0)
     if rec is None and field_attr(func, "ode_reg_integrate") is None:
@@ -106,8 +103,10 @@ def odeint_adjoint(
     adjoint_options: dict[str, Any] | None = None,
     adjoint_params: Sequence[Tensor] | None = None,
     checkpoints: int | Tensor | Sequence[float] | None = None,
+    components: Sequence[int] | None = None,
 ) -> Any:
-    """``torchdiffeq.odeint_adjoint`` with the same signature and result, plus ``checkpoints``.
+    """``torchdiffeq.odeint_adjoint`` with the same signature and result, plus ``checkpoints``
+    and ``components``.
 
     Its backward solves the adjoint ODE and is not differentiable, and the solver's states are
     not on the autograd path: terms that need the adjoints ``a_k`` are refused on such a solve
@@ -128,6 +127,7 @@ def odeint_adjoint(
         adjoint_options: options of the backward solve.
         adjoint_params: parameters to differentiate in (default: ``func``'s).
         checkpoints: as for :func:`odeint`.
+        components: as for :func:`odeint`.
 
     Returns:
         What ``torchdiffeq.odeint_adjoint`` returns.
@@ -159,11 +159,12 @@ def odeint_adjoint(
         "adjoint_params": adjoint_params,
     }
     kw.update({k: v for k, v in extra.items() if v is not None})
+    _check_components(y0, components)
     rec = current_recorder()
     t = _as_times(t, y0)
     if rec is None:
         return _plain(_td_odeint_adjoint, func, y0, t, checkpoints, kw)
-    return _recorded(rec, func, y0, t, checkpoints, True, kw)
+    return _recorded(rec, func, y0, t, checkpoints, True, kw, components=components)
 
 
 def _as_times(t: Any, y0: Any) -> Any:
@@ -174,6 +175,15 @@ def _as_times(t: Any, y0: Any) -> Any:
         if isinstance(ref, Tensor):
             return torch.as_tensor(t, dtype=ref.dtype, device=ref.device)
     return t
+
+
+def _check_components(y0: Any, components: Sequence[int] | None) -> None:
+    """Bad ``components`` are refused on every call, recorded or not (no solve needed)."""
+    if components is None:
+        return
+    if not isinstance(y0, tuple):
+        raise ValueError("`components` names components of a tuple `y0`; `y0` is a tensor")
+    batch_components([c.shape for c in y0], components)
 
 
 def _check_checkpoints(checkpoints: Any, t: Any, y0: Any, kw: dict[str, Any]) -> None:

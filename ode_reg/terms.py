@@ -243,15 +243,18 @@ class ChainContext:
         return (ref > REACHED_FRACTION * ref.max()) & (ref > 0)
 
     def flow_adjoints(self) -> Tensor:
-        """``ā_k = d(c_{k*} . z_{k*}) / dz_k`` for ``k <= k*``, per-sample form, with the
-        cotangent ``c_{k*,i} = a_{k*,i} / |a_{k*,i}|`` for each reached sample and 0 for the
-        others: every reached sample's reference row has norm 1, so its ratios (and the ``eps``
-        guard of the log) do not depend on how much the loss weighs it.
+        """``ā_k = d(c . z_{k*}) / dz_k`` for ``k <= k*``, per-sample form; ``c = a_{k*}``.
 
-        Equal to ``a_k`` scaled per sample (no extra work) when the chain is one solve whose
-        loss reads only its end, unless an adaptive solve couples samples of very different
-        weights through its step sizes (reference norms spread over more than
-        :data:`UNEQUAL_SPREAD`); otherwise one more vector-Jacobian product from ``z_{k*}``.
+        Equal to ``a_k`` (no extra work) when the chain is one solve whose loss reads only its
+        end; otherwise one more vector-Jacobian product from ``z_{k*}``. When an adaptive solve
+        of the chain couples samples of very different weights through its step sizes
+        (reached reference norms spread over more than :data:`UNEQUAL_SPREAD`), the product is
+        taken with the unit cotangents ``c_i = a_{k*,i} / |a_{k*,i}|`` of the reached samples
+        (0 for the others), so that a heavy sample's adjoint enters a light one's with weight
+        1, not with their weight ratio (MATH.md, Reached samples, scale-free). Elsewhere the
+        per-sample ratios do not depend on the weights (each sample's flow is linear in its
+        own cotangent), and :func:`~ode_reg.functional.adjoint_magnitude_penalty` divides each
+        sample by its reference norm, so its ``eps`` guard is relative to the sample's scale.
         """
         if "flow" in self._cache:
             return self._cache["flow"]  # type: ignore[return-value]
@@ -259,13 +262,16 @@ class ChainContext:
         raw = self.raw_adjoints()
         ref = self.reference_norms()
         reached = self.reached_samples()
-        weights = torch.where(reached, 1.0 / ref.clamp_min(torch.finfo(ref.dtype).tiny), 0.0)
-        if self._reads_only_the_end() and ks == len(raw) - 1 and not self._coupled(ref, reached):
-            flow = self.adjoints()[: ks + 1] * weights[None, :, None]
+        coupled = self._coupled(ref, reached)
+        if self._reads_only_the_end() and ks == len(raw) - 1 and not coupled:
+            flow = self.adjoints()[: ks + 1]
         else:
             rec, k = self.owners[ks]
             target = _output(rec, k)
-            cot = _per_sample_scaled(rec, raw[ks], weights)
+            cot = raw[ks]
+            if coupled:
+                tiny = torch.finfo(ref.dtype).tiny
+                cot = _per_sample_scaled(rec, cot, torch.where(reached, 1 / ref.clamp(tiny), 0.0))
             inputs, slots = [], []
             for j in range(ks):
                 r, kk = self.owners[j]

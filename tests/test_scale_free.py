@@ -229,3 +229,32 @@ def test_skew_term_on_a_cnf_sees_the_named_components_only() -> None:
     assert value((z0, logp0, acc), (0,)) == pytest.approx(closed / 2, rel=1e-12)
     assert value((z0, logp0, acc)) == pytest.approx(closed / 3, rel=1e-12)
     assert value((z0, logp0)) == pytest.approx(closed / 3, rel=1e-12)
+
+
+def test_adaptive_coupling_does_not_carry_the_weights_into_a_light_sample() -> None:
+    """dopri5 picks one step size per batch, so a heavy sample's adjoint leaks into a light
+    one's. With reached weights spread over more than ``UNEQUAL_SPREAD`` the flow-only adjoint
+    uses unit cotangents: the term is the same for weights (1, 1e-4, 1e-5) and (1, 1e-2, 1e-5)
+    (the forward solve is the same; only the weights differ). With ``a_k`` itself (the
+    shortcut), the light samples' values would follow the heavy one's weight."""
+    from ode_reg.terms import UNEQUAL_SPREAD
+
+    field = Field()
+    z0 = torch.randn(3, 3, dtype=F64, generator=torch.Generator().manual_seed(7))
+    target = torch.randn(3, 3, dtype=F64, generator=torch.Generator().manual_seed(8))
+
+    def value(weights) -> float:
+        term = AdjointMagnitude(weight=1.0)
+        rec = StepRecorder(adjoint_inputs=True)
+        with rec.active():
+            out = odeint(field, z0, torch.tensor([0.0, 2.0], dtype=F64), rtol=1e-5, atol=1e-7)
+        per_sample = (out[-1] - target).pow(2).sum(-1)
+        loss = (torch.tensor(weights, dtype=F64) * per_sample).sum()
+        res = step_terms(loss, rec.records, [term], step=0, params=list(field.parameters()))
+        assert int(res.chains[0].reached_samples().sum()) == 3
+        return float(res.values[term.name])
+
+    assert 1e-4 / 1e-5 < UNEQUAL_SPREAD < 1 / 1e-5
+    a, b = value([1.0, 1e-4, 1e-5]), value([1.0, 1e-2, 1e-5])
+    assert a == pytest.approx(b, rel=1e-9)
+    assert a > 1e-4
