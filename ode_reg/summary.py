@@ -218,6 +218,21 @@ def process_age() -> float | None:
         return None
 
 
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def _orthogonal_count(model: L.LightningModule) -> int:
+    """How many matrices the model declares orthogonal (what OrthogonalityMonitor reads: the
+    parametrized and declared matrices, and each OrthogonalFlow's weight flow)."""
+    from ode_reg.callbacks.orthogonality import find_orthogonal_matrices
+    from ode_reg.dynamics import OrthogonalFlow
+
+    with torch.no_grad():
+        found = len(find_orthogonal_matrices(model))
+    return found + sum(isinstance(m, OrthogonalFlow) for m in model.modules())
+
+
 def _scalar(metrics: dict[str, Any], *keys: str) -> float | None:
     for key in keys:
         if key in metrics:
@@ -674,6 +689,13 @@ def format_summary(summary: dict[str, Any]) -> str:
         add("  (geometric mean over the last epoch)", _g3(s["adjoint_ratio_epoch_geomean"]))
     if s.get("orthogonality_max") is not None:
         add("max orthogonality defect |W^T W - I|_F", _zero_or(s["orthogonality_max"], 1.0, eps))
+    elif s.get("orthogonal_matrices"):  # there are some, and nothing measured them
+        add(
+            "orthogonality defect",
+            f"not measured: the model holds {_count(s['orthogonal_matrices'], 'orthogonal matrix', 'orthogonal matrices')}, but "
+            "no orthogonality/* value was logged (no OrthogonalityMonitor, or fewer steps "
+            "than its cadence)",
+        )
     else:
         add("orthogonality defect", "n/a (the model holds no orthogonal matrix)")
     radius = s.get("spectral_radius")
@@ -851,6 +873,7 @@ def print_summary(
         "adjoint_norm_first": _scalar(metrics, "adjoint/norm_first"),
         "adjoint_norm_last": _scalar(metrics, "adjoint/norm_last"),
         "orthogonality_max": _scalar(metrics, "orthogonality/max", "orthogonality/running_max"),
+        "orthogonal_matrices": _orthogonal_count(model),
         "spectral_abscissa": _scalar(metrics, "spectrum/abscissa"),
         "spectral_radius": _scalar(metrics, "spectrum/radius"),
         "skew_real_max": _scalar(metrics, "spectrum/skew_real_max"),
