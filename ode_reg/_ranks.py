@@ -25,7 +25,12 @@ def _bare_group() -> bool:
 class _BareGroup:
     """``strategy.reduce`` on a process group with no trainer (``torch.distributed``)."""
 
-    root_device = torch.device("cpu")
+    @property
+    def root_device(self) -> torch.device:
+        """The device the group's backend reduces on (NCCL: the current CUDA device)."""
+        if dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
     def reduce(self, tensor: Tensor, reduce_op: str = "mean") -> Tensor:
         op = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
