@@ -242,7 +242,8 @@ class DDPModel(RegularizedODEModule):
         x = torch.randn(N, DIM, generator=g)
         y = torch.randn(N, 1, generator=g)
         if self.scenario == "unequal":
-            x[1::2] *= 3.0  # rank 1's half (odd indices) is the stiff one
+            x[0::2] *= 0.1  # rank 0 (even indices): small, nearly linear, few steps
+            x[1::2] *= 3.0  # rank 1 (odd indices): the stiff one
         ds = torch.utils.data.TensorDataset(x, y)
         w, r = self.trainer.world_size, self.trainer.global_rank
         sub = torch.utils.data.Subset(ds, list(range(r, N, w)))  # interleaved: rank r, r + w, ...
