@@ -47,6 +47,7 @@ from ode_reg import (
     SkewJacobianPenalty,
 )
 from ode_reg.models.cnf import CNFField
+from ode_reg.terms import ChainContext
 
 RECORD = Path("results/benchmarks/issue_table.json")
 MAIN_JOB = Path("results/main_job/summary.json")
@@ -149,11 +150,25 @@ def _cases() -> dict[str, dict[str, Callable[[], Callable[[], None]]]]:
             name: lambda: _shape_step(kind, ode_reg.odeint, term()),
         }
 
+    def from_row(case: str) -> Callable[[], None]:
+        step = dropin_step(ode_reg.odeint, [AdjointMagnitude(0.1)], case)
+
+        def run() -> None:
+            ChainContext._from_end_edge = False
+            try:
+                step()
+            finally:
+                ChainContext._from_end_edge = True
+
+        return run
+
+    many = dropin("dopri5_100")
+    many["AdjointMagnitude, flow VJP from the row (before)"] = lambda: from_row("dopri5_100")
     rk4 = dropin("rk4")
     del rk4["AdjointMagnitude"]
     return {
         "dopri5": dropin("dopri5"),
-        "dopri5_100": dropin("dopri5_100"),
+        "dopri5_100": many,
         "rk4": rk4,
         "classifier": shape("classifier", lambda: [AdjointMagnitude(0.1)], "AdjointMagnitude"),
         "latent": shape("latent", lambda: [AdjointMagnitude(0.1)], "AdjointMagnitude"),
@@ -180,6 +195,11 @@ ROWS: list[tuple[str, float | None, list[tuple[str, str]]]] = [
         "`AdjointMagnitude`, loss over all 100 dopri5 outputs",
         2.5,
         [("dopri5_100", "AdjointMagnitude")],
+    ),
+    (
+        "the same, flow-only VJP started at the solution's last row (the code before issue 21)",
+        None,
+        [("dopri5_100", "AdjointMagnitude, flow VJP from the row (before)")],
     ),
     (
         "adjoint + sensitivity + directional, loss over 100 outputs",
