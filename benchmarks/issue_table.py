@@ -327,7 +327,8 @@ def markdown(record: dict[str, Any]) -> str:
     lines += [
         "",
         f"`{meta['command']}`: torch {meta['torch']}, {meta['threads']} thread, "
-        f"{meta['cpus']} CPUs (load average {meta['load']} at the start), {meta['device']}; "
+        f"{meta['cpus']} CPUs (load average {meta['load']} when the record was written), "
+        f"{meta['device']}; "
         f"{record['measured']['repeats']} repeat(s) of {record['measured']['rounds']} "
         f"interleaved rounds; {meta['seconds']:.0f} s.",
     ]
@@ -378,12 +379,30 @@ def run(
     return record
 
 
+def retable(path: Path = RECORD) -> dict[str, Any]:
+    """Rebuild the table of the record at ``path`` from its measured cases and the main job's
+    current record (``results/main_job/summary.json``), without measuring again."""
+    record = json.loads(path.read_text())
+    record["table"] = table({"cases": record["cases"], "main_job": _main_job()})
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    path.with_suffix(".md").write_text(markdown(record) + "\n")
+    return record
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one repeat of 2 rounds (smoke)")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--out", default=str(RECORD))
+    parser.add_argument(
+        "--retable",
+        action="store_true",
+        help="rebuild the table of the record at --out (main job re-read), measuring nothing",
+    )
     args = parser.parse_args(argv)
+    if args.retable:
+        print(markdown(retable(Path(args.out))))
+        return
     torch.set_num_threads(1)
     cmd = "python -m benchmarks.issue_table" + (" --quick" if args.quick else "")
     run(args.quick, args.rounds, Path(args.out), cmd)
