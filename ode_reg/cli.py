@@ -20,7 +20,7 @@ import time
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -384,6 +384,19 @@ class ODERegCLI(LightningCLI):
 
     _started: float | None = None
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Add ``--test_weights``: which weights the test after ``fit`` runs on."""
+        parser.add_argument(
+            "--test_weights",
+            type=Literal["final", "best"],
+            default="final",
+            help=(
+                "Weights the test after fit runs on: 'final' (the state after the last "
+                "training step) or 'best' (the best checkpoint of a ModelCheckpoint that "
+                "monitors a metric; without one, the final weights, said in the summary)."
+            ),
+        )
+
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the --ckpt_path file (for its hyperparameters) right after parsing:
         # an empty, truncated or foreign file is refused in one line first.
@@ -413,6 +426,11 @@ class ODERegCLI(LightningCLI):
                 raise ConfigError(f"{name}: {exc}\n  all options: ode-reg fit --help") from None
         preflight(self.trainer)
         ensure_logger_available(self.trainer)
+        attach_sample_counter(self.trainer)
+
+    def _test_weights(self) -> str:
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        return str((config or {}).get("test_weights") or "final")
 
     def after_fit(self) -> None:
         trainer, model = self.trainer, self.model
@@ -422,13 +440,79 @@ class ODERegCLI(LightningCLI):
         fit_metrics = {k: v for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         datamodule = self.datamodule
         results: list[dict[str, float]] = []
-        if datamodule is not None and hasattr(datamodule, "test_dataloader"):
-            results = trainer.test(model, datamodule=datamodule, ckpt_path=None, verbose=False)
+        weights, fallback = choose_test_weights(trainer, self._test_weights())
+        if fallback:
+            weights["note"] = fallback
+        note = None
+        if datamodule is None or not _has_test_loader(datamodule):
+            note = "not run: the data module has no test_dataloader"
+        else:
+            attach_sample_counter(trainer)
+            # verbose: Lightning's own table of the test metrics stays on screen.
+            results = trainer.test(
+                model, datamodule=datamodule, ckpt_path=weights.get("path"), verbose=True
+            )
         if trainer.is_global_zero:
             from ode_reg.summary import print_summary
 
             wall = None if self._started is None else time.perf_counter() - self._started
-            print_summary(trainer, model, results[0] if results else {}, fit_metrics, wall)
+            print_summary(
+                trainer,
+                model,
+                results[0] if results else {},
+                fit_metrics,
+                wall,
+                test_weights=weights,
+                test_note=note,
+            )
+
+
+def _has_test_loader(datamodule: Any) -> bool:
+    """Whether a data module defines its own ``test_dataloader`` (not Lightning's stub)."""
+    method = getattr(type(datamodule), "test_dataloader", None)
+    return method is not None and method is not L.LightningDataModule.test_dataloader
+
+
+def attach_sample_counter(trainer: L.Trainer) -> None:
+    """Add a :class:`~ode_reg.summary.SampleCounter` to the trainer (once), so the summary
+    counts the samples the last validation and the test ran on."""
+    from ode_reg.summary import SampleCounter
+
+    if not any(isinstance(cb, SampleCounter) for cb in trainer.callbacks):
+        trainer.callbacks.append(SampleCounter())
+
+
+def choose_test_weights(trainer: L.Trainer, choice: str) -> tuple[dict[str, Any], str | None]:
+    """The weights the test after ``fit`` runs on, and a note when ``best`` cannot be had.
+
+    Args:
+        trainer: the trainer after ``fit``.
+        choice: ``"final"`` or ``"best"`` (``--test_weights``).
+
+    Returns:
+        ``({"which": "final"}, None)``, ``({"which": "best", "path": p}, None)``, or the
+        final weights and one line saying why ``best`` fell back to them.
+
+    Example::
+
+        >>> import lightning as L
+        >>> choose_test_weights(L.Trainer(logger=False, enable_checkpointing=False), "best")[1]
+        '--test_weights best: no ModelCheckpoint monitors a metric; tested the final weights'
+    """
+    if choice != "best":
+        return {"which": "final"}, None
+    cb = trainer.checkpoint_callback
+    if cb is None or getattr(cb, "monitor", None) is None:
+        return {"which": "final"}, (
+            "--test_weights best: no ModelCheckpoint monitors a metric; tested the final weights"
+        )
+    path = getattr(cb, "best_model_path", "")
+    if not path or not Path(path).is_file():
+        return {"which": "final"}, (
+            f"--test_weights best: no best checkpoint was saved ({cb.monitor}); tested the "
+            "final weights"
+        )
+    return {"which": "best", "path": path}, None
 
 
 def _register_recipe_classes() -> None:
@@ -480,12 +564,38 @@ def run(args: list[str] | None = None) -> ODERegCLI:
         )
 
 
+def add_working_folder_to_path() -> str:
+    """Put the working folder first on ``sys.path``, as ``python -m ode_reg`` does.
+
+    ``python -m`` puts the working folder on the module path; a console script (``ode-reg``)
+    puts only its own folder (``.venv/bin``) there. Without this, ``ode-reg fit --model
+    mymod.Model`` could not import a ``mymod.py`` that ``python -m ode_reg fit`` finds.
+
+    Returns:
+        The folder put on the path.
+
+    Example::
+
+        >>> import os, sys
+        >>> add_working_folder_to_path() in sys.path
+        True
+    """
+    cwd = os.getcwd()
+    on_path = {os.path.abspath(p or os.curdir) for p in sys.path}
+    if cwd not in on_path:
+        sys.path.insert(0, cwd)
+    return cwd
+
+
 def main() -> None:
     """Entry point of ``ode-reg`` and ``python -m ode_reg``.
 
-    A :class:`ConfigError` is printed as ``ode-reg: error: ...`` (no traceback) and the
-    process exits with status 2.
+    User modules (``--model mymod.Model``, ``class_path: mymod.Data``) are imported from the
+    working folder under both commands (:func:`add_working_folder_to_path`). A
+    :class:`ConfigError` is printed as ``ode-reg: error: ...`` (no traceback) and the process
+    exits with status 2.
     """
+    add_working_folder_to_path()
     try:
         run()
     except ConfigError as exc:

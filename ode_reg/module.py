@@ -16,6 +16,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from typing_extensions import override
 
 from ode_reg._nonfinite import (
     drop_marked_step,
@@ -158,6 +159,7 @@ class StepRelease(Callback):
     step, and the fitted module pickles.
     """
 
+    @override
     def on_train_batch_end(
         self,
         trainer: L.Trainer,
@@ -337,6 +339,7 @@ class RegularizedODEMixin:
         state["ode_plan"] = None
         return state
 
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Save the regularizers' run state under ``RUN_STATE_KEY`` and write regularizers found
         among the hyperparameters as plain specs (so the checkpoint loads with
@@ -354,6 +357,7 @@ class RegularizedODEMixin:
             checkpoint[key] = _plain_hparams(hparams)
         super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the regularizers' run state by term name: a term the checkpoint does not
         know starts fresh, a saved term the module no longer has is dropped (said in one line).
@@ -588,6 +592,7 @@ class RegularizedODEMixin:
         zero = zero_loss(self, loss)
         return {**out, "loss": zero} if isinstance(out, dict) else zero
 
+    @override
     def on_before_optimizer_step(self, optimizer: Any) -> None:
         """Drop the optimizer step (every gradient set to ``None``) when the step's batch, task
         loss or a gradient is not finite; counts it in ``reg/skipped_steps``.

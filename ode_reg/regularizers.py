@@ -84,7 +84,8 @@ class Regularizer(nn.Module):
         weight: multiplier of the term, ``>= 0``.
         every_n_steps: apply the term on every n-th training step (``>= 1``).
         warmup_steps: ramp the weight linearly from 0 over this many steps (``>= 0``).
-        name: key of the term in the logs (``reg/<name>``).
+        name: key of the term in the logs (``reg/<name>``; the loggers get ``reg/<name>_step`` and
+            ``reg/<name>_epoch``).
 
     Raises:
         ValueError: on a negative weight, ``every_n_steps < 1`` or ``warmup_steps < 0``.

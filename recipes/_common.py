@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ode_reg.summary import profile_ratio  # noqa: F401 - one definition, the summary's
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
 
@@ -59,36 +61,15 @@ def machine() -> str:
 
 
 def adjoint_profile(model: Any, x: Tensor, y: Tensor) -> Tensor:
-    """``p_k = mean_i |a_{k,i}|`` of the task loss on a held-out batch, for a recipe model.
+    """``p_k = mean_i |a_{k,i}|`` of the task loss on a held-out batch, for a recipe model:
+    :func:`ode_reg.summary.held_out_adjoint_profile` (the summary's and the results table's
+    definition), which must find a solve."""
+    from ode_reg.summary import held_out_adjoint_profile
 
-    Runs the model's forward pass with a recorder current (as in a training step), chains
-    the per-step trajectories and takes ``a_k = dL/dz_k`` with :func:`ode_reg.adjoints`.
-    Needs a model whose hidden state is integrated by ``self.odeint`` (not ``cell="gru"``).
-    """
-    from ode_reg import adjoints
-    from ode_reg.recording import StepRecorder
-    from ode_reg.trajectory import chain
-
-    was_training = model.training
-    model.eval()
-    rec = StepRecorder(adjoint_inputs=True)
-    try:
-        with torch.enable_grad(), rec.active():
-            out = model(x)
-            loss = (
-                model._loss(out, y)
-                if hasattr(model, "_loss")
-                else torch.nn.functional.cross_entropy(out, y)
-            )
-        a = adjoints(loss, chain([r.traj for r in rec.records]))
-    finally:
-        model.train(was_training)
-    return a.flatten(2).norm(dim=-1).mean(dim=1).detach()
-
-
-def profile_ratio(profile: Tensor) -> float:
-    """``max_k p_k / min_k p_k`` (1 for a constant adjoint norm)."""
-    return float(profile.max() / profile.min().clamp_min(1e-30))
+    profile = held_out_adjoint_profile(model, x, y)
+    if profile is None:
+        raise ValueError(f"{type(model).__name__} made no ode_reg.odeint solve on the batch")
+    return profile
 
 
 class Timer:

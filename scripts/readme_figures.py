@@ -261,7 +261,10 @@ def record(run: Path) -> dict[str, Any]:
     summary["run_dir"] = rel(summary["run_dir"])
     summary["plots"] = [rel(p) for p in summary.get("plots", [])]
     if summary.get("checkpoints"):
-        summary["checkpoints"] = {k: rel(v) for k, v in summary["checkpoints"].items()}
+        summary["checkpoints"] = {  # paths, plus the monitor's name and best score
+            k: rel(v) if k not in ("monitor", "best_score") else v
+            for k, v in summary["checkpoints"].items()
+        }
     summary["recorded"] = {"command": COMMAND, "machine": _machine()}
     RECORD.parent.mkdir(parents=True, exist_ok=True)
     RECORD.write_text(json.dumps(summary, indent=2) + "\n")

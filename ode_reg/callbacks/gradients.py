@@ -276,6 +276,7 @@ class GradientNormMonitor(PreStepMonitor):
         self._profiles_now: list[dict[str, Any]] | None = None
         self._warned_sens = False
         self._warned_unreadable = False
+        self._warned_no_solve = False
 
     @property
     @override
@@ -305,6 +306,13 @@ class GradientNormMonitor(PreStepMonitor):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.epoch_ratio = self.epoch_ratio.to(pl_module.device)
+        if stage == "fit" and self.adjoint_profile and not hasattr(pl_module, "ode_step"):
+            # As SpectrumMonitor: say once what cannot be measured, instead of logging nothing.
+            rank_zero_warn(
+                f"GradientNormMonitor: {type(pl_module).__name__} is not a RegularizedODEModule "
+                "(no `ode_step`): only grad/* norms are logged, no adjoint/* or sensitivity/* "
+                "(use ode_reg.RegularizedODEModule and ode_reg.odeint, or adjoint_profile=False)"
+            )
 
     def _remove_hooks(self) -> None:
         for h in self._hooks:
@@ -335,6 +343,13 @@ class GradientNormMonitor(PreStepMonitor):
         record = getattr(pl_module, "ode_step", None)
         if record is None:
             return
+        if not record.trajectories and not self._warned_no_solve:
+            self._warned_no_solve = True
+            rank_zero_warn(
+                f"GradientNormMonitor: {type(pl_module).__name__}'s training step recorded no "
+                "ode_reg.odeint solve: no adjoint/* is logged, only grad/* (an adjoint profile "
+                "needs a solve on the loss's path)"
+            )
         captured: dict[int, list[Tensor | None]] = {}
         for g, traj in enumerate(getattr(record, "chains", None) or record.groups):
             if record.adjoints[g] is not None:

@@ -7,6 +7,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torchmetrics import Metric
@@ -295,6 +296,22 @@ class OrthogonalityMonitor(PreStepMonitor):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.epoch_max = self.epoch_max.to(pl_module.device)
+        if stage != "fit":
+            return
+        has_matrices = self.modules and bool(find_orthogonal_matrices(pl_module))
+        flows = self.flows and any(_is_orthogonal_flow(m) for m in pl_module.modules())
+        if flows and not hasattr(pl_module, "ode_step"):
+            rank_zero_warn(
+                f"OrthogonalityMonitor: {type(pl_module).__name__} is not a RegularizedODEModule "
+                "(no `ode_step`): an OrthogonalFlow's W_k cannot be read, no "
+                "orthogonality/flow_max is logged (use ode_reg.RegularizedODEModule)"
+            )
+        elif not has_matrices and not flows:
+            rank_zero_warn(
+                f"OrthogonalityMonitor: {type(pl_module).__name__} holds no orthogonal "
+                "parametrization, declares no `orthogonal_weights()` and has no OrthogonalFlow: "
+                "nothing to log (remove the monitor or declare the matrices)"
+            )
 
     @override
     def state_dict(self) -> dict[str, Any]:

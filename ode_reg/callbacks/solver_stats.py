@@ -74,6 +74,8 @@ class _Solve:
     field: str
     #: the smallest step that was not cut short to land on a forced step end (the warning's).
     check_min: float | None
+    #: fixed-grid steps of (almost) zero length (:func:`zero_length_steps`).
+    zero_steps: int = 0
 
 
 @dataclass
@@ -99,6 +101,40 @@ def _select(n: int, want: int) -> list[int]:
     return sorted({round(i * (n - 1) / (want - 1)) for i in range(want)})
 
 
+#: A fixed-grid step shorter than this fraction of the solve's longest step is "zero-length".
+ZERO_STEP_FRACTION = 1e-3
+
+
+def _is_fixed_grid(traj: SolveSummary) -> bool:
+    return traj.method in SOLVERS and not issubclass(
+        SOLVERS[traj.method], RKAdaptiveStepsizeODESolver
+    )
+
+
+def zero_length_steps(traj: SolveSummary) -> int:
+    """How many steps of a fixed-grid solve are of (almost) zero length.
+
+    torchdiffeq builds a fixed grid as ``t0 + i * step_size`` in the times' precision and ends
+    it with ``t1``: when ``(t1 - t0) / step_size`` rounds to just above an integer (float32
+    times, ``step_size=0.025`` on intervals of 0.1: 22 of 50 intervals of ``linspace(0, 5,
+    51)``), the grid gets one more point a hair before ``t1``, and the solver takes a step of
+    length 0 (or a few ulps) that costs a full step of field evaluations. Counted as steps
+    shorter than :data:`ZERO_STEP_FRACTION` times the solve's longest one; adaptive solvers
+    are not counted (their short steps land on requested times).
+
+    Example::
+
+        >>> from types import SimpleNamespace as NS
+        >>> zero_length_steps(NS(method="rk4", stats=NS(step_sizes=[0.025] * 4 + [0.0])))
+        1
+    """
+    steps = traj.stats.step_sizes
+    if not steps or not _is_fixed_grid(traj):
+        return 0
+    longest = max(abs(d) for d in steps)
+    return sum(abs(d) <= ZERO_STEP_FRACTION * longest for d in steps)
+
+
 def _check_min(traj: SolveSummary) -> float | None:
     """The smallest accepted step of a solve, leaving out steps the solver was made to cut.
 
@@ -113,12 +149,14 @@ def _check_min(traj: SolveSummary) -> float | None:
     steps = traj.stats.step_sizes
     if not steps:
         return None
-    if (
-        traj.times is None
-        or traj.method not in SOLVERS
-        or not issubclass(SOLVERS[traj.method], RKAdaptiveStepsizeODESolver)
-    ):
-        return min(steps)  # a fixed grid (or a field that integrates itself): nothing is cut
+    if _is_fixed_grid(traj):
+        # Nothing is cut on a fixed grid; zero-length steps (warned about on their own) would
+        # make the running median of the minima 0 and hide every later dt warning.
+        longest = max(abs(d) for d in steps)
+        regular = [d for d in steps if abs(d) > ZERO_STEP_FRACTION * longest]
+        return min(regular or steps)
+    if traj.times is None or traj.method not in SOLVERS:
+        return min(steps)  # a field that integrates itself: nothing is cut
     times = [float(x) for x in traj.times.detach().cpu().tolist()]
     if len(times) < 3 or len(traj.t) < 2:
         return min(steps)
@@ -453,6 +491,26 @@ class SolverStatsMonitor(Monitor):
             self._warned.add(key)
             rank_zero_warn(message)
 
+    def _warn_zero_steps(self, trainer: pl.Trainer, step: _Step) -> None:
+        """One warning (per monitor) at the first step whose fixed-grid solves took
+        zero-length steps (rank zero's solves; :func:`zero_length_steps`)."""
+        hit = [s for s in step.solves if s.zero_steps]
+        if not hit or "zero_steps" in self._warned:
+            return
+        extra = sum(s.zero_steps for s in hit)
+        nfe = sum(s.nfe * s.zero_steps / max(len(s.steps), 1) for s in hit)
+        methods = ", ".join(sorted({s.method for s in hit}))
+        self._warn_once(
+            "zero_steps",
+            f"SolverStatsMonitor: at step {logger_step(trainer)}, {len(hit)} of "
+            f"{len(step.solves)} {methods} solves took a step of length 0 ({extra} steps, "
+            f"about {nfe:.0f} of the step's {step.total('nfe')} field evaluations): torchdiffeq "
+            "builds the fixed grid as t0 + i * step_size in the times' float precision, and "
+            "where (t1 - t0) / step_size rounds to just above an integer it adds a point a hair "
+            "before t1. Fix: a grid that ends on t1, e.g. options={'grid_constructor': lambda "
+            "f, y0, t: torch.linspace(t[0], t[-1], n + 1)} (README, Monitors). Warned once.",
+        )
+
     def _collect(self, pl_module: pl.LightningModule) -> None:
         record = getattr(pl_module, "ode_step", None)
         if record is None:
@@ -475,6 +533,7 @@ class SolverStatsMonitor(Monitor):
                     method=solve.method,
                     field=solve.field,
                     check_min=_check_min(solve),
+                    zero_steps=zero_length_steps(solve),
                 )
             )
             self._methods.add(solve.method)
@@ -684,6 +743,7 @@ class SolverStatsMonitor(Monitor):
             # Say it or do it: no ode_reg solve this step (the module says so once): nothing
             # was measured, so no solver/* value is logged and the epoch sums are untouched.
             return
+        self._warn_zero_steps(trainer, step)
         sums = self._epoch_sums
         for name in _COUNTS:
             sums[name] += step.total(name)

@@ -110,23 +110,29 @@ class FlowClassifier(RegularizersInCheckpoint, RegularizedODEModule):
         )
         return self.decoder(zs[-1])
 
+    #: What ``train/loss``, ``val/loss`` and ``test/loss`` are (the run summary names it).
+    loss_name = "cross-entropy"
+
+    def _loss(self, out: Tensor, y: Tensor) -> Tensor:
+        return nn.functional.cross_entropy(out, y)
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        loss = nn.functional.cross_entropy(self(x), y)
+        loss = self._loss(self(x), y)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
         out = self(x)
-        self.log("val/loss", nn.functional.cross_entropy(out, y), prog_bar=True, sync_dist=True)
+        self.log("val/loss", self._loss(out, y), prog_bar=True, sync_dist=True)
         self.val_acc.update(out.argmax(-1), y)
         self.log("val/acc", self.val_acc, prog_bar=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
         out = self(x)
-        self.log("test/loss", nn.functional.cross_entropy(out, y), sync_dist=True)
+        self.log("test/loss", self._loss(out, y), sync_dist=True)
         self.test_acc.update(out.argmax(-1), y)
         self.log("test/acc", self.test_acc)
 

@@ -170,6 +170,11 @@ class SequenceModel(RegularizersInCheckpoint, RegularizedODEModule):
             return self.readout(hs)
         return self.readout(hs[:, -1])
 
+    @property
+    def loss_name(self) -> str:
+        """What ``train/loss``, ``val/loss`` and ``test/loss`` are (the run summary names it)."""
+        return "MSE" if self.task == "regression" else "cross-entropy"
+
     def _loss(self, out: Tensor, y: Tensor) -> Tensor:
         if self.task == "regression":
             return nn.functional.mse_loss(out, y)
