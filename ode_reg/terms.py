@@ -172,6 +172,10 @@ class ChainContext:
         self.reduce_mean = reduce_mean
         self._cache: dict[object, object] = {}
 
+    #: Start the flow-only adjoints' VJP at ``Trajectory.end_edge`` where there is one;
+    #: ``False`` starts it at the solution's last row (the reference, for tests and benchmarks).
+    _from_end_edge: bool = True
+
     # ------------------------------------------------------------------ adjoints
     def raw_adjoints(self) -> list[Tensor]:
         """Total adjoints per checkpoint, in the solver's state shape."""
@@ -215,7 +219,9 @@ class ChainContext:
         """``ā_k = d(a_{k*} . z_{k*}) / dz_k`` for ``k <= k*``, per-sample form.
 
         Equal to ``a_k`` (no extra work) when the chain is one solve whose loss reads only its
-        end; otherwise one more vector-Jacobian product from ``z_{k*}``.
+        end; otherwise one more vector-Jacobian product from ``z_{k*}`` (when ``z_{k*}`` is the
+        last row of a torchdiffeq solution, from the value copied into it:
+        ``Trajectory.end_edge``).
         """
         if "flow" in self._cache:
             return self._cache["flow"]  # type: ignore[return-value]
@@ -235,10 +241,15 @@ class ChainContext:
                     slots.append(j)
             grads: Sequence[Tensor | None] = []
             if inputs and target.requires_grad:
+                # From the value torchdiffeq copied into the solution's last row (the same
+                # derivative: the copy is the identity), not from the row: a VJP from the row
+                # would reach every earlier state through the buffer's row copies and carry zero
+                # cotangents through all interpolated outputs (also in the double backward).
+                edge = rec.traj.end_edge if _is_end(rec, k) and self._from_end_edge else None
                 grads = torch.autograd.grad(
-                    target,
+                    [target if edge is None else edge],
                     inputs,
-                    raw[ks],
+                    [raw[ks]],
                     create_graph=self.differentiable,
                     retain_graph=True,
                     allow_unused=True,
@@ -501,8 +512,10 @@ def step_terms(
         for ctx in contexts:
             term = r.compute(ctx)
             if r.needs_adjoints:
-                # A non-finite adjoint poisons the term even where the log hides it.
-                term = term + 0.0 * ctx.adjoints().sum()
+                # A non-finite adjoint poisons the term even where the log hides it. Its
+                # value is what the step's guard reads; detached, so that the double backward
+                # does not walk the whole total-adjoint graph for a zero contribution.
+                term = term + 0.0 * ctx.adjoints().detach().sum()
             terms.append(term)
         values[r.name] = torch.stack(terms).mean() if terms else loss.new_zeros(())
     return StepTerms(values, contexts, adj, left_out)
