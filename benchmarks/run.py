@@ -16,7 +16,11 @@ of wall-clock times; process CPU times are in the JSON):
    orthogonality defect after N steps and time per step;
 5. ``memory``: peak memory of each step variant (profiler allocation records);
 6. ``ablation``: the headline step with each fast path switched back to the direct
-   implementation, one at a time and all at once.
+   implementation, one at a time and all at once;
+7. ``issue``: issue 21's table, every case against torchdiffeq's own step in the same run, with
+   the targets beside it (``benchmarks/issue_table.py``; its record is
+   ``results/benchmarks/issue_table.json``, or ``<out>/issue_table.json`` with ``--out``, rendered into BENCHMARKS.md and the README by
+   ``scripts/render_benchmarks.py``). ``python -m benchmarks --sections issue`` runs it alone.
 
 The model (``benchmarks/_models.py``): ``dz/dt = tanh(W z + b)`` with ``W`` d x d, RK4 with
 step 0.025 over [0, 1] (40 steps), a batch of B samples, MSE of a linear readout of z(1), SGD.
@@ -64,7 +68,7 @@ HEADLINE = (64, 128, 8)
 GRID_D = (32, 64, 256)
 GRID_B = (32, 128)
 GRID_K = (4, 8, 32)
-SECTIONS = ("steps", "trainer", "integrate", "lie", "memory", "ablation")
+SECTIONS = ("issue", "steps", "trainer", "integrate", "lie", "memory", "ablation")
 
 #: Targets of the issue, as ratios to the plain step / odeint / the epoch without monitors.
 TARGETS = {
@@ -759,6 +763,20 @@ def main(argv: list[str] | None = None) -> dict:
         }
     }
     log(f"ode_reg benchmarks: {torch.get_num_threads()} thread(s), load {load:.1f}")
+    issue_record = Path(args.out) / "issue_table.json"
+    if args.out == "benchmarks/results" and not quick:  # the default: the committed record
+        from benchmarks.issue_table import RECORD as issue_record
+    if "issue" in sections:
+        from benchmarks import issue_table
+
+        log("issue 21's table (time / torchdiffeq's step):")
+        results["issue"] = issue_table.run(
+            quick,
+            args.rounds,
+            issue_record,
+            results["meta"]["command"],
+            log,
+        )["table"]
     if "steps" in sections:
         log("training steps (ratio to plain):")
         results["steps"] = bench_steps(
@@ -787,6 +805,11 @@ def main(argv: list[str] | None = None) -> dict:
         results["ablation"] = bench_ablation(args.rounds or 8, log)
     results["meta"]["seconds"] = time.perf_counter() - start
     text = markdown(results)
+    if "issue" in results:
+        from benchmarks import issue_table
+
+        record = json.loads(Path(issue_record).read_text())
+        text = "### Issue 21's table\n\n" + issue_table.markdown(record) + "\n\n" + text
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmarks.md").write_text(text + "\n")

@@ -185,6 +185,10 @@ class ChainContext:
         self.ranks = ranks or Ranks()
         self._cache: dict[object, object] = {}
 
+    #: Start the flow-only adjoints' VJP at ``Trajectory.end_edge`` where there is one;
+    #: ``False`` starts it at the solution's last row (the reference, for tests and benchmarks).
+    _from_end_edge: bool = True
+
     # ------------------------------------------------------------------ adjoints
     def raw_adjoints(self) -> list[Tensor]:
         """Total adjoints per checkpoint, in the solver's state shape."""
@@ -246,7 +250,9 @@ class ChainContext:
         """``ā_k = d(c . z_{k*}) / dz_k`` for ``k <= k*``, per-sample form; ``c = a_{k*}``.
 
         Equal to ``a_k`` (no extra work) when the chain is one solve whose loss reads only its
-        end; otherwise one more vector-Jacobian product from ``z_{k*}``. When an adaptive solve
+        end; otherwise one more vector-Jacobian product from ``z_{k*}`` (when ``z_{k*}`` is the
+        last row of a torchdiffeq solution, from the value copied into it:
+        ``Trajectory.end_edge``). When an adaptive solve
         of the chain couples samples of very different weights through its step sizes
         (reached reference norms spread over more than :data:`UNEQUAL_SPREAD`), the product is
         taken with the unit cotangents ``c_i = a_{k*,i} / |a_{k*,i}|`` of the reached samples
@@ -281,10 +287,15 @@ class ChainContext:
                     slots.append(j)
             grads: Sequence[Tensor | None] = []
             if inputs and target.requires_grad:
+                # From the value torchdiffeq copied into the solution's last row (the same
+                # derivative: the copy is the identity), not from the row: a VJP from the row
+                # would reach every earlier state through the buffer's row copies and carry zero
+                # cotangents through all interpolated outputs (also in the double backward).
+                edge = rec.traj.end_edge if _is_end(rec, k) and self._from_end_edge else None
                 grads = torch.autograd.grad(
-                    target,
+                    [target if edge is None else edge],
                     inputs,
-                    cot,
+                    [cot],
                     create_graph=self.differentiable,
                     retain_graph=True,
                     allow_unused=True,
@@ -580,8 +591,10 @@ def step_terms(
         for ctx in contexts:
             term = r.compute(ctx)
             if r.needs_adjoints:
-                # A non-finite adjoint poisons the term even where the log hides it.
-                term = term + 0.0 * ctx.adjoints().sum()
+                # A non-finite adjoint poisons the term even where the log hides it. Its
+                # value is what the step's guard reads; detached, so that the double backward
+                # does not walk the whole total-adjoint graph for a zero contribution.
+                term = term + 0.0 * ctx.adjoints().detach().sum()
             terms.append(term)
         values[r.name] = torch.stack(terms).mean() if terms else loss.new_zeros(())
     return StepTerms(values, contexts, adj, left_out)

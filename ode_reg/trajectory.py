@@ -213,6 +213,10 @@ class Trajectory:
     #: for a tuple state, the components the terms' per-sample rows are built from (``None``:
     #: every component with the batch dimension; see :meth:`samples`).
     components: tuple[int, ...] | None = None
+    #: the autograd edge of the value torchdiffeq copied into the solution's last row (plain
+    #: tensor states; else ``None``): a VJP from it equals one from ``solution[-1]`` without
+    #: walking the buffer's other rows (see ``ChainContext.flow_adjoints``).
+    end_edge: Any = field(default=None, repr=False)
 
     @property
     def num_checkpoints(self) -> int:
@@ -992,12 +996,26 @@ def _trajectory(
         event_t=event_t,
         funcs=(func,),
     )
+    traj.end_edge = _last_row_edge(flat_sol) if shapes is None and event_t is None else None
     if shapes is None:
         # For the functional API's later evaluations (``sensitivities``): a field's held
         # attributes (``ode_reg_snapshot``) as they were during this solve.
         snap = func.ode_reg_snapshot() if field_attr(func, "ode_reg_snapshot") else None
         traj.points = tuple(FieldPoint(func, tk, snap) for tk in traj.times.unbind(0))
     return traj
+
+
+def _last_row_edge(sol: Any) -> Any:
+    """The edge into the value copied into ``sol[-1]``, when ``sol``'s last operation is that
+    copy (torchdiffeq fills its solution buffer row by row, the last row last), else ``None``.
+    Taken right after the solve, before any later in-place change of ``sol``."""
+    node = getattr(sol, "grad_fn", None)
+    if node is None or type(node).__name__ != "CopySlices" or sol.shape[0] < 2:
+        return None
+    nxt = node.next_functions
+    if len(nxt) != 2 or nxt[1][0] is None:
+        return None
+    return torch.autograd.graph.GradientEdge(*nxt[1])
 
 
 def starts_from_end(traj: Trajectory, z: Tensor) -> bool:

@@ -100,6 +100,11 @@ def fast_form(command: str, out: str) -> str | None:
         return f"{command} --help"
     if m := re.match(r"^python ((?:benchmarks|recipes)/\w+\.py) .*$", command):
         return f"python {m.group(1)} --help"
+    if re.match(r"^python -m benchmarks --sections \S+$", command):
+        return "python -m benchmarks --help"
+    if command == "python scripts/render_benchmarks.py":
+        # It would rewrite the README; its read-only form compares the tables with the record.
+        return "python scripts/render_benchmarks.py --check"
     if m := re.match(r"^python -m (benchmarks\.\w+)$", command):
         # A benchmark module without --help (it would run): it must import from the shell.
         return f'python -c "import {m.group(1)}"'
