@@ -24,9 +24,10 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
+
+from ode_reg._ranks import Ranks
 
 #: The logged count of skipped optimizer steps (``reg/skipped`` counts skipped terms).
 SKIPPED_STEPS_KEY = "reg/skipped_steps"
@@ -72,14 +73,8 @@ def nonfinite_batch(batch: Any) -> str | None:
 
 
 def _any_rank(module: Any, flag: bool) -> bool:
-    trainer = getattr(module, "_trainer", None)
-    if trainer is not None and trainer.world_size > 1:
-        return bool(trainer.strategy.reduce_boolean_decision(flag, all=False))
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor([1.0 if flag else 0.0])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)  # a bare process group (no trainer)
-        return bool(t.item() > 0)
-    return flag
+    """Whether ``flag`` holds on some DDP rank (``trainer.strategy``, or a bare process group)."""
+    return Ranks.of(module).max([1.0 if flag else 0.0])[0] > 0
 
 
 def task_side_nonfinite(module: Any, loss: Tensor, batch: Any) -> bool:

@@ -12,7 +12,6 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
@@ -24,13 +23,14 @@ from ode_reg._nonfinite import (
     task_side_nonfinite,
     zero_loss,
 )
+from ode_reg._ranks import Ranks
 from ode_reg.plan import Monitor, Need, StepPlan, capture_torchdiffeq
 from ode_reg.recording import SkewPlan, StepRecorder
-from ode_reg.regularizers import Regularizer, _distributed, all_reduce_mean
+from ode_reg.regularizers import Regularizer
 from ode_reg.solve import odeint as _odeint
 from ode_reg.solve import odeint_adjoint as _odeint_adjoint
 from ode_reg.terms import step_terms
-from ode_reg.trajectory import SolveSummary, Trajectory
+from ode_reg.trajectory import DEFAULT_CHECKPOINTS, SolveSummary, Trajectory
 
 NONFINITE_POLICIES = ("skip", "raise")
 
@@ -510,6 +510,13 @@ class RegularizedODEMixin:
         if skew is not None:
             gen = skew.generator(self.global_step, self.device, micro=batch_idx)
             probes = SkewPlan(skew.probes, skew.max_states, gen)
+        # Under DDP, a term that reduces over the batch (y_k) and a monitor that reduces
+        # per-checkpoint profiles over ranks need the same checkpoint times on every rank: a
+        # solve with no explicit checkpoints gets DEFAULT_CHECKPOINTS equal intervals (MATH.md,
+        # Under DDP), never each rank's own step states.
+        common = Ranks.of(self).distributed and (
+            any(r.reduces_over_batch for r in terms) or (bool(plan.monitors) and plan.need.chains)
+        )
         norms = tuple(
             r.plan(self.global_step, self.device, batch_idx)
             for r in terms
@@ -522,6 +529,7 @@ class RegularizedODEMixin:
             adjoint_inputs=plan.need.adjoints,
             refuse_adjoint=tuple(r.name for r in terms if r.needs_adjoints),
             chains=plan.need.chains,
+            common_checkpoints=DEFAULT_CHECKPOINTS if common else None,
         )
 
     def odeint(
@@ -573,10 +581,12 @@ class RegularizedODEMixin:
 
     # ------------------------------------------------------------------ the terms
     def _collective_any(self, flags: Tensor) -> Tensor:
-        if _distributed():
-            flags = flags.clone()
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return flags
+        """The elementwise maximum of ``flags`` over DDP ranks (``trainer.strategy``)."""
+        return Ranks.of(self).reduce(flags, "max")
+
+    def _ranks(self) -> Ranks:
+        """The ranks the terms reduce over (``trainer.strategy``)."""
+        return Ranks.of(self)
 
     def _log_term(self, name: str, value: Tensor, **kw: Any) -> None:
         self.log(name, value, on_step=True, batch_size=1, **kw)
@@ -694,7 +704,7 @@ class RegularizedODEMixin:
             step=step,
             params=own,
             extra=own if shared else (),
-            reduce_mean=all_reduce_mean,
+            ranks=self._ranks(),
         )
         record.left_out.extend(res.left_out)
         if res.left_out:

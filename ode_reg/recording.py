@@ -142,6 +142,10 @@ class StepRecorder:
             statistics are wanted.
         refuse_adjoint: names of active terms that cannot be computed on an
             ``odeint_adjoint`` solve (``odeint_adjoint`` is then refused with a short message).
+        common_checkpoints: the ``checkpoints`` of a recorded solve called without them
+            (``None``: the solver's own step states). Under DDP the module sets
+            ``DEFAULT_CHECKPOINTS`` equal intervals when a term reduces over the batch, so that
+            every rank has its checkpoints at the same times.
     """
 
     def __init__(
@@ -153,6 +157,7 @@ class StepRecorder:
         refuse_adjoint: tuple[str, ...] = (),
         chains: bool = True,
         warn: Callable[[str, str], None] | None = None,
+        common_checkpoints: int | None = None,
         field_norms: tuple[FieldNormPlan, ...] = (),
     ) -> None:
         self.evaluate_fields = evaluate_fields
@@ -161,6 +166,7 @@ class StepRecorder:
         self.adjoint_inputs = adjoint_inputs
         self.refuse_adjoint = refuse_adjoint
         self.chains = chains
+        self.common_checkpoints = common_checkpoints
         self.records: list[SolveRecord] = []
         #: What the solver did in every solve of the step, recorded or stats-only, in call order.
         self.summaries: list[SolveSummary] = []
@@ -320,8 +326,12 @@ def _evaluate(traj: Trajectory) -> list[Evaluation]:
 
 def _skew(traj: Trajectory, plan: SkewPlan) -> tuple[Tensor, int]:
     """Sum over checkpoints of ``E_v |S v|^2 / numel(z)`` (the batch mean of ``|S_i v_i|^2 / d``),
-    and the number of checkpoints. Plain batched states go through ``vmap`` where the field
-    allows; tuple and 1-D states are one sample (their Jacobian is the whole state's)."""
+    and the number of checkpoints. 1-D states are one sample. Tuple states (MATH.md, Tuple
+    states): the probes and ``S v`` are restricted to the coordinates of the per-sample rows
+    (:meth:`Trajectory.samples`: the components with the batch dimension, or the named ones),
+    so that ``|S v|^2`` sums the samples' blocks ``sym(df_c/dz_c)`` of those components (a
+    CNF's ``z`` block without the ``log p`` row when ``components=(0,)``), and the mean is over
+    the batch and those coordinates."""
     n = traj.num_checkpoints
     ks = list(range(n))
     if plan.max_states is not None and plan.max_states < n:
@@ -331,19 +341,29 @@ def _skew(traj: Trajectory, plan: SkewPlan) -> tuple[Tensor, int]:
     states = [traj.states[k] if batched else traj.states[k].reshape(1, -1) for k in ks]
     samples = states[0].shape[0]
     vs = rademacher_probes(states, plan.probes, plan.generator)
+    mask = None
+    size = traj.states[0].numel()
+    if traj.shapes is not None:
+        first = traj.states[0]
+        index = traj.samples(torch.arange(first.numel(), device=first.device).reshape(shape))
+        mask = torch.zeros(first.numel(), dtype=first.dtype, device=first.device)
+        mask[index.reshape(-1)] = 1.0
+        mask = mask.reshape(1, -1)
+        size = index.numel()
+        vs = vs * mask
     total = states[0].new_zeros(())
     with torch.enable_grad():
         for j, k in enumerate(ks):
             z = states[j] if states[j].requires_grad else states[j].detach().requires_grad_(True)
             out = traj.field_at(k, z if batched else z.reshape(shape))
             out = out if batched else out.reshape(1, -1)
-            total = total + _skew_at(out, z, vs[j])
+            total = total + _skew_at(out, z, vs[j], mask)
     mean = total / (len(ks) * plan.probes)
-    per_state = mean * samples / traj.states[0].numel()
+    per_state = mean * samples / size
     return per_state * len(ks), len(ks)
 
 
-def _skew_at(out: Tensor, z: Tensor, vs: Tensor) -> Tensor:
+def _skew_at(out: Tensor, z: Tensor, vs: Tensor, mask: Tensor | None = None) -> Tensor:
     """``sum_p mean_i |1/2 (J + J^T) v_p|^2`` at one state, by plain autograd: ``J^T v`` is a
     vector-Jacobian product, ``J v`` the VJP of the linear map ``u -> J^T u`` (double-VJP), so
     no ``torch.func`` transform (and its per-call overhead) is needed. ``z`` may be the live
@@ -357,6 +377,8 @@ def _skew_at(out: Tensor, z: Tensor, vs: Tensor) -> Tensor:
         (jv,) = torch.autograd.grad(jtu, u, v, create_graph=True, retain_graph=True)
         (jtv,) = torch.autograd.grad(out, z, v, create_graph=True, retain_graph=True)
         sv = 0.5 * (jv + jtv)
+        if mask is not None:  # the coordinates of the per-sample rows only
+            sv = sv * mask
         total = total + sv.pow(2).flatten(1).sum(1).mean()
     return total
 

@@ -40,19 +40,6 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def all_reduce_mean(x: Tensor) -> Tensor:
-    """Differentiable mean over DDP ranks (identity in one process).
-
-    The backward all-reduces the gradient, so each rank's contribution receives the gradient
-    of the whole-batch quantity and DDP's gradient averaging gives the one-process result.
-    """
-    if not _distributed():
-        return x
-    from torch.distributed.nn.functional import all_reduce
-
-    return all_reduce(x, op=dist.ReduceOp.SUM) / dist.get_world_size()
-
-
 #: Accepted range of a term's ``reference`` checkpoint index: the indices of the default
 #: checkpoint grid (``DEFAULT_CHECKPOINTS + 1`` checkpoints, MATH.md Notation); ``-1`` is the
 #: last reached checkpoint ``k*``.
@@ -97,6 +84,9 @@ class Regularizer(nn.Module):
     needs_field_evaluations: bool = False
     #: Needs the skew-Jacobian probes drawn during the solve.
     needs_skew_probes: bool = False
+    #: The term reduces over the batch (``y_k`` sums over samples): under DDP it is computed
+    #: from the mean over ranks at checkpoint times common to all ranks (MATH.md, Under DDP).
+    reduces_over_batch: bool = False
     #: The term is a sum of squares, so a value of exactly 0 has a gradient of exactly 0:
     #: on such a step :class:`~ode_reg.RegularizedODEModule` adds the value without its graph
     #: (an inactive hinge, such as a satisfied :class:`DirectionalConstraint`, then costs no
@@ -248,6 +238,7 @@ class SensitivityMagnitude(Regularizer):
 
     needs_adjoints = True
     needs_field_evaluations = True
+    reduces_over_batch = True
     default_name = "sensitivity_magnitude"
     zero_value_has_zero_gradient = True
 
@@ -296,6 +287,7 @@ class DirectionalConstraint(Regularizer):
 
     needs_adjoints = True
     needs_field_evaluations = True
+    reduces_over_batch = True
     default_name = "directional"
     zero_value_has_zero_gradient = True
 

@@ -23,6 +23,7 @@ from torchdiffeq._impl.odeint import odeint as _td_odeint
 from ode_reg.recording import StepRecorder, current_recorder
 from ode_reg.trajectory import (
     SolveSummary,
+    batch_components,
     check_field_output,
     field_attr,
     forced_times,
@@ -43,8 +44,10 @@ def odeint(
     options: dict[str, Any] | None = None,
     event_fn: Callable[..., Tensor] | None = None,
     checkpoints: int | Tensor | Sequence[float] | None = None,
+    components: Sequence[int] | None = None,
 ) -> Any:
-    """``torchdiffeq.odeint`` with the same signature and result, plus ``checkpoints``.
+    """``torchdiffeq.odeint`` with the same signature and result, plus ``checkpoints`` and
+    ``components``.
 
     Args:
         func: vector field ``f(t, y)``; ``y`` a tensor or a tuple of tensors.
@@ -57,6 +60,9 @@ def odeint(
         event_fn: torchdiffeq's event function (returns ``(event_t, solution)``).
         checkpoints: where the terms look at the solve (see :func:`ode_reg.integrate`); only
             used when the call is recorded.
+        components: for a tuple state, the components the per-sample terms see (see
+            :func:`ode_reg.integrate`; default every component with the batch dimension, 0-dim
+            accumulators left out); only used when the call is recorded.
 
     Returns:
         What ``torchdiffeq.odeint`` returns.
@@ -73,11 +79,12 @@ def odeint(
         torch.Size([2, 2])
     """
     kw = {"rtol": rtol, "atol": atol, "method": method, "options": options, "event_fn": event_fn}
+    _check_components(y0, components)
     rec = current_recorder()
     t = _as_times(t, y0)
     if rec is None and field_attr(func, "ode_reg_integrate") is None:
         return _plain(_td_odeint, func, y0, t, checkpoints, kw)
-    return _recorded(rec, func, y0, t, checkpoints, False, kw)
+    return _recorded(rec, func, y0, t, checkpoints, False, kw, components=components)
 
 
 def odeint_adjoint(
@@ -96,8 +103,10 @@ def odeint_adjoint(
     adjoint_options: dict[str, Any] | None = None,
     adjoint_params: Sequence[Tensor] | None = None,
     checkpoints: int | Tensor | Sequence[float] | None = None,
+    components: Sequence[int] | None = None,
 ) -> Any:
-    """``torchdiffeq.odeint_adjoint`` with the same signature and result, plus ``checkpoints``.
+    """``torchdiffeq.odeint_adjoint`` with the same signature and result, plus ``checkpoints``
+    and ``components``.
 
     Its backward solves the adjoint ODE and is not differentiable, and the solver's states are
     not on the autograd path: terms that need the adjoints ``a_k`` are refused on such a solve
@@ -118,6 +127,7 @@ def odeint_adjoint(
         adjoint_options: options of the backward solve.
         adjoint_params: parameters to differentiate in (default: ``func``'s).
         checkpoints: as for :func:`odeint`.
+        components: as for :func:`odeint`.
 
     Returns:
         What ``torchdiffeq.odeint_adjoint`` returns.
@@ -149,11 +159,12 @@ def odeint_adjoint(
         "adjoint_params": adjoint_params,
     }
     kw.update({k: v for k, v in extra.items() if v is not None})
+    _check_components(y0, components)
     rec = current_recorder()
     t = _as_times(t, y0)
     if rec is None:
         return _plain(_td_odeint_adjoint, func, y0, t, checkpoints, kw)
-    return _recorded(rec, func, y0, t, checkpoints, True, kw)
+    return _recorded(rec, func, y0, t, checkpoints, True, kw, components=components)
 
 
 def _as_times(t: Any, y0: Any) -> Any:
@@ -164,6 +175,15 @@ def _as_times(t: Any, y0: Any) -> Any:
         if isinstance(ref, Tensor):
             return torch.as_tensor(t, dtype=ref.dtype, device=ref.device)
     return t
+
+
+def _check_components(y0: Any, components: Sequence[int] | None) -> None:
+    """Bad ``components`` are refused on every call, recorded or not (no solve needed)."""
+    if components is None:
+        return
+    if not isinstance(y0, tuple):
+        raise ValueError("`components` names components of a tuple `y0`; `y0` is a tensor")
+    batch_components([c.shape for c in y0], components)
 
 
 def _check_checkpoints(checkpoints: Any, t: Any, y0: Any, kw: dict[str, Any]) -> None:
@@ -235,6 +255,7 @@ def _recorded(
     checkpoints: Any,
     adjoint: bool,
     kw: dict[str, Any],
+    components: Sequence[int] | None = None,
 ) -> Any:
     solve = _td_odeint_adjoint if adjoint else _td_odeint
     if rec is None:  # a field that integrates itself (OrthogonalFlow's Lie steps), unrecorded
@@ -260,6 +281,8 @@ def _recorded(
             "adjoints a_k, which an odeint_adjoint solve does not expose to autograd. Use "
             "ode_reg.odeint, or SkewJacobianPenalty"
         )
+    if checkpoints is None:
+        checkpoints = rec.common_checkpoints
     traj = integrate(
         func,
         y0,
@@ -267,6 +290,7 @@ def _recorded(
         checkpoints=checkpoints,
         adjoint=adjoint,
         grad_leaf=rec.adjoint_inputs or rec.chains,
+        components=components,
         **{k: v for k, v in kw.items() if k != "event_fn" or v is not None},
     )
     if torch.is_grad_enabled():

@@ -18,16 +18,28 @@ Every term is computed per chain and averaged over chains.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from torchdiffeq._impl.odeint import SOLVERS
+from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 
+from ode_reg._ranks import Ranks
 from ode_reg.adjoint import _through_state
 from ode_reg.functional.penalties import time_integral
 from ode_reg.recording import SolveRecord
 from ode_reg.trajectory import Trajectory, chain, starts_from_end
+
+#: A sample is reached when its reference adjoint norm is above this fraction of the batch's
+#: largest (MATH.md, Reached samples, scale-free).
+REACHED_FRACTION = 1e-6
+#: Reached reference norms spread over more than this factor, in a chain with an adaptive
+#: solve: the flow-only adjoint takes its own vector-Jacobian product with per-sample unit
+#: cotangents, so that a heavy sample's adjoint cannot leak into a light one's in proportion to
+#: their weights through the shared step sizes.
+UNEQUAL_SPREAD = 1e3
 
 
 def _zeros_like_flat(p: Tensor) -> Tensor:
@@ -143,7 +155,8 @@ class ChainContext:
         differentiable: whether the adjoints are differentiable.
         params: the parameters ``y_k`` is taken over.
         step: the global step.
-        reduce_mean: differentiable mean over DDP ranks (identity in one process).
+        ranks: the DDP ranks (:class:`~ode_reg._ranks.Ranks`; default one process): the
+            sensitivity density is their differentiable mean, at the agreed ``k*``.
     """
 
     def __init__(
@@ -155,7 +168,7 @@ class ChainContext:
         differentiable: bool,
         params: Sequence[Tensor],
         step: int,
-        reduce_mean: Callable[[Tensor], Tensor] = lambda x: x,
+        ranks: Ranks | None = None,
     ) -> None:
         self.loss = loss
         self.records = list(records)
@@ -169,7 +182,7 @@ class ChainContext:
         self.differentiable = differentiable
         self.params = list(params)
         self.step = step
-        self.reduce_mean = reduce_mean
+        self.ranks = ranks or Ranks()
         self._cache: dict[object, object] = {}
 
     #: Start the flow-only adjoints' VJP at ``Trajectory.end_edge`` where there is one;
@@ -211,27 +224,60 @@ class ChainContext:
             self._cache["kstar"] = int(idx[-1]) if idx.numel() else -1
         return self._cache["kstar"]  # type: ignore[return-value]
 
+    def common_kstar(self) -> int:
+        """``k*`` agreed across DDP ranks (the largest rank's; the local one in one process),
+        after checking that every rank holds the same number of checkpoints."""
+        if "common_kstar" not in self._cache:
+            ks = self.kstar()
+            if self.ranks.distributed:
+                self.ranks.agree("checkpoint counts", [len(self.owners)])
+                ks = int(self.ranks.max([ks])[0])
+            self._cache["common_kstar"] = ks
+        return self._cache["common_kstar"]  # type: ignore[return-value]
+
+    def reference_norms(self) -> Tensor:
+        """``|a_{k*,i}|`` per sample, ``(B,)`` (detached)."""
+        return self.adjoints()[self.kstar()].detach().flatten(1).norm(dim=1)
+
     def reached_samples(self) -> Tensor:
-        """Samples whose adjoint at ``k*`` is non-zero, ``(B,)`` booleans."""
-        return (self.adjoints()[self.kstar()].detach() != 0).any(-1)
+        """Samples the loss reaches, ``(B,)`` booleans: reference adjoint ``|a_{k*,i}|`` above
+        :data:`REACHED_FRACTION` of the batch's largest (MATH.md, Reached samples, scale-free),
+        so that samples whose weight underflows (a ``logsumexp`` over the batch) add nothing."""
+        ref = self.reference_norms()
+        return (ref > REACHED_FRACTION * ref.max()) & (ref > 0)
 
     def flow_adjoints(self) -> Tensor:
-        """``ā_k = d(a_{k*} . z_{k*}) / dz_k`` for ``k <= k*``, per-sample form.
+        """``ā_k = d(c . z_{k*}) / dz_k`` for ``k <= k*``, per-sample form; ``c = a_{k*}``.
 
         Equal to ``a_k`` (no extra work) when the chain is one solve whose loss reads only its
         end; otherwise one more vector-Jacobian product from ``z_{k*}`` (when ``z_{k*}`` is the
         last row of a torchdiffeq solution, from the value copied into it:
-        ``Trajectory.end_edge``).
+        ``Trajectory.end_edge``). When an adaptive solve
+        of the chain couples samples of very different weights through its step sizes
+        (reached reference norms spread over more than :data:`UNEQUAL_SPREAD`), the product is
+        taken with the unit cotangents ``c_i = a_{k*,i} / |a_{k*,i}|`` of the reached samples
+        (0 for the others), so that a heavy sample's adjoint enters a light one's with weight
+        1, not with their weight ratio (MATH.md, Reached samples, scale-free). Elsewhere the
+        per-sample ratios do not depend on the weights (each sample's flow is linear in its
+        own cotangent), and :func:`~ode_reg.functional.adjoint_magnitude_penalty` divides each
+        sample by its reference norm, so its ``eps`` guard is relative to the sample's scale.
         """
         if "flow" in self._cache:
             return self._cache["flow"]  # type: ignore[return-value]
         ks = self.kstar()
         raw = self.raw_adjoints()
-        if self._reads_only_the_end() and ks == len(raw) - 1:
+        ref = self.reference_norms()
+        reached = self.reached_samples()
+        coupled = self._coupled(ref, reached)
+        if self._reads_only_the_end() and ks == len(raw) - 1 and not coupled:
             flow = self.adjoints()[: ks + 1]
         else:
             rec, k = self.owners[ks]
             target = _output(rec, k)
+            cot = raw[ks]
+            if coupled:
+                tiny = torch.finfo(ref.dtype).tiny
+                cot = _per_sample_scaled(rec, cot, torch.where(reached, 1 / ref.clamp(tiny), 0.0))
             inputs, slots = [], []
             for j in range(ks):
                 r, kk = self.owners[j]
@@ -249,7 +295,7 @@ class ChainContext:
                 grads = torch.autograd.grad(
                     [target if edge is None else edge],
                     inputs,
-                    [raw[ks]],
+                    [cot],
                     create_graph=self.differentiable,
                     retain_graph=True,
                     allow_unused=True,
@@ -262,10 +308,21 @@ class ChainContext:
                 if g is not None and _is_end(r, kk):
                     g = g[-1]
                 rows.append(torch.zeros_like(raw[j]) if g is None else g)
-            rows.append(raw[ks])
+            rows.append(cot)
             flow = self._samples(rows)
         self._cache["flow"] = flow
         return flow
+
+    def _coupled(self, ref: Tensor, reached: Tensor) -> bool:
+        """Whether an adaptive solve of the chain may carry a heavy sample's adjoint into a
+        light one's through its step sizes (one error norm per batch), with reached reference
+        norms that differ by more than :data:`UNEQUAL_SPREAD`."""
+        if int(reached.sum()) < 2:
+            return False
+        r = ref[reached]
+        if float(r.max() / r.min()) <= UNEQUAL_SPREAD:
+            return False
+        return any(_adaptive(rec.traj.method) for rec in self.records)
 
     def _reads_only_the_end(self) -> bool:
         """Whether the loss reads the chain only at its end, so that ``ā_k = a_k``.
@@ -290,12 +347,13 @@ class ChainContext:
 
     # ------------------------------------------------------------------ sensitivities
     def sensitivities(self, detach_states: bool = False, detach_adjoints: bool = False) -> Tensor:
-        """``y_k`` for ``k <= k*`` (all-reduced mean over DDP ranks), shape ``(k* + 1, P)``."""
+        """``y_k`` for ``k <= k*`` (the differentiable mean over DDP ranks, at the ``k*`` they
+        agree on: :meth:`common_kstar`), shape ``(k* + 1, P)``."""
         key = ("sens", detach_states, detach_adjoints)
         if key in self._cache:
             return self._cache[key]  # type: ignore[return-value]
         raw = self.raw_adjoints()
-        ks = self.kstar()
+        ks = self.common_kstar()
         rows: list[Tensor | None] = [None] * (ks + 1)
         batched: dict[int, list[int]] = {}
         for j in range(ks + 1):
@@ -313,7 +371,7 @@ class ChainContext:
             rec = by_index[index]
             for j, row in zip(js, self._batched_rows(rec, js, raw, detach_adjoints)):
                 rows[j] = row
-        y = self.reduce_mean(torch.stack(rows))
+        y = self.ranks.mean(torch.stack(rows))
         self._cache[key] = y
         return y
 
@@ -374,6 +432,22 @@ class ChainContext:
             total = value if total is None else total + value
         assert total is not None
         return total
+
+
+def _adaptive(method: str) -> bool:
+    return method in SOLVERS and issubclass(SOLVERS[method], RKAdaptiveStepsizeODESolver)
+
+
+def _per_sample_scaled(rec: SolveRecord, x: Tensor, weights: Tensor) -> Tensor:
+    """``x`` (solver-state shape) with each sample's entries times ``weights[i]``: the weights
+    laid out per sample and mapped back through the (linear, entry-permuting)
+    ``Trajectory.samples``; entries outside the sample rows (left-out components) get 0."""
+    rows = rec.traj.samples(x.detach())
+    if rows.shape[-2] != weights.numel():  # the chain's solves differ in batch: one sample
+        return x * weights.reshape(-1)[0]
+    _, back = torch.func.vjp(rec.traj.samples, x.detach())
+    (w,) = back(weights.to(x.dtype)[:, None].expand_as(rows).contiguous())
+    return x * w
 
 
 def _is_end(rec: SolveRecord, k: int) -> bool:
@@ -437,7 +511,7 @@ def step_terms(
     step: int,
     params: Sequence[Tensor],
     extra: Sequence[Tensor] = (),
-    reduce_mean: Callable[[Tensor], Tensor] = lambda x: x,
+    ranks: Ranks | None = None,
     differentiable: bool | None = None,
 ) -> StepTerms:
     """Every active term on the chains of the recorded solves (a pure function of its inputs).
@@ -450,7 +524,9 @@ def step_terms(
         params: parameters the sensitivity density is taken over.
         extra: further tensors to differentiate the loss in, in the adjoints' backward pass
             (``StepTerms.adjoints.extra``).
-        reduce_mean: differentiable mean over DDP ranks.
+        ranks: the DDP ranks (default one process; a module passes ``Ranks.of(self)``, its
+            trainer's strategy). Terms that reduce over the batch (``reduces_over_batch``)
+            first check that every rank has as many chains, then all-reduce ``y_k``.
         differentiable: whether the adjoints must be differentiable (default: whether an
             active term trains on them).
 
@@ -502,10 +578,13 @@ def step_terms(
             differentiable=differentiable,
             params=params,
             step=step,
-            reduce_mean=reduce_mean,
+            ranks=ranks,
         )
         for c in chains
     ]
+    ranks = ranks or Ranks()
+    if ranks.distributed and any(getattr(r, "reduces_over_batch", False) for r in active):
+        ranks.agree("numbers of chains", [len(contexts)])
     values: dict[str, Tensor] = {}
     for r in active:
         terms = []

@@ -210,6 +210,9 @@ class Trajectory:
     _field_at: Callable[[int, Tensor], Tensor] | None = field(default=None, repr=False)
     #: the grad-requiring leaf copies of ``y0`` that :func:`integrate` made (``grad_leaf``).
     grad_leaves: tuple[Tensor, ...] = field(default=(), repr=False)
+    #: for a tuple state, the components the terms' per-sample rows are built from (``None``:
+    #: every component with the batch dimension; see :meth:`samples`).
+    components: tuple[int, ...] | None = None
     #: the autograd edge of the value torchdiffeq copied into the solution's last row (plain
     #: tensor states; else ``None``): a VJP from it equals one from ``solution[-1]`` without
     #: walking the buffer's other rows (see ``ChainContext.flow_adjoints``).
@@ -269,8 +272,12 @@ class Trajectory:
         """A state-shaped tensor (or a stack of them) in per-sample form ``(..., B, d)``.
 
         Plain states keep their shape (dimension 0 of a state is the batch; a 1-D state is one
-        sample). Tuple states are concatenated per sample when every component has the same
-        leading batch size, else treated as one sample.
+        sample). Tuple states (MATH.md, Tuple states): the rows are built from the components
+        that carry the batch dimension (leading size ``B``, the first non-scalar component's),
+        concatenated per sample; components without it (0-dim accumulators such as a CNF's
+        regularization integrals) are left out, and :attr:`components` (``odeint(...,
+        components=...)``) names the ones to use instead (a CNF: ``(0,)``, its ``z`` without
+        ``log p``). With no batched component the whole state is one sample.
         """
         lead = x.shape[: x.dim() - self.states[0].dim()]
         if self.shapes is None:
@@ -278,14 +285,15 @@ class Trajectory:
                 return x.reshape(*lead, 1, -1)
             return x
         shapes = self.shapes
-        batch = {s[0] if len(s) else None for s in shapes}
-        if len(batch) != 1 or None in batch or any(len(s) < 2 for s in shapes):
+        use = batch_components(shapes, self.components)
+        if not use:
             return x.reshape(*lead, 1, -1)
-        (b,) = batch
+        b = shapes[use[0]][0]
         parts, start = [], 0
-        for s in shapes:
+        for i, s in enumerate(shapes):
             n = s.numel()
-            parts.append(x[..., start : start + n].reshape(*lead, b, n // b))
+            if i in use:
+                parts.append(x[..., start : start + n].reshape(*lead, b, n // b))
             start += n
         return torch.cat(parts, dim=-1)
 
@@ -306,6 +314,39 @@ class Trajectory:
                     p for p in f.parameters() if p.requires_grad and all(p is not q for q in out)
                 )
         return out
+
+
+def batch_components(
+    shapes: Sequence[torch.Size], components: Sequence[int] | None = None
+) -> tuple[int, ...]:
+    """The components of a tuple state that the terms' per-sample rows are built from.
+
+    Default: those with the batch dimension (at least one dimension, leading size equal to the
+    first such component's). ``components`` names them instead; each must have it.
+
+    Raises:
+        ValueError: if a named component is out of range or has no batch dimension.
+
+    Example::
+
+        >>> import torch
+        >>> batch_components([torch.Size([4, 2]), torch.Size([4, 1]), torch.Size([])])
+        (0, 1)
+    """
+    batched = [i for i, s in enumerate(shapes) if len(s) >= 1]
+    if not batched:
+        return ()
+    b = shapes[batched[0]][0]
+    have = tuple(i for i in batched if shapes[i][0] == b)
+    if components is None:
+        return have
+    bad = [c for c in components if not isinstance(c, int) or c not in have]
+    if bad or not components:
+        raise ValueError(
+            f"`components` must name tuple-state components with the batch dimension "
+            f"(indices among {list(have)}), got {list(components)!r}"
+        )
+    return tuple(sorted(set(components)))
 
 
 # --------------------------------------------------------------------------- the probe
@@ -589,6 +630,7 @@ def integrate(
     event_fn: Callable[..., Tensor] | None = None,
     adjoint: bool = False,
     grad_leaf: bool = True,
+    components: Sequence[int] | None = None,
     **adjoint_kwargs: Any,
 ) -> Trajectory:
     """Solve ``dz/dt = func(t, z)`` with one torchdiffeq call, recording checkpoint states.
@@ -619,6 +661,9 @@ def integrate(
         grad_leaf: start the solve from an alias of ``y0`` (a grad-requiring leaf copy if ``y0``
             does not require grad), so that ``a_0`` exists and is this solve's own; ``False``
             passes ``y0`` as it is (solver statistics only).
+        components: for a tuple ``y0``, the indices of the components the terms' per-sample
+            rows are built from (``None``: every component with the batch dimension; 0-dim
+            accumulators are left out). A CNF's ``(z, log p)``: ``(0,)``.
         **adjoint_kwargs: ``adjoint_rtol``, ``adjoint_atol``, ``adjoint_method``,
             ``adjoint_options``, ``adjoint_params`` (passed to ``odeint_adjoint``).
 
@@ -639,6 +684,10 @@ def integrate(
     """
     _check_state(y0)
     t = _check_times(t, y0)
+    if components is not None:
+        if not isinstance(y0, tuple):
+            raise ValueError("`components` names components of a tuple `y0`; `y0` is a tensor")
+        components = batch_components([c.shape for c in y0], components)
     if method is not None and method not in SOLVERS:
         raise ValueError(f"`method` must be one of {sorted(SOLVERS)}, got {method!r}")
     unknown = set(adjoint_kwargs) - {
@@ -698,6 +747,7 @@ def integrate(
         event_t, out = out
     traj = _trajectory(probe, func, y0, t, out, method, adjoint, forced, event_t)
     traj.grad_leaves = leaves
+    traj.components = None if components is None else tuple(components)
     return traj
 
 
@@ -1121,6 +1171,7 @@ def chain(trajectories: Sequence[Trajectory]) -> Trajectory:
         method=first.method,
         adjoint_method=any(tr.adjoint_method for tr in trajectories),
         shapes=first.shapes,
+        components=first.components,
         weights=tuple(weights) if has_weights else None,
         t_index=(0, len(states) - 1),
         funcs=tuple(funcs),

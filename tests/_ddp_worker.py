@@ -27,6 +27,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.nn import functional as F
@@ -41,7 +42,9 @@ from ode_reg import (
     SkewJacobianPenalty,
     SpectralConstraint,
 )
+from ode_reg.callbacks import GradientNormMonitor, SolverStatsMonitor, SpectrumMonitor
 from ode_reg.terms import ChainContext as StepContext
+from ode_reg.trajectory import DEFAULT_CHECKPOINTS
 
 N, BATCH, DIM = 64, 16, 4
 GLOO_TIMEOUT_S = 30
@@ -59,6 +62,36 @@ class Field(nn.Module):
 
     def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.l2(torch.tanh(self.l1(z))))
+
+
+class CubicField(Field):
+    """``Field`` minus ``z^3``: stiffer where ``|z|`` is large (local rate ``-3 z^2``), so a
+    batch of large states takes more dopri5 steps than one of small states."""
+
+    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return super().forward(t, z) - z.pow(3)
+
+
+class CaptureLogger(Logger):
+    """Keeps every ``log_metrics`` call (the monitors log to the loggers on rank zero)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "capture"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.rows.append((int(step or 0), {k: float(v) for k, v in metrics.items()}))
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
 
 
 class DiagonalField(nn.Module):
@@ -118,6 +151,13 @@ def regularizers(scenario: str, mode: str) -> list:
         ]
     if scenario == "skew":
         return [SkewJacobianPenalty(1.0, probes=16)]
+    if scenario == "unequal":
+        return [
+            AdjointMagnitude(0.2),
+            SensitivityMagnitude(0.2),
+            DirectionalConstraint(gamma=1.0, weight=0.2),
+            SkewJacobianPenalty(0.01, probes=2),
+        ]
     if scenario == "rnode":
         return [KineticEnergy(0.5), JacobianFrobenius(0.5, every_n_steps=2, warmup_steps=3)]
     if scenario == "nonfinite":
@@ -144,12 +184,15 @@ class DDPModel(RegularizedODEModule):
             from ode_reg.dynamics import OrthogonalFlow
 
             self.field: nn.Module = OrthogonalFlow(DIM, step="exp", step_size=0.25)
+        elif scenario == "unequal":
+            self.field = CubicField(DIM)
         elif scenario == "rnode":
             self.field = DiagonalField(DIM)
         else:
             self.field = Field(DIM)
         self.head = nn.Linear(DIM, 1)
         self.lr = 0.0 if scenario == "skew" else 0.1
+        self.scenario, self.mode = scenario, mode
         # loss_nan: NaN task loss at step 1, on the only rank (single) or on rank 1 (DDP)
         self.nan_rank = (0 if mode == "single" else 1) if scenario == "loss_nan" else None
         self.logged: list[dict[str, float]] = []
@@ -162,14 +205,27 @@ class DDPModel(RegularizedODEModule):
         for r in self.regularizers:
             if isinstance(r, FlakyAdjointMagnitude):
                 r.current_step = self.global_step
-        z = self.odeint(
-            self.field,
-            x,
-            torch.tensor([0.0, 1.0]),
-            method="rk4",
-            options={"step_size": 0.25},
-            checkpoints=4,
-        )
+        if self.scenario == "unequal":
+            # dopri5 with no explicit checkpoints: under DDP the module gives every rank the
+            # common times (DEFAULT_CHECKPOINTS equal intervals); the one-process reference
+            # asks for the same times explicitly (MATH.md, Under DDP).
+            z = self.odeint(
+                self.field,
+                x,
+                torch.tensor([0.0, 1.0]),
+                rtol=1e-6,
+                atol=1e-8,
+                checkpoints=DEFAULT_CHECKPOINTS if self.mode == "single" else None,
+            )
+        else:
+            z = self.odeint(
+                self.field,
+                x,
+                torch.tensor([0.0, 1.0]),
+                method="rk4",
+                options={"step_size": 0.25},
+                checkpoints=4,
+            )
         loss = F.mse_loss(self.head(z[-1]), y)
         self.log("task", loss, sync_dist=True)
         if self.global_step == 1 and rank() == self.nan_rank:
@@ -177,7 +233,7 @@ class DDPModel(RegularizedODEModule):
         return loss
 
     def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
-        if self.logged:
+        if self.logged and isinstance(value, (int, float, torch.Tensor)):
             self.logged[-1][name] = float(value)
         super().log(name, value, *args, **kwargs)
 
@@ -185,6 +241,9 @@ class DDPModel(RegularizedODEModule):
         g = torch.Generator().manual_seed(1)
         x = torch.randn(N, DIM, generator=g)
         y = torch.randn(N, 1, generator=g)
+        if self.scenario == "unequal":
+            x[0::2] *= 0.1  # rank 0 (even indices): small, nearly linear, few steps
+            x[1::2] *= 3.0  # rank 1 (odd indices): the stiff one
         ds = torch.utils.data.TensorDataset(x, y)
         w, r = self.trainer.world_size, self.trainer.global_rank
         sub = torch.utils.data.Subset(ds, list(range(r, N, w)))  # interleaved: rank r, r + w, ...
@@ -208,6 +267,7 @@ class Recorder(Callback):
         self.out, self.scenario, self.mode = out, scenario, mode
         self.synced: list[dict[str, float]] = []
         self.exact: list[float] = []
+        self.solves: list[dict[str, Any]] = []
         self.error: str | None = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -219,6 +279,15 @@ class Recorder(Callback):
                 if k in logged or k.removesuffix("_step") in logged
             }
         )
+        if self.scenario == "unequal":
+            s = pl_module.ode_step.solves[0].stats
+            self.solves.append(
+                {
+                    "accepted": s.accepted,
+                    "nfe": s.nfe,
+                    "times": pl_module.ode_step.groups[0].times.tolist(),
+                }
+            )
         if self.scenario == "skew":
             group = pl_module.ode_step.groups[0]
             self.exact.append(exact_skew(pl_module.field, group.checkpoint_states, group.span))
@@ -241,6 +310,8 @@ class Recorder(Callback):
                 "skipped_steps": int(getattr(pl_module, "_ode_reg_skipped_steps", 0)),
                 "rng": pl_module.rng,
                 "exact": self.exact,
+                "solves": self.solves,
+                "captured": [row for lg in trainer.loggers for row in getattr(lg, "rows", [])],
                 "steps": trainer.global_step,
                 "error": self.error,
                 "world_size": trainer.world_size,
@@ -261,29 +332,37 @@ def run(out: str, scenario: str, mode: str) -> None:
         kw = dict(devices=1)
     torch.manual_seed(0)
     model = DDPModel(scenario, mode)
+    callbacks: list[Callback] = [Recorder(out, scenario, mode)]
+    if scenario == "unequal":  # every monitor, at every step
+        callbacks = [
+            SolverStatsMonitor(every_n_steps=1),
+            GradientNormMonitor(every_n_steps=1, compute_sensitivities=True),
+            SpectrumMonitor(every_n_steps=1),
+            *callbacks,
+        ]
     trainer = L.Trainer(
         accelerator="cpu",
         max_epochs=2 if scenario == "every_n" else 1,
-        logger=False,
+        logger=CaptureLogger() if scenario == "unequal" else False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         use_distributed_sampler=False,
-        callbacks=[Recorder(out, scenario, mode)],
+        callbacks=callbacks,
         **kw,
     )
     if scenario != "parity_local":
         trainer.fit(model)
         return
     # A mutant for the tests' sake: y_k NOT all-reduced across ranks (each rank's own).
-    import ode_reg.module
+    from ode_reg._ranks import Ranks
 
-    saved = ode_reg.module.all_reduce_mean
-    ode_reg.module.all_reduce_mean = lambda x: x
+    saved = Ranks.mean
+    Ranks.mean = lambda self, x: x  # type: ignore[method-assign]
     try:
         trainer.fit(model)
     finally:
-        ode_reg.module.all_reduce_mean = saved
+        Ranks.mean = saved  # type: ignore[method-assign]
 
 
 def _bare_rank(r: int, out: str, scenario: str, port: int) -> None:

@@ -20,7 +20,16 @@ import torch
 from ode_reg.plan import due
 
 WORKER = Path(__file__).with_name("_ddp_worker.py")
-SCENARIOS = ("parity", "spectral", "every_n", "skew", "parity_local", "stopgrad", "rnode")
+SCENARIOS = (
+    "parity",
+    "spectral",
+    "every_n",
+    "skew",
+    "parity_local",
+    "stopgrad",
+    "rnode",
+    "unequal",
+)
 WORKER_TIMEOUT_S = 240
 PARAM_TOL = 1e-5
 
@@ -189,6 +198,60 @@ def test_skew_jacobian_estimate_is_unbiased_across_ranks(ddp) -> None:
     # the one-process estimate agrees as well
     single = torch.tensor([row["reg/skew_jacobian"] for row in res["single"][0]["synced"]])
     assert float(((single - exact).abs() / exact).max()) < 0.10
+
+
+def test_ranks_with_unequal_adaptive_steps_agree_on_common_checkpoint_times(ddp) -> None:
+    """dopri5, rank 1's half batch three times larger (stiffer under ``- z^3``): the ranks take
+    different numbers of steps, every term and every monitor runs (this aborted with a gloo size
+    mismatch when each rank all-reduced ``y_k`` at its own step states), and the logged values
+    are those of one process with the whole batch at the same (explicit) checkpoint times, to
+    the solver's tolerance (MATH.md, Under DDP)."""
+    from ode_reg.trajectory import DEFAULT_CHECKPOINTS
+
+    res = ddp["unequal"]
+    finished(res)
+    (single,), (r0, r1) = res["single"], res["ddp"]
+    assert single["steps"] == r0["steps"] == r1["steps"] == 4
+    common = torch.linspace(0.0, 1.0, DEFAULT_CHECKPOINTS + 1)
+    for a, b in zip(r0["solves"], r1["solves"]):
+        assert b["accepted"] > a["accepted"] + 5  # the stiff rank takes many more steps
+        # ... and both have their checkpoints at the common times
+        torch.testing.assert_close(torch.tensor(a["times"]), common)
+        torch.testing.assert_close(torch.tensor(b["times"]), common)
+    assert param_diff(r0["params"], r1["params"]) == 0.0
+    assert param_diff(single["params"], r0["params"]) < 1e-3
+    terms = ("adjoint_magnitude", "sensitivity_magnitude", "directional")
+    keys = [f"reg/{n}" for n in terms] + [
+        "task",
+        "grad/total_norm",
+        "adjoint/ratio_max_min",
+        "adjoint/norm_first",
+        "adjoint/norm_last",
+        "sensitivity/bound_ratio",
+        "sensitivity/cancellation_ratio",
+    ]
+    for step, (s, d0, d1) in enumerate(zip(single["synced"], r0["synced"], r1["synced"])):
+        for k in keys:
+            assert d0[k] == pytest.approx(s[k], rel=2e-3), (step, k)
+            assert d1[k] == d0[k], (step, k)
+        for n in terms:
+            assert s[f"reg/{n}"] > 1e-3
+        # the batch-reducing terms are the same on both ranks (y_k all-reduced)
+        for n in ("sensitivity_magnitude", "directional"):
+            assert r0["logged"][step][f"reg/{n}"] == pytest.approx(
+                r1["logged"][step][f"reg/{n}"], rel=1e-6
+            )
+        # the per-sample and probe terms: the logged value is the mean of the ranks' own
+        for n in ("adjoint_magnitude", "skew_jacobian"):
+            local = [r["logged"][step][f"reg/{n}"] for r in (r0, r1)]
+            assert d0[f"reg/{n}"] == pytest.approx(sum(local) / 2, rel=1e-5)
+        # the solver monitor sums the ranks' own field evaluations
+        nfe = r0["solves"][step]["nfe"] + r1["solves"][step]["nfe"]
+        assert d0["solver/nfe"] == nfe
+        assert {"spectrum/abscissa", "spectrum/radius"} <= d0.keys()
+    # rank zero's loggers got the monitors' figures of every step
+    logged = {k for _, row in r0["captured"] for k in row}
+    assert {"solver/nfe", "solver/dt_min", "spectrum/abscissa", "adjoint/ratio_max_min"} <= logged
 
 
 def test_rnode_terms_equal_one_process(ddp) -> None:

@@ -310,10 +310,9 @@ def latent_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torc
     a = adjoints(loss, traj, create_graph=True)
     ys = sensitivities(traj, a, create_graph=True)
     gen = model.regularizers[-1].generator(0, traj.times.device)  # the step-0 probes
-    skew = skew_jacobian_penalty(
+    skew = skew_jacobian_penalty(  # R_skew, normalised (MATH.md): the module's value
         model.field, traj.times, traj.checkpoint_states, probes=PROBES, generator=gen
     )
-    skew = skew * traj.span**2 / traj.states[0].shape[-1]  # R_skew's normalisation (MATH.md)
     return (
         loss
         + W_ADJ * adjoint_magnitude_penalty(a)
@@ -348,12 +347,13 @@ def ode_rnn_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tor
     ys = sensitivities(traj, a, create_graph=True, params=list(model.parameters()))
     gen = model.regularizers[-1].generator(0, traj.times.device)  # the step-0 probes
     # The probes are drawn solve by solve, during each solve; R_skew is the chain's length
-    # squared times the mean over its checkpoints of E|S v|^2 / d (MATH.md).
+    # squared times the mean over its checkpoints of E|S v|^2 / d (MATH.md); each solve's
+    # functional value is its own span squared times its mean.
     total, count = 0.0, 0
     for tr in steps:
         s = skew_jacobian_penalty(tr.func, tr.times, tr.checkpoint_states, PROBES, generator=gen)
-        total, count = total + s * tr.num_checkpoints, count + tr.num_checkpoints
-    skew = sum(tr.span for tr in steps) ** 2 * total / count / model.hidden
+        total, count = total + s / tr.span**2 * tr.num_checkpoints, count + tr.num_checkpoints
+    skew = sum(tr.span for tr in steps) ** 2 * total / count
     return (
         loss
         + W_ADJ * adjoint_magnitude_penalty(a)

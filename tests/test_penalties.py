@@ -13,6 +13,7 @@ from torch import nn
 from torch.autograd import gradcheck
 
 from ode_reg import adjoints, integrate, sensitivities
+from ode_reg import odeint as ode_reg_odeint
 from ode_reg.functional import (
     adjoint_magnitude_penalty,
     directional_penalty,
@@ -212,17 +213,49 @@ def test_skew_jacobian_zero_for_skew_field_positive_otherwise():
     times = torch.linspace(0, 1, 3, dtype=F64)
     r = skew_jacobian_penalty(lambda t, z: z @ skew.T, times, states, probes=3)
     assert r < 1e-24
-    # Non-skew linear field: unbiased for ||(M + M^T)/2||_F^2.
+    # Non-skew linear field: unbiased for T^2 ||(M + M^T)/2||_F^2 / d (here T = 1, d = 4).
     gen = torch.Generator().manual_seed(0)
     big = rand(1, 4000, 4, seed=22)
-    r = skew_jacobian_penalty(lambda t, z: z @ a.T, times[:1], big, generator=gen)
-    exact = (0.5 * (a + a.T)).pow(2).sum()
+    r = skew_jacobian_penalty(lambda t, z: z @ a.T, times[:1], big, generator=gen, span=1.0)
+    exact = (0.5 * (a + a.T)).pow(2).sum() / 4
     assert abs(r.item() - exact.item()) < 0.05 * exact.item()
-    # Elementwise field: S = J = diag(f'), so |S v|^2 = |f'|^2 for every Rademacher v.
+    # Elementwise field: S = J = diag(f'), so |S v|^2 = |f'|^2 for every Rademacher v;
+    # times[:2] span T = 0.5.
     z = rand(2, 5, 4, seed=23)
     r = skew_jacobian_penalty(lambda t, x: torch.tanh(x), times[:2], z, probes=2)
-    exact = (1 - torch.tanh(z).pow(2)).pow(2).sum(-1).mean()
+    exact = 0.5**2 * (1 - torch.tanh(z).pow(2)).pow(2).sum(-1).mean() / 4
     torch.testing.assert_close(r, exact)
+
+
+def test_functional_and_module_skew_agree_and_equal_the_closed_form_on_a_linear_field():
+    """One R_skew (MATH.md's normalised one): ``functional.skew_jacobian_penalty`` equals the
+    value ``SkewJacobianPenalty`` adds (same probes), and both equal
+    ``(t_K - t_0)^2 |sym M|_F^2 / d`` on ``f = M z``. ``M = D + (A - A^T)`` with D diagonal:
+    ``sym M = D``, so ``|D v|^2 = |D|_F^2`` for every Rademacher v and the estimate is exact."""
+    from ode_reg import SkewJacobianPenalty
+    from ode_reg.recording import SkewPlan, StepRecorder
+    from ode_reg.terms import step_terms
+
+    d, span = 5, 2.5
+    a = rand(d, d, seed=30)
+    diag = torch.diag(torch.linspace(-1.0, 2.0, d, dtype=F64))
+    m = (diag + a - a.T).requires_grad_(True)
+    field = lambda t, z: z @ m.T  # noqa: E731
+    z0 = rand(6, d, seed=31)
+    t = torch.tensor([0.0, span], dtype=F64)
+    term = SkewJacobianPenalty(weight=1.0, probes=3, seed=7)
+    rec = StepRecorder(skew=SkewPlan(3, None, term.generator(0, torch.device("cpu"))))
+    with rec.active():
+        ys = ode_reg_odeint(field, z0, t, method="rk4", options={"step_size": 0.25})
+    loss = ys[-1].pow(2).mean()
+    module_value = step_terms(loss, rec.records, [term], step=0, params=[m]).values[term.name]
+    traj = rec.records[0].traj
+    functional = skew_jacobian_penalty(
+        field, traj.times, traj.checkpoint_states, 3, generator=term.generator(0, z0.device)
+    )
+    closed = span**2 * diag.pow(2).sum() / d
+    torch.testing.assert_close(module_value, functional, rtol=1e-12, atol=0)
+    torch.testing.assert_close(functional, closed, rtol=1e-12, atol=0)
 
 
 # --------------------------------------------------------------------------- dimensionless

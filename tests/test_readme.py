@@ -27,15 +27,16 @@ def test_plain_pytorch_example_runs_and_prints_what_the_readme_says(tmp_path: Pa
     )
     assert out.returncode == 0, out.stderr
     line = out.stdout.strip().splitlines()[-1]
-    match = re.fullmatch(r"loss ([\d.]+)  R_adj ([\d.e+-]+)  \|y_k\| max/min ([\d.]+)", line)
+    pattern = r"loss ([\d.]+)  R_adj ([\d.e+-]+)  R_skew ([\d.e+-]+)  \|y_k\| max/min ([\d.]+)"
+    match = re.fullmatch(pattern, line)
     assert match, line
-    loss, r_adj, ratio = map(float, match.groups())
+    loss, r_adj, r_skew, ratio = map(float, match.groups())
     # The figures the README quotes (same seed; CPU float32 may differ in the last digits).
     quoted = re.search(r"prints `(loss [^`]*)`", (ROOT / "README.md").read_text())
     assert quoted
-    q = re.fullmatch(r"loss ([\d.]+)  R_adj ([\d.e+-]+)  \|y_k\| max/min ([\d.]+)", quoted.group(1))
+    q = re.fullmatch(pattern, quoted.group(1))
     assert q
-    for got, want in zip((loss, r_adj, ratio), map(float, q.groups())):
+    for got, want in zip((loss, r_adj, r_skew, ratio), map(float, q.groups())):
         assert abs(got - want) <= 0.02 * abs(want) + 1e-3
     assert ratio >= 1.0
 

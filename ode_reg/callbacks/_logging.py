@@ -109,8 +109,10 @@ def reduce_values(
         stacked = torch.stack(
             [values[k].detach().reshape(()).to(dtype or torch.float32) for k in keys]
         )
-        # strategy.reduce works in place: hand it a fresh tensor.
-        reduced = trainer.strategy.reduce(stacked.clone(), reduce_op=op)
+        # strategy.reduce works in place: hand it a fresh tensor, on the strategy's root
+        # device (NCCL reduces device tensors only).
+        device = trainer.strategy.root_device
+        reduced = trainer.strategy.reduce(stacked.to(device).clone(), reduce_op=op).cpu()
         for k, v in zip(keys, reduced):
             out[k] = v
     return out

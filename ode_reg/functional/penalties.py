@@ -43,7 +43,9 @@ def adjoint_magnitude_penalty(adjoints: Tensor, reference: int = -1, eps: float 
     Args:
         adjoints: ``(K + 1, B, ...)`` adjoints; dimension 1 is the batch.
         reference: checkpoint index of the reference adjoint (default the final time).
-        eps: added to squared norms before the log.
+        eps: added to the squared norms relative to each sample's reference norm before the
+            log (``log(|a_k,i|^2 / |a_ref,i|^2 + eps)``): scale-free, whatever the loss weighs
+            the sample.
 
     Returns:
         Scalar tensor ``>= 0``.
@@ -62,7 +64,11 @@ def adjoint_magnitude_penalty(adjoints: Tensor, reference: int = -1, eps: float 
     check_range("eps", eps, 0.0, low_open=True)
     ref = _check_reference(reference, adjoints.shape[0])
     dims = tuple(range(2, adjoints.dim()))
-    logn = _log_norm(adjoints, dims, eps) if dims else 0.5 * torch.log(adjoints.pow(2) + eps)
+    sq = adjoints.pow(2).sum(dim=dims) if dims else adjoints.pow(2)
+    # Each sample relative to its own reference norm (a constant: the ratios are unchanged),
+    # so that eps guards relative to the sample's scale, whatever the loss weighs it.
+    scale = sq[ref].detach().clamp_min(torch.finfo(sq.dtype).tiny)
+    logn = 0.5 * torch.log(sq / scale + eps)
     diff = logn - logn[ref]
     mask = torch.ones(adjoints.shape[0], dtype=torch.bool, device=adjoints.device)
     mask[ref] = False
@@ -177,35 +183,42 @@ def skew_jacobian_penalty(
     states: Tensor,
     probes: int = 1,
     generator: torch.Generator | None = None,
+    span: float | None = None,
 ) -> Tensor:
-    """``R_skew = E_v |1/2 (J + J^T) v|^2`` with ``J = df/dz`` at the given states (Hutchinson).
+    """``R_skew = (t_K - t_0)^2 E_v |1/2 (J + J^T) v|^2 / d`` with ``J = df/dz`` (Hutchinson).
 
-    ``d/dt |a|^2 = -a (J + J^T) a^T``: a Jacobian with zero symmetric part keeps every
-    adjoint's norm constant. One Jacobian-vector and one vector-Jacobian product per probe,
-    Rademacher ``v``; the field must act on each sample independently (row ``i`` of ``f``
-    depends only on row ``i`` of ``z``). The estimate is averaged over samples, checkpoints and
-    probes, and is unbiased for ``mean_{k,i} |S_{k,i}|_F^2``.
+    MATH.md's normalised term, the value :class:`~ode_reg.SkewJacobianPenalty` adds:
+    ``d/dt |a|^2 = -a (J + J^T) a^T``, so a Jacobian with zero symmetric part keeps every
+    adjoint's norm constant; the factor ``(t_K - t_0)^2 / d`` makes the term dimensionless
+    (for ``f = M z`` it equals ``(t_K - t_0)^2 |sym M|_F^2 / d``, the mean squared log-growth
+    rate of the adjoint over the horizon). One Jacobian-vector and one vector-Jacobian product
+    per probe, Rademacher ``v``; the field must act on each sample independently (row ``i`` of
+    ``f`` depends only on row ``i`` of ``z``). The estimate is averaged over samples,
+    checkpoints and probes, and is unbiased.
 
     Args:
         func: vector field ``f(t, z)``.
         times: ``(K + 1,)`` times of the states.
-        states: ``(K + 1, B, ...)`` states (keep them attached to differentiate through them).
+        states: ``(K + 1, B, ...)`` states (keep them attached to differentiate through them);
+            ``d`` is the size of one sample's state, ``states[0, 0].numel()``.
         probes: number of Rademacher probes, ``>= 1``.
         generator: random generator for the probes.
+        span: the horizon ``t_K - t_0`` (``>= 0``); ``None``: ``|times[-1] - times[0]|``.
 
     Returns:
         Scalar tensor ``>= 0``, differentiable in the field's parameters.
 
     Raises:
-        ValueError: if ``probes < 1`` or ``times`` and ``states`` disagree in length.
+        ValueError: if ``probes < 1``, ``span < 0`` or ``times`` and ``states`` disagree in
+            length.
 
     Example::
 
         >>> import torch
-        >>> a = torch.randn(3, 3)
-        >>> f = lambda t, z: z @ (a - a.T).T  # skew Jacobian
-        >>> float(skew_jacobian_penalty(f, torch.zeros(2), torch.randn(2, 4, 3))) < 1e-10
-        True
+        >>> m = torch.diag(torch.tensor([1.0, -2.0]))  # symmetric: |sym M|_F^2 = 5
+        >>> z = torch.randn(3, 4, 2)
+        >>> float(skew_jacobian_penalty(lambda t, z: z @ m.T, torch.tensor([0.0, 1.0, 2.0]), z))
+        10.0
     """
     check_int("probes", probes, 1)
     if not isinstance(states, Tensor) or states.dim() < 2:
@@ -214,13 +227,17 @@ def skew_jacobian_penalty(
         raise ValueError(
             f"`times` must have one entry per checkpoint state ({states.shape[0]}), got {times.numel()}"
         )
+    if span is None:
+        span = float((times[-1] - times[0]).abs())
+    check_range("span", span, 0.0)
     vs = rademacher_probes(states.unbind(0), probes, generator)
     try:
         total = skew_sum_vmap(lambda t, x, _values: func(t, x), times, states, vs)
     except Exception:  # noqa: BLE001 - a field vmap cannot trace: checkpoint by checkpoint
         fields = [lambda x, _t=t: func(_t, x) for t in times.unbind(0)]
         total = skew_sum_loop(fields, states, vs)
-    return total / (states.shape[0] * probes)
+    d = states[0, 0].numel()
+    return span**2 * total / (states.shape[0] * probes * d)
 
 
 def rademacher_probes(
