@@ -64,7 +64,7 @@ class GapField(nn.Module):
 class ODERNN(ode_reg.RegularizedODEModule):
     """ODE flow between observations, masked GRU jumps at them, a linear readout."""
 
-    def __init__(self, hidden: int = 16, adjoint_weight: float = 0.1, lr: float = 5e-2) -> None:
+    def __init__(self, hidden: int = 16, adjoint_weight: float = 0.1, lr: float = 2e-2) -> None:
         regs = [ode_reg.AdjointMagnitude(weight=adjoint_weight)] if adjoint_weight else []
         super().__init__(regularizers=regs)
         self.hidden, self.lr = hidden, lr
@@ -112,11 +112,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--adjoint_weight", type=float, default=0.1)
     p.add_argument("--length", type=int, default=12, help="observation times per sample")
+    p.add_argument("--lr", type=float, default=2e-2, help="Adam's learning rate")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     train = irregular_sines(args.batch * 8, length=args.length)
     held_out = irregular_sines(256, length=args.length, seed=1)
-    model = ODERNN(adjoint_weight=args.adjoint_weight)
+    model = ODERNN(adjoint_weight=args.adjoint_weight, lr=args.lr)
     loss0, acc0 = evaluate(model, held_out)
     stats = ode_reg.SolverStatsMonitor(every_n_steps=1)
     trainer = L.Trainer(
