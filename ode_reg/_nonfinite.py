@@ -172,8 +172,8 @@ def drop_marked_step(module: Any, optimizer: Any) -> None:
     for group in optimizer.param_groups:
         for p in group["params"]:
             p.grad = None
-    count = getattr(module, _COUNT, 0) + 1
-    setattr(module, _COUNT, count)
+    count = skipped_steps(module) + 1
+    set_skipped_steps(module, count)
     setattr(module, _PENDING, None)
     if not getattr(module, _SAID, False):
         setattr(module, _SAID, True)
@@ -183,6 +183,17 @@ def drop_marked_step(module: Any, optimizer: Any) -> None:
         )
     if getattr(module, "_trainer", None) is not None:
         module.log(SKIPPED_STEPS_KEY, float(count), on_step=True, on_epoch=False, batch_size=1)
+
+
+def skipped_steps(module: Any) -> int:
+    """How many optimizer steps the guard has dropped so far (run state: the module saves it
+    in the checkpoint, so a resumed run counts on)."""
+    return int(getattr(module, _COUNT, 0))
+
+
+def set_skipped_steps(module: Any, count: int) -> None:
+    """Restore :func:`skipped_steps` (from a checkpoint)."""
+    setattr(module, _COUNT, int(count))
 
 
 def forget_step_values(module: Any, prefix: str = "reg/") -> None:

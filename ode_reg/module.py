@@ -20,6 +20,8 @@ from typing_extensions import override
 from ode_reg._nonfinite import (
     drop_marked_step,
     forget_step_values,
+    set_skipped_steps,
+    skipped_steps,
     task_side_nonfinite,
     zero_loss,
 )
@@ -349,7 +351,8 @@ class RegularizedODEMixin:
             checkpoint: the checkpoint dict being written.
         """
         checkpoint[RUN_STATE_KEY] = {
-            "terms": [{"name": r.name, "state": r.run_state()} for r in self.regularizers]
+            "terms": [{"name": r.name, "state": r.run_state()} for r in self.regularizers],
+            "skipped_steps": skipped_steps(self),
         }
         key = getattr(self, "CHECKPOINT_HYPER_PARAMS_KEY", "hyper_parameters")
         hparams = checkpoint.get(key)
@@ -378,6 +381,7 @@ class RegularizedODEMixin:
                 legacy.setdefault(int(i), {})[attr] = int(weights.pop(k))
         saved = checkpoint.get(RUN_STATE_KEY)
         if saved is not None:
+            set_skipped_steps(self, int(saved.get("skipped_steps", 0)))
             by_name = {e["name"]: e["state"] for e in saved.get("terms", [])}
             for r in terms:
                 if r.name in by_name:

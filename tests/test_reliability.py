@@ -175,6 +175,25 @@ def test_nan_batch_skips_the_step_without_blaming_the_terms() -> None:
     assert max_diff(before, snapshot(model)) == 0.0
 
 
+def test_the_skipped_step_count_travels_in_the_checkpoint(tmp_path) -> None:
+    """reg/skipped_steps is run state: a run resumed after a dropped step counts on from the
+    saved count (1 -> 2 at the next dropped step), not from 0."""
+    x, y = data(16)
+    x[3, 1] = math.nan  # the first batch of every epoch is not finite
+    model = ODEModel(regularizers=[AdjointMagnitude(0.1)])
+    tr = trainer(max_epochs=1, default_root_dir=tmp_path, enable_checkpointing=True)
+    with pytest.warns(UserWarning, match="skipped"):
+        tr.fit(model, loader(x, y))
+    assert float(tr.callback_metrics["reg/skipped_steps"]) == 1.0
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    assert torch.load(ckpt, weights_only=True)["ode_reg_run_state"]["skipped_steps"] == 1
+    resumed = ODEModel(regularizers=[AdjointMagnitude(0.1)])
+    tr2 = trainer(max_epochs=2, default_root_dir=tmp_path)
+    with pytest.warns(UserWarning, match="skipped"):
+        tr2.fit(resumed, loader(x, y), ckpt_path=str(ckpt))
+    assert float(tr2.callback_metrics["reg/skipped_steps"]) == 2.0
+
+
 def test_nan_batch_raises_under_raise_policy_naming_the_batch() -> None:
     model = ODEModel(regularizers=all_regularizers(), nonfinite="raise")
     x, y = data(8)
