@@ -296,7 +296,7 @@ def render(records: dict[str, dict[str, Any]], out: Path) -> str:
         "mean_i |dL/dz_k| over the sequence (or the flow's checkpoints), computed after training "
         "with `ode_reg.adjoints` on the first 256 test samples "
         "(`ode_reg.summary.held_out_adjoint_ratio`, the figure the `ode-reg` summary prints as "
-        "\"held-out adjoint max/min\"; README, \"Reading the summary\").",
+        '"held-out adjoint max/min"; README, "Reading the summary").',
         "",
         md_table(header, rows),
         "",
