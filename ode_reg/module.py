@@ -501,10 +501,11 @@ class RegularizedODEMixin:
         self._say(
             "no_solve",
             f"ode_reg: training step {plan.step} made no ode_reg solve while {names} "
-            "needed one: nothing was measured or added for them on that step. Call "
+            "needed one: nothing was measured or added for them on that step (a "
+            "GradientNormMonitor logs grad/* only, no adjoint/*). Call "
             "ode_reg.odeint / ode_reg.odeint_adjoint (or self.odeint) instead of torchdiffeq's, "
             "or pass capture_torchdiffeq=True to the module when a library calls "
-            "torchdiffeq.odeint itself (said once)",
+            "torchdiffeq.odeint itself; a model that solves no ODE needs neither (said once)",
         )
 
     def _new_recorder(self, plan: StepPlan, batch_idx: int) -> StepRecorder:

@@ -276,7 +276,6 @@ class GradientNormMonitor(PreStepMonitor):
         self._profiles_now: list[dict[str, Any]] | None = None
         self._warned_sens = False
         self._warned_unreadable = False
-        self._warned_no_solve = False
 
     @property
     @override
@@ -343,13 +342,7 @@ class GradientNormMonitor(PreStepMonitor):
         record = getattr(pl_module, "ode_step", None)
         if record is None:
             return
-        if not record.trajectories and not self._warned_no_solve:
-            self._warned_no_solve = True
-            rank_zero_warn(
-                f"GradientNormMonitor: {type(pl_module).__name__}'s training step recorded no "
-                "ode_reg.odeint solve: no adjoint/* is logged, only grad/* (an adjoint profile "
-                "needs a solve on the loss's path)"
-            )
+        # A step with no solve is said once by the module (its plan knows who was due).
         captured: dict[int, list[Tensor | None]] = {}
         for g, traj in enumerate(getattr(record, "chains", None) or record.groups):
             if record.adjoints[g] is not None:
