@@ -11,8 +11,8 @@ NaN/Inf in the batch or in the task loss, or a non-finite gradient) is not appli
   once, in one line.
 * ``nonfinite="raise"``: ``FloatingPointError`` naming what was not finite.
 
-Under DDP the decision on the batch and loss is collective (``trainer.strategy``'s
-``reduce_boolean_decision``, or an all-reduce on a bare process group): every rank skips, or
+Under DDP the decision on the batch and loss is collective (a maximum over the ranks through
+:class:`ode_reg._ranks.Ranks`: ``trainer.strategy``, or a bare process group): every rank skips, or
 none. Gradients are already equal on all ranks in ``on_before_optimizer_step``. Under 16-bit
 AMP the gradients are left to the ``GradScaler`` (it skips the steps whose scaled gradients
 overflow, as it should); the batch and the task loss are still checked.

@@ -451,9 +451,6 @@ class RegularizedODEMixin:
         if trainer is not None and not any(isinstance(c, StepRelease) for c in trainer.callbacks):
             trainer.callbacks.append(StepRelease())
 
-    def _active(self) -> list[Regularizer]:
-        return [r for r in self.regularizers if r.active(self.global_step)]
-
     def _monitors(self) -> list[Monitor]:
         trainer = self._trainer
         return [] if trainer is None else [c for c in trainer.callbacks if isinstance(c, Monitor)]
