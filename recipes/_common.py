@@ -43,6 +43,19 @@ def run_worker(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> 
         ).returncode
 
 
+def run_recorded(
+    tag: str, key: str, cmd: list[str], out: Path, record: Path, env: dict[str, str] | None = None
+) -> dict[str, Any] | None:
+    """:func:`run_worker` for run ``key``, its log at ``out/logs/<key>.log``; the record it
+    wrote, or ``None`` after one line saying that the run failed (and where its log is)."""
+    log = out / "logs" / f"{key}.log"
+    rc = run_worker(cmd, log, env)
+    if rc != 0 or not record.exists():
+        print(f"[{tag}] {key} FAILED (rc={rc}), see {log}", flush=True)
+        return None
+    return json.loads(record.read_text())
+
+
 def offline_wandb(folder: Path) -> None:
     """Keep W&B offline and its files under ``folder`` (unless the user configured it)."""
     os.environ.setdefault("WANDB_MODE", "offline")

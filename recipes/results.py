@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, ROOT, machine, md_table, run_worker, write_json  # noqa: E402
+from _common import RESULTS, ROOT, machine, md_table, run_recorded, write_json  # noqa: E402
 
 EXPERIMENTS = Path(__file__).resolve().parent / "experiments.yaml"
 
@@ -489,12 +489,9 @@ def main(argv: list[str] | None = None) -> None:
                 cmd.append("--fast")
             if args.extra:
                 cmd.append(f"--extra={args.extra}")
-            log = out / "logs" / f"{key}.log"
-            rc = run_worker(cmd, log)
-            if rc != 0 or not record_path.exists():
-                print(f"[results] {key} FAILED (rc={rc}), see {log}", flush=True)
+            rec = run_recorded("results", key, cmd, out, record_path)
+            if rec is None:
                 return
-            rec = json.loads(record_path.read_text())
             write_json(store, load_records(out))
             print(f"[results] {key}: {_metric_text(rec)}, {rec['wall_s']:.0f} s", flush=True)
 

@@ -42,7 +42,7 @@ from _common import (  # noqa: E402
     machine,
     md_table,
     output_dir,
-    run_worker,
+    run_recorded,
     write_json,
 )
 
@@ -550,12 +550,9 @@ def main(argv: list[str] | None = None) -> None:
         record = out / "records" / f"{key}.json"
         cmd = [sys.executable, __file__, "--worker", key, "--record", str(record)]
         cmd += ["--out", str(out), "--spec", str(args.spec)] + (["--fast"] if args.fast else [])
-        log = out / "logs" / f"{key}.log"
-        rc = run_worker(cmd, log)
-        if rc != 0 or not record.exists():
-            print(f"[rnode] {key} FAILED (rc={rc}), see {log}", flush=True)
+        r = run_recorded("rnode", key, cmd, out, record)
+        if r is None:
             continue
-        r = json.loads(record.read_text())
         print(
             f"[rnode] {key}: {r['metric_key']} {r['metric']:.4g}, NFE/step "
             f"{r['nfe_per_step']:.1f}, {r['wall_s']:.0f} s",

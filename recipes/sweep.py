@@ -45,7 +45,7 @@ from _common import (
     md_table,
     output_dir,
     profile_ratio,
-    run_worker,
+    run_recorded,
     write_json,
 )  # noqa: E402
 
@@ -439,12 +439,10 @@ def main(argv: list[str] | None = None) -> None:
         record = out / "records" / f"{key}.json"
         cmd = [sys.executable, __file__, "--worker", key, "--record", str(record)]
         cmd += ["--out", str(out), "--spec", str(args.spec)] + (["--fast"] if args.fast else [])
-        log = out / "logs" / f"{key}.log"
-        rc = run_worker(cmd, log, {"WANDB_MODE": os.environ.get("WANDB_MODE", "offline")})
-        if rc != 0 or not record.exists():
-            print(f"[sweep] {key} FAILED (rc={rc}), see {log}", flush=True)
+        env = {"WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
+        r = run_recorded("sweep", key, cmd, out, record, env)
+        if r is None:
             return
-        r = json.loads(record.read_text())
         print(f"[sweep] {key}: MSE {r['test_mse']:.4g}, {r['wall_s']:.0f} s", flush=True)
 
     start = time.perf_counter()
