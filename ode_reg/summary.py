@@ -218,10 +218,6 @@ def process_age() -> float | None:
         return None
 
 
-def _count(n: int, one: str, many: str) -> str:
-    return f"{n} {one if n == 1 else many}"
-
-
 def _orthogonal_count(model: L.LightningModule) -> int:
     """How many matrices the model declares orthogonal (what OrthogonalityMonitor reads: the
     parametrized and declared matrices, and each OrthogonalFlow's weight flow)."""
@@ -690,9 +686,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     if s.get("orthogonality_max") is not None:
         add("max orthogonality defect |W^T W - I|_F", _zero_or(s["orthogonality_max"], 1.0, eps))
     elif s.get("orthogonal_matrices"):  # there are some, and nothing measured them
+        n = s["orthogonal_matrices"]
         add(
             "orthogonality defect",
-            f"not measured: the model holds {_count(s['orthogonal_matrices'], 'orthogonal matrix', 'orthogonal matrices')}, but "
+            f"not measured: the model holds {n} orthogonal matri{'x' if n == 1 else 'ces'}, but "
             "no orthogonality/* value was logged (no OrthogonalityMonitor, or fewer steps "
             "than its cadence)",
         )
