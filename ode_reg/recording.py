@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ode_reg.functional.indices import spread_indices
 from ode_reg.functional.penalties import field_norm_rows, rademacher_probes
 from ode_reg.trajectory import SolveSummary, Trajectory
 
@@ -333,9 +334,7 @@ def _skew(traj: Trajectory, plan: SkewPlan) -> tuple[Tensor, int]:
     CNF's ``z`` block without the ``log p`` row when ``components=(0,)``), and the mean is over
     the batch and those coordinates."""
     n = traj.num_checkpoints
-    ks = list(range(n))
-    if plan.max_states is not None and plan.max_states < n:
-        ks = torch.linspace(0, n - 1, plan.max_states).round().long().unique().tolist()
+    ks = spread_indices(n, plan.max_states)
     shape = traj.states[0].shape
     batched = traj.shapes is None and len(shape) > 1
     states = [traj.states[k] if batched else traj.states[k].reshape(1, -1) for k in ks]

@@ -27,6 +27,7 @@ from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 from torchdiffeq._impl.solvers import FixedGridODESolver
 
 from ode_reg._checks import check_int
+from ode_reg.functional.indices import spread_indices
 
 #: At most ``DEFAULT_CHECKPOINTS + 1`` solver step states are kept per solve by default
 #: (spread evenly over the steps taken), plus the result at the last requested time.
@@ -537,13 +538,6 @@ def _fixed_grid(method: str, options: dict[str, Any], y0: Any, t: Tensor) -> Ten
     return -grid if reversed_ else grid
 
 
-def _select(n: int, want: int) -> list[int]:
-    """``want`` indices spread evenly over ``range(n)`` (all of them if ``n <= want``)."""
-    if n <= want:
-        return list(range(n))
-    return sorted({round(i * (n - 1) / (want - 1)) for i in range(want)})
-
-
 def _match(times: Sequence[float], targets: Sequence[float], tol: float) -> list[int]:
     out = [0]
     for c in targets:
@@ -974,7 +968,7 @@ def _trajectory(
         step_times = [float(t[0])]
         step_states = [_flat(y0)]
     if forced is None:
-        keep = _select(len(step_states), DEFAULT_CHECKPOINTS + 1)
+        keep = spread_indices(len(step_states), DEFAULT_CHECKPOINTS + 1)
     else:
         span = abs(float(t[-1] - t[0]))
         tol = span * (1e-5 if t.dtype != torch.float64 else 1e-10)

@@ -40,6 +40,7 @@ from ode_reg.callbacks._logging import (
     reduce_values,
     resolve_every_n,
 )
+from ode_reg.functional.indices import spread_indices
 from ode_reg.plan import Monitor, Need
 from ode_reg.plotting import histogram_figure, new_figure, save_figure
 from ode_reg.trajectory import DEFAULT_CHECKPOINTS, SolveSummary, median_value
@@ -92,13 +93,6 @@ class _Step:
     @property
     def steps(self) -> list[float]:
         return [d for s in self.solves for d in s.steps]
-
-
-def _select(n: int, want: int) -> list[int]:
-    # As ode_reg.trajectory._select: the step indices a solve keeps by default.
-    if n <= want:
-        return list(range(n))
-    return sorted({round(i * (n - 1) / (want - 1)) for i in range(want)})
 
 
 #: A fixed-grid step shorter than this fraction of the solve's longest step is "zero-length".
@@ -169,7 +163,7 @@ def _check_min(traj: SolveSummary) -> float | None:
         acc += d
         ends.append(acc)
     inner = [abs(x - t0) for x in times[1:-1]]
-    default = _select(len(steps), DEFAULT_CHECKPOINTS + 1)
+    default = spread_indices(len(steps), DEFAULT_CHECKPOINTS + 1)
     if len(default) == len(times) - 1 and all(
         abs(starts[i] - abs(x - t0)) <= tol for i, x in zip(default, times[:-1])
     ):

@@ -30,6 +30,7 @@ from ode_reg.callbacks._logging import (
     resolve_every_n,
 )
 from ode_reg.callbacks.orthogonality import _is_orthogonal_flow
+from ode_reg.functional.indices import spread_indices
 from ode_reg.functional.spectra import (
     jacobian,
     jacobian_ritz_values,
@@ -48,15 +49,6 @@ _VECTORIZED_LIMIT = 1 << 22
 
 
 METHODS = ("auto", "dense", "krylov")
-
-
-def _spread(n: int, num: int | None) -> list[int]:
-    """``num`` indices spread evenly over ``range(n)``, first and last included (all if None)."""
-    if num is None or num >= n:
-        return list(range(n))
-    if num == 1:
-        return [n - 1]
-    return sorted({int(round(i * (n - 1) / (num - 1))) for i in range(num)})
 
 
 def _flat_field(traj: Trajectory, k: int) -> tuple[Tensor, Any]:
@@ -320,14 +312,14 @@ class SpectrumMonitor(PreStepMonitor):
 
     def _chain_eigs(self, traj: Trajectory) -> tuple[list[Tensor], str]:
         """Eigenvalues (or Ritz values) of the sampled Jacobians of one chained trajectory."""
-        ks = _spread(traj.num_checkpoints, self.num_checkpoints)
+        ks = spread_indices(traj.num_checkpoints, self.num_checkpoints)
         d = _flat_field(traj, ks[0])[0].shape[1]
         method = self._method_for(d)
         if method == "dense":
             eigs = []
             for k in ks:
                 z = traj.states[k]
-                rows = _spread(z.shape[0] if z.dim() > 1 else 1, self.num_samples)
+                rows = spread_indices(z.shape[0] if z.dim() > 1 else 1, self.num_samples)
                 eigs.append(torch.linalg.eigvals(_sampled_jacobians(traj, k, rows)))
             return eigs, method
         # Krylov: the field on the sampled rows alone where it allows it (the products then
@@ -337,7 +329,7 @@ class SpectrumMonitor(PreStepMonitor):
         parts = []
         for k in ks:
             flat, field = _flat_field(traj, k)
-            rows = _spread(flat.shape[0], self.num_samples)
+            rows = spread_indices(flat.shape[0], self.num_samples)
             t = traj.times[k]
             alone = len(rows) == flat.shape[0] or _rows_alone(field, t, flat, rows)
             parts.append((field, t, flat[rows] if alone else flat, None if alone else rows))
