@@ -141,6 +141,14 @@ def _light(tr: Trajectory) -> Trajectory:
     return out
 
 
+def _released_summary(s: SolveSummary) -> SolveSummary:
+    """``s`` with its times detached (itself when they hold no graph: a stats-only solve's
+    ``t`` is the caller's, usually a plain tensor, and this runs for every solve of a step)."""
+    if not (getattr(s.t, "requires_grad", True) or getattr(s.times, "requires_grad", False)):
+        return s
+    return dataclasses.replace(s, t=_detached(s.t), times=_detached(s.times))
+
+
 def _released(record: StepRecord) -> StepRecord:
     """``record`` with every tensor detached from the step's autograd graph and no field."""
     return StepRecord(
@@ -149,7 +157,7 @@ def _released(record: StepRecord) -> StepRecord:
         [_detached(a) for a in record.adjoints],
         [_detached(a) for a in record.sensitivities],
         list(record.left_out),
-        [dataclasses.replace(s, t=_detached(s.t), times=_detached(s.times)) for s in record.solves],
+        [_released_summary(s) for s in record.solves],
     )
 
 

@@ -48,7 +48,6 @@ from ode_reg.dynamics import AntisymmetricODEFunc, OrthogonalFlow
 from ode_reg.metrics import MaxOrthogonalityDefect, MeanAdjointRatio, MeanSpectralAbscissa
 from ode_reg.plotting import (
     eigenvalue_figure,
-    figure_to_array,
     histogram_figure,
     profile_figure,
     save_figure,
@@ -280,8 +279,10 @@ def test_metrics_values_and_cross_rank_merge():
 def test_plots_render(tmp_path):
     fig = eigenvalue_figure(torch.tensor([1j, -1j, -0.5]), flow_eigs=torch.tensor([1 + 0j, -1]))
     assert len(fig.axes) == 2
-    px = figure_to_array(fig)
-    assert px.dtype.name == "uint8" and px.ndim == 3 and px.shape[2] == 3 and px.std() > 0
+    from matplotlib.image import imread
+
+    px = imread(save_figure(fig, tmp_path / "eig.png"))  # RGBA floats of the written PNG
+    assert px.ndim == 3 and px.shape[2] == 4 and px[..., :3].std() > 0
     t = torch.linspace(0, 1, 4)
     fig = profile_figure(t, torch.tensor([1.0, 0.1, 0.0, 1e-3]), torch.ones(4))
     assert fig.axes[0].get_yscale() == "log"
