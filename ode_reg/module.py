@@ -65,11 +65,6 @@ class StepRecord:
     left_out: list[int] = field(default_factory=list)
     solves: list[SolveSummary] = field(default_factory=list)
 
-    @property
-    def chains(self) -> list[Trajectory]:
-        """The chained trajectories (the same list as :attr:`groups`)."""
-        return self.groups
-
 
 def _use_shared_backward(module: RegularizedODEModule, active: Sequence[Regularizer]) -> bool:
     """Whether this step takes the task gradient from the adjoints' (plain) backward."""
@@ -493,10 +488,9 @@ class RegularizedODEMixin:
         return StepPlan(step, terms, monitors, need, batch)
 
     def _say(self, key: str, message: str) -> None:
-        said = self.__dict__.setdefault("_ode_reg_said", set())
-        if key not in said:
-            said.add(key)
-            rank_zero_warn(message)
+        from ode_reg.callbacks._logging import SayOnce
+
+        self.__dict__.setdefault("_ode_reg_said", SayOnce()).warn(message, key=key)
 
     def _say_if_nothing(self, plan: StepPlan, rec: StepRecorder) -> None:
         """Say it or do it: consumers were due and the step made no ode_reg solve."""

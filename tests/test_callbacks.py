@@ -384,7 +384,8 @@ def test_spectrum_held_input_and_antisymmetric_structure():
         expected.append(float(_eigs(jac).real.max()))
     assert metric(trainer, "spectrum/abscissa") == pytest.approx(max(expected), abs=1e-9)
     assert abs(metric(trainer, "spectrum/abscissa")) < 1e-9  # gamma = 0: Re lambda = 0
-    assert metric(trainer, "spectrum/skew_real_max") < 1e-12
+    # no logged check that cannot fail (eigenvalues of W - W^T are imaginary by construction)
+    assert "spectrum/skew_real_max" not in trainer.callback_metrics
 
 
 def test_spectrum_of_orthogonal_flow():

@@ -34,11 +34,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
-from lightning.pytorch.utilities.rank_zero import WarningCache
+from lightning.pytorch.utilities.rank_zero import WarningCache, rank_zero_warn
 from matplotlib.figure import Figure
 from torch import Tensor
 from torch.optim import Optimizer
-from torchmetrics import Metric
+from torchmetrics import MaxMetric, Metric
 from typing_extensions import override
 
 from ode_reg.plan import Monitor, due
@@ -181,8 +181,31 @@ def plot_path(log_dir: str, key: str, step: int) -> str:
     return os.path.join(log_dir, "plots", *safe.split("/"), f"step_{step:07d}.png")
 
 
-#: Warned once per process (Lightning's cache of rank-zero warnings).
-_said = WarningCache()
+class SayOnce(WarningCache):
+    """Lightning's ``WarningCache`` (a rank-zero warning per distinct message), also keyed by a
+    name: ``warn(message, key=...)`` says the first message of each key only (a message that
+    names a step or a field differs from one step to the next).
+
+    Example::
+
+        >>> said = SayOnce()
+        >>> said.warn("no solve at step 3", key="no_solve")  # doctest: +SKIP
+        >>> "no_solve" in said
+        True
+    """
+
+    def warn(
+        self, message: str, stacklevel: int = 5, key: str | None = None, **kwargs: Any
+    ) -> None:
+        """``rank_zero_warn(message)`` unless ``key`` (default: the message) was said."""
+        name = message if key is None else key
+        if name not in self:
+            self.add(name)
+            rank_zero_warn(message, stacklevel=stacklevel, **kwargs)
+
+
+#: Warned once per process.
+_said = SayOnce()
 
 
 def has_plot_sink(trainer: pl.Trainer) -> bool:
@@ -270,6 +293,62 @@ def log_histogram(
             fig = histogram_figure(v, bins=bins, title=head, xlabel=xlabel)
             written.append(save_figure(fig, plot_path(log_dir, key, step)))
     return written
+
+
+class RunningMax:
+    """A float attribute of a monitor kept as a running maximum in a torchmetrics
+    ``MaxMetric`` (never reset: it is not handed to Lightning, so no epoch end resets it).
+    Reading gives the maximum so far (``start`` before any value), assigning sets it, and
+    :meth:`fold` folds a value in (the values are already reduced across ranks: the metric
+    is not synced).
+
+    Args:
+        start: the value before any fold.
+        nan_strategy: torchmetrics' ``nan_strategy`` (``"disable"``: a NaN propagates).
+
+    Example::
+
+        >>> class M:
+        ...     best = RunningMax(0.0)
+        >>> m = M()
+        >>> M.best.fold(m, 2.0); M.best.fold(m, 1.0)
+        >>> m.best
+        2.0
+    """
+
+    def __init__(self, start: float = float("-inf"), nan_strategy: str = "disable") -> None:
+        self.start = float(start)
+        self.nan_strategy = nan_strategy
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.key = f"_{name}_metric"
+
+    def metric(self, obj: Any) -> MaxMetric:
+        """The ``MaxMetric`` behind the attribute on ``obj``."""
+        m = obj.__dict__.get(self.key)
+        if m is None:
+            m = obj.__dict__[self.key] = MaxMetric(
+                nan_strategy=self.nan_strategy, sync_on_compute=False
+            )
+            m.set_dtype(torch.float64)  # the logged float, not a float32 rounding of it
+            m.update(self.start)
+        return m
+
+    def fold(self, obj: Any, value: Tensor | float) -> float:
+        """Fold ``value`` in; returns the maximum so far."""
+        m = self.metric(obj)
+        m.update(value)
+        return float(m.compute())
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        return float(self.metric(obj).compute())
+
+    def __set__(self, obj: Any, value: float) -> None:
+        m = self.metric(obj)
+        m.reset()
+        m.update(float(value))
 
 
 def metric_state(metric: Metric) -> dict[str, Tensor]:

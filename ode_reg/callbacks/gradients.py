@@ -19,6 +19,8 @@ from ode_reg._checks import check_int
 from ode_reg.adjoint import sensitivities as compute_sensitivities
 from ode_reg.callbacks._logging import (
     PreStepMonitor,
+    RunningMax,
+    SayOnce,
     has_plot_sink,
     is_due,
     log_figure,
@@ -226,9 +228,8 @@ class GradientNormMonitor(PreStepMonitor):
         >>> trainer = L.Trainer(callbacks=[GradientNormMonitor(compute_sensitivities=True)])
     """
 
-    #: The profile wants ``a_0``: a module that can make ``y0`` a leaf requiring grad for
-    #: monitored steps may read this flag (the backward then delivers ``dL/dz_0`` too).
-    needs_adjoint_inputs = True
+    #: ``adjoint/ratio_running_max``: the largest ratio since the start (a ``MaxMetric``).
+    running_max_ratio = RunningMax(0.0, nan_strategy="ignore")
 
     def __init__(
         self,
@@ -263,7 +264,6 @@ class GradientNormMonitor(PreStepMonitor):
         self.per_module = per_module
         self.adjoint_profile = adjoint_profile
         self.compute_sensitivities = compute_sensitivities
-        self.running_max_ratio = 0.0
         self.epoch_ratio = MeanAdjointRatio(geometric=True)
         #: Per chained trajectory of the last computed step: ``times``, ``adjoint`` (``p_k``),
         #: ``sensitivity`` (``|y_k|`` or ``None``), ``bound_ratio``, ``cancellation_ratio``
@@ -274,8 +274,7 @@ class GradientNormMonitor(PreStepMonitor):
         self._capture_scale = 1.0
         self._grad_norms: dict[str, Tensor] | None = None
         self._profiles_now: list[dict[str, Any]] | None = None
-        self._warned_sens = False
-        self._warned_unreadable = False
+        self._said = SayOnce()
 
     @property
     @override
@@ -344,7 +343,7 @@ class GradientNormMonitor(PreStepMonitor):
             return
         # A step with no solve is said once by the module (its plan knows who was due).
         captured: dict[int, list[Tensor | None]] = {}
-        for g, traj in enumerate(getattr(record, "chains", None) or record.groups):
+        for g, traj in enumerate(record.groups):
             if record.adjoints[g] is not None:
                 continue
             slots: list[Tensor | None] = [None] * traj.num_checkpoints
@@ -454,13 +453,13 @@ class GradientNormMonitor(PreStepMonitor):
             with torch.enable_grad():
                 y = compute_sensitivities(traj, adj, params=params, detach_states=True).detach()
         except (RuntimeError, ValueError) as exc:
-            if not self._warned_sens:
-                self._warned_sens = True
+            if "sensitivities" not in self._said:
                 names = ", ".join(sorted({type(f).__name__ for f in traj.funcs or (traj.func,)}))
-                rank_zero_warn(
+                self._said.warn(
                     "GradientNormMonitor(compute_sensitivities=True): cannot evaluate the "
                     f"sensitivity density of the field(s) {names} after the backward "
-                    f"({exc}); sensitivity ratios are skipped for them"
+                    f"({exc}); sensitivity ratios are skipped for them",
+                    key="sensitivities",
                 )
         if trainer.world_size > 1:
             # Every rank must agree before the collective below.
@@ -478,7 +477,7 @@ class GradientNormMonitor(PreStepMonitor):
         acc = trainer.accumulate_grad_batches
         world = trainer.world_size
         out = []
-        for g, traj in enumerate(getattr(record, "chains", None) or record.groups):
+        for g, traj in enumerate(record.groups):
             found = self._adjoint_norms(g, traj, record, acc)
             if found is None:
                 continue
@@ -565,7 +564,7 @@ class GradientNormMonitor(PreStepMonitor):
             if ratios:
                 worst = float(torch.stack(ratios).max())
                 if not math.isnan(worst):
-                    self.running_max_ratio = max(self.running_max_ratio, worst)
+                    type(self).running_max_ratio.fold(self, worst)
                 metrics["adjoint/ratio_running_max"] = self.running_max_ratio
                 first = ratios[0].detach().to(self.epoch_ratio.total.device)
                 if bool(torch.isfinite(first)) and float(first) > 0:
@@ -597,15 +596,15 @@ class GradientNormMonitor(PreStepMonitor):
 
     def _say_unreadable(self, entry: dict[str, Any]) -> None:
         """Say it or do it: a profile with fewer than two readable checkpoints logs nothing."""
-        if self._warned_unreadable:
+        if "unreadable" in self._said:
             return
-        self._warned_unreadable = True
         readable = int(torch.isfinite(entry["adjoint"]).sum())
-        rank_zero_warn(
+        self._said.warn(
             f"GradientNormMonitor: the adjoint profile has {readable} readable checkpoint(s) of "
             f"{entry['adjoint'].numel()} (an odeint_adjoint solve exposes only its result to "
             "autograd, not its checkpoint states), so no adjoint/ratio_* or adjoint/norm_* is "
-            "logged for it; solve with ode_reg.odeint to read the profile (said once)"
+            "logged for it; solve with ode_reg.odeint to read the profile (said once)",
+            key="unreadable",
         )
 
     @override

@@ -18,10 +18,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.rank_zero import WarningCache
 from typing_extensions import override
 
 from ode_reg.callbacks._logging import (
+    SayOnce,
     accumulating,
     has_plot_sink,
     log_figure,
@@ -217,7 +217,7 @@ class SolverStatsMonitor(Monitor):
         self._pending = StepSolves()
         self._in_warning = False
         self._methods: set[str] = set()
-        self._said = WarningCache()
+        self._said = SayOnce()
         self._zero_steps_said = False
         #: The epoch's totals (torchmetrics syncs them over ranks); the steps since the last
         #: flush are added up in plain floats first (:meth:`_flush`), so that a training step
