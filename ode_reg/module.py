@@ -784,14 +784,13 @@ class RegularizedODEModule(RegularizedODEMixin, L.LightningModule):
     Example::
 
         >>> import torch
-        >>> from ode_reg import RegularizedODEModule, AdjointMagnitude, odeint
-        >>> class Model(RegularizedODEModule):
+        >>> from ode_reg import RegularizedODEModule, SkewJacobianPenalty
+        >>> class Flow(RegularizedODEModule):  # self.odeint: the alias of ode_reg.odeint
         ...     def __init__(self):
-        ...         super().__init__(regularizers=[AdjointMagnitude(weight=0.1)])
-        ...         self.field = torch.nn.Linear(2, 2)
-        ...     def training_step(self, batch, batch_idx):
-        ...         z = odeint(lambda t, z: self.field(z), batch, torch.tensor([0.0, 1.0]))
-        ...         return z[-1].pow(2).mean()
-        >>> Model().regularizers[0].name
-        'adjoint_magnitude'
+        ...         super().__init__(regularizers=[SkewJacobianPenalty(weight=0.01)])
+        ...         self.f = torch.nn.Linear(2, 2)
+        ...     def training_step(self, x, i):
+        ...         return self.odeint(lambda t, z: self.f(z), x, torch.linspace(0, 1, 2))[-1].sum()
+        >>> [r.name for r in Flow().regularizers]
+        ['skew_jacobian']
     """

@@ -189,7 +189,7 @@ class SayOnce(WarningCache):
     Example::
 
         >>> said = SayOnce()
-        >>> said.warn("no solve at step 3", key="no_solve")  # doctest: +SKIP
+        >>> said.warn("no solve at step 3", key="no_solve")
         >>> "no_solve" in said
         True
     """
@@ -311,9 +311,8 @@ class RunningMax:
         >>> class M:
         ...     best = RunningMax(0.0)
         >>> m = M()
-        >>> M.best.fold(m, 2.0); M.best.fold(m, 1.0)
-        >>> m.best
-        2.0
+        >>> M.best.fold(m, 2.0), M.best.fold(m, 1.0), m.best
+        (2.0, 2.0, 2.0)
     """
 
     def __init__(self, start: float = float("-inf"), nan_strategy: str = "disable") -> None:
