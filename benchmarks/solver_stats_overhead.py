@@ -2,9 +2,8 @@
 
 Five kinds of run of the same training epoch, alternated (the order reversed every other round,
 so that drifts in machine load and position effects hit all of them alike): no monitor; the
-stats-only recording alone (``record``: a do-nothing monitor with ``needs_chains = False``, which
-the module recognizes as an ode_reg monitor, so each solve goes through ``ode_reg.integrate``;
-a callback defined outside ``ode_reg.callbacks`` turns nothing on and costs nothing);
+stats-only recording alone (``record``: a do-nothing ``ode_reg.Monitor`` that needs the solver
+counts, ``Need(stats=True)``, so each solve is the module's stats-only solve);
 ``SolverStatsMonitor`` alone (recording included: attaching it turns the recording on); the
 three other monitors; the three plus ``SolverStatsMonitor`` (its own cost where the recording is
 on anyway). The CPU time spent inside the monitor's own hooks is measured as well, as a share
@@ -53,7 +52,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.monitor_overhead import EpochTimer
-from ode_reg import RegularizedODEModule
+from ode_reg import Monitor, Need, RegularizedODEModule
 from ode_reg.callbacks import (
     GradientNormMonitor,
     OrthogonalityMonitor,
@@ -65,14 +64,14 @@ from ode_reg.dynamics import AntisymmetricODEFunc
 KINDS = ("none", "record", "solver", "three", "three+solver")
 
 
-class RecordOnly(Callback):
-    """A monitor that does nothing, but turns on the module's stats-only recording (the module
-    treats callbacks from ``ode_reg.callbacks`` as monitors): the recording's own cost."""
+class RecordOnly(Monitor):
+    """A monitor that reads nothing but asks for what ``SolverStatsMonitor`` asks for (the
+    solver counts, ``Need(stats=True)``): the module's stats-only recording alone."""
 
-    needs_chains = False
+    needs = Need(stats=True)
 
-
-RecordOnly.__module__ = "ode_reg.callbacks.solver_stats"  # seen as a monitor by the module
+    def need(self, trainer):
+        return self.needs  # every training batch, as SolverStatsMonitor
 
 
 class Model(RegularizedODEModule):

@@ -401,16 +401,22 @@ class _ProbeBase:
         return callback
 
     def _counter(self, user: Callable[..., Any] | None) -> Callable[..., Any]:
-        """The accepted-step callback of a stats-only solve: the step size, no state."""
-        dts, stats = self.dts, self.stats
+        """The accepted-step callback of a stats-only solve: the step size, no state (the
+        accepted steps are counted, and the sizes detached, once in :meth:`finish`)."""
+        dts = self.dts
+        self._counted_in_finish = True
+        if user is None:
 
-        def callback(t0: Tensor, y0: Any, dt: Tensor) -> None:
-            dts.append(dt.detach())
-            stats.accepted += 1
-            if user is not None:
-                user(t0, y0, dt)
+            def callback(t0: Tensor, y0: Any, dt: Tensor) -> None:
+                dts.append(dt)
 
-        return callback
+            return callback
+
+        def callback_user(t0: Tensor, y0: Any, dt: Tensor) -> None:
+            dts.append(dt)
+            user(t0, y0, dt)
+
+        return callback_user
 
     def _rejecter(self, user: Callable[..., Any] | None) -> Callable[..., Any]:
         stats = self.stats
@@ -426,7 +432,9 @@ class _ProbeBase:
         """After the forward solve: the accepted step sizes ``|dt|`` into :attr:`stats` (one
         host read), and the field evaluations from now on counted as the backward solve's."""
         if self.dts:
-            self.stats.step_sizes = [abs(d) for d in torch.stack(self.dts).tolist()]
+            if self.__dict__.get("_counted_in_finish"):
+                self.stats.accepted += len(self.dts)
+            self.stats.step_sizes = torch.stack(self.dts).detach().abs().tolist()
             self.dts.clear()
         self.in_backward = True
 
