@@ -8,6 +8,7 @@ rank's findings (:func:`decide`), and the epoch aggregates (:class:`EpochCounts`
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -153,3 +154,21 @@ def decide(
         {kind: table[r, j, 1:].tolist() for j, kind in enumerate(KINDS) if table[r, j, 0] > 0}
         for r in range(world)
     ]
+
+
+def epoch_entry(totals: dict[str, float], epoch: int) -> tuple[dict[str, Any], dict[str, float]]:
+    """The :attr:`~ode_reg.callbacks.SolverStatsMonitor.history` entry of an epoch from its
+    :class:`EpochCounts` (``steps > 0``), and its ``solver/epoch_*`` keys."""
+    steps = int(totals["steps"])
+    entry: dict[str, Any] = {"epoch": epoch, "steps": steps}
+    for name in COUNTS:
+        entry[f"{name}_per_step"] = totals[name] / steps
+    for name in ("dt_min", "dt_max"):
+        entry[name] = totals[name] if math.isfinite(totals[name]) else None
+    entry["warnings"] = int(totals["warnings"])
+    keys = {f"solver/epoch_{n}_per_step": entry[f"{n}_per_step"] for n in COUNTS}
+    for name in ("dt_min", "dt_max"):
+        if entry[name] is not None:
+            keys[f"solver/epoch_{name}"] = entry[name]
+    keys["solver/epoch_warnings"] = float(entry["warnings"])
+    return entry, keys

@@ -5,13 +5,13 @@ step (``pl_module.ode_step.solves``, each with its
 :class:`~ode_reg.trajectory.SolverStats`): torchdiffeq's own field evaluations, the accepted
 and rejected steps and the accepted step sizes. They are read in ``on_train_batch_end``, after
 the backward pass, so the field evaluations of ``odeint_adjoint``'s backward solve are known.
-The heuristics are in :mod:`ode_reg.callbacks._solver_checks`, what is reduced over ranks in
+The heuristics are in :mod:`ode_reg.callbacks._solver_checks` and
+:mod:`ode_reg.callbacks._solver_warning`, what is reduced over ranks in
 :mod:`ode_reg.callbacks._solver_reduce`, the NFE figure in :mod:`ode_reg.plotting`.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
@@ -35,13 +35,20 @@ from ode_reg.callbacks._logging import (
 from ode_reg.callbacks._solver_checks import (
     COUNTS,
     ON_WARNING,
-    EarlyWarning,
     StepSolves,
     check_arguments,
     tally,
     zero_length_steps,
+    zero_steps_message,
 )
-from ode_reg.callbacks._solver_reduce import EpochCounts, decide, reduce_step, step_metrics
+from ode_reg.callbacks._solver_reduce import (
+    EpochCounts,
+    decide,
+    epoch_entry,
+    reduce_step,
+    step_metrics,
+)
+from ode_reg.callbacks._solver_warning import EarlyWarning
 from ode_reg.plan import Monitor, Need, due
 from ode_reg.plotting import nfe_figure
 
@@ -291,22 +298,10 @@ class SolverStatsMonitor(Monitor):
     def _warn_zero_steps(self, trainer: pl.Trainer, step: StepSolves) -> None:
         """One warning (per monitor) at the first step whose fixed-grid solves took
         zero-length steps (rank zero's solves; :func:`zero_length_steps`)."""
-        hit = [(s, n) for s in step.solves if (n := zero_length_steps(s))]
-        if not hit:
-            return
-        self._zero_steps_said = True
-        extra = sum(n for _, n in hit)
-        nfe = sum(s.stats.nfe * n / max(len(s.stats.step_sizes), 1) for s, n in hit)
-        methods = ", ".join(sorted({s.method for s, _ in hit}))
-        rank_zero_warn(
-            f"SolverStatsMonitor: at step {logger_step(trainer)}, {len(hit)} of "
-            f"{len(step.solves)} {methods} solves took a step of length 0 ({extra} steps, "
-            f"about {nfe:.0f} of the step's {step.total('nfe')} field evaluations): torchdiffeq "
-            "builds the fixed grid as t0 + i * step_size in the times' float precision, and "
-            "where (t1 - t0) / step_size rounds to just above an integer it adds a point a hair "
-            "before t1. Fix: a grid that ends on t1, e.g. options={'grid_constructor': lambda "
-            "f, y0, t: torch.linspace(t[0], t[-1], n + 1)} (README, Monitors). Warned once."
-        )
+        message = zero_steps_message(logger_step(trainer), step.solves)
+        if message is not None:
+            self._zero_steps_said = True
+            rank_zero_warn(message)
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -439,21 +434,11 @@ class SolverStatsMonitor(Monitor):
         if steps == 0:
             self._new_epoch(-1)
             return
-        entry: dict[str, Any] = {"epoch": int(trainer.current_epoch), "steps": steps}
-        for name in COUNTS:
-            entry[f"{name}_per_step"] = totals[name] / steps
-        entry["dt_min"] = totals["dt_min"] if math.isfinite(totals["dt_min"]) else None
-        entry["dt_max"] = totals["dt_max"] if math.isfinite(totals["dt_max"]) else None
-        entry["warnings"] = int(totals["warnings"])
+        entry, epoch_keys = epoch_entry(totals, int(trainer.current_epoch))
         if self.history and self.history[-1]["epoch"] == entry["epoch"]:
             self.history[-1] = entry
         else:
             self.history.append(entry)
-        epoch_keys = {f"solver/epoch_{n}_per_step": entry[f"{n}_per_step"] for n in COUNTS}
-        for name in ("dt_min", "dt_max"):
-            if entry[name] is not None:
-                epoch_keys[f"solver/epoch_{name}"] = entry[name]
-        epoch_keys["solver/epoch_warnings"] = float(entry["warnings"])
         # Two keys also to callback_metrics (Lightning logs them at the epoch end); all of
         # them to the loggers directly, at the epoch's last step (pl_module.log costs ~1 ms
         # a key).
