@@ -134,10 +134,9 @@ def _light(tr: Trajectory) -> Trajectory:
         _field_at=None,
         grad_leaves=(),
     )
-    owners = getattr(tr, "owners", None)
-    if owners is not None:
+    if tr.owners:
         index = {id(p): q for p, q in zip(tr.parts, parts)}
-        out.owners = tuple((index.get(id(p), p), k) for p, k in owners)  # type: ignore[attr-defined]
+        out.owners = tuple((index.get(id(p), p), k) for p, k in tr.owners)
     return out
 
 
