@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -31,6 +32,7 @@ __all__ = [
     "DEFAULT_ATOL",
     "DEFAULT_RTOL",
     "HoldsInputs",
+    "IntegratorCall",
     "SelfIntegratingField",
     "held_inputs",
     "integrate_self",
@@ -42,6 +44,26 @@ DEFAULT_RTOL = 1e-7
 DEFAULT_ATOL = 1e-9
 
 _WARNED: set[str] = set()
+
+
+@dataclass(frozen=True)
+class IntegratorCall:
+    """The keywords of one call, as a field that integrates itself receives them.
+
+    Attributes:
+        method: the torchdiffeq ``method`` asked for (``None``: the field's default).
+        options: the ``options`` of the call.
+        rtol: the ``rtol`` of the call (:data:`DEFAULT_RTOL` unless given).
+        atol: the ``atol`` of the call (:data:`DEFAULT_ATOL` unless given).
+        record: whether the states are checkpoints the terms take adjoints at: then each
+            state must be on the autograd path from ``y0`` to the later states.
+    """
+
+    method: str | None = None
+    options: dict[str, Any] | None = None
+    rtol: Any = DEFAULT_RTOL
+    atol: Any = DEFAULT_ATOL
+    record: bool = True
 
 
 class SelfIntegratingField:
@@ -61,7 +83,7 @@ class SelfIntegratingField:
         >>> class Decay(SelfIntegratingField, nn.Module):  # dz/dt = -z, exactly
         ...     def forward(self, t, z):
         ...         return -z
-        ...     def ode_reg_integrate(self, y0, grid, *, method, options, rtol, atol, record):
+        ...     def ode_reg_integrate(self, y0, grid, call):
         ...         return [y0 * torch.exp(-(s - grid[0])) for s in grid], None
         ...     def ode_reg_field_at(self, t, z, weight):
         ...         return -z
@@ -79,15 +101,7 @@ class SelfIntegratingField:
         return True
 
     def ode_reg_integrate(
-        self,
-        y0: Tensor,
-        grid: Tensor,
-        *,
-        method: str | None,
-        options: dict[str, Any] | None,
-        rtol: Any,
-        atol: Any,
-        record: bool,
+        self, y0: Tensor, grid: Tensor, call: IntegratorCall
     ) -> tuple[Sequence[Tensor], Sequence[Tensor] | None]:
         """Advance ``y0`` over ``grid``.
 
@@ -95,12 +109,8 @@ class SelfIntegratingField:
             y0: initial state; ``states[0]`` is this very tensor.
             grid: increasing 1-D times; ``grid[0]`` is the start, the requested times are
                 among them.
-            method: the torchdiffeq ``method`` of the call (``None``: the field's default).
-            options: the ``options`` of the call.
-            rtol: the ``rtol`` of the call (:data:`DEFAULT_RTOL` unless given).
-            atol: the ``atol`` of the call (:data:`DEFAULT_ATOL` unless given).
-            record: whether the states are checkpoints the terms take adjoints at: then each
-                ``states[k]`` must be on the autograd path from ``y0`` to the later states.
+            call: the call's keywords (:class:`IntegratorCall`); the field honours each or
+                refuses it by name.
 
         Returns:
             ``(states, weights)``: the state at every grid time, and the field's weight at
@@ -154,37 +164,29 @@ def integrate_self(
     func: SelfIntegratingField,
     y0: Any,
     t: Tensor,
+    call: IntegratorCall,
     *,
-    checkpoints: int | Tensor | Sequence[float] | None,
-    method: str | None,
-    options: dict[str, Any] | None,
-    rtol: Any = DEFAULT_RTOL,
-    atol: Any = DEFAULT_ATOL,
+    checkpoints: int | Tensor | Sequence[float] | None = None,
     event_fn: Callable[..., Tensor] | None = None,
     adjoint: bool = False,
     adjoint_kwargs: dict[str, Any] | None = None,
-    record: bool = True,
 ) -> Trajectory:
     """Solve with the field's own integrator on the checkpoint grid (all of ``t`` among it).
 
-    ``method``, ``options``, ``rtol`` and ``atol`` go to the field, which honours them or
-    refuses them by name. ``event_fn`` and ``odeint_adjoint``'s own keywords (``adjoint_*``)
-    are refused by name; ``adjoint=True`` runs the same integrator as ``odeint``, its gradient
-    taken through its steps (said once per field class).
+    ``call`` (``method``, ``options``, ``rtol``, ``atol``) goes to the field, which honours
+    each keyword or refuses it by name. ``event_fn`` and ``odeint_adjoint``'s own keywords
+    (``adjoint_*``) are refused by name; ``adjoint=True`` runs the same integrator as
+    ``odeint``, its gradient taken through its steps (said once per field class).
 
     Args:
         func: the field.
         y0: initial state (a tensor).
         t: strictly increasing output times.
+        call: the call's keywords (:class:`IntegratorCall`).
         checkpoints: as for :func:`ode_reg.integrate`.
-        method: the torchdiffeq method asked for.
-        options: the solver options.
-        rtol: relative tolerance.
-        atol: absolute tolerance.
         event_fn: refused when given.
         adjoint: whether the call was ``odeint_adjoint``.
         adjoint_kwargs: ``odeint_adjoint``'s keywords that were given (refused).
-        record: see :meth:`SelfIntegratingField.ode_reg_integrate`.
 
     Returns:
         A :class:`Trajectory` with a checkpoint at every grid time.
@@ -217,11 +219,9 @@ def integrate_self(
         )
     grid = checkpoint_grid(t, checkpoints)
     t_index = tuple(int(i) for i in (grid[None, :] - t[:, None]).abs().argmin(dim=1))
-    if record and not y0.requires_grad and torch.is_grad_enabled():
+    if call.record and not y0.requires_grad and torch.is_grad_enabled():
         y0 = y0.detach().requires_grad_(True)
-    states, weights = func.ode_reg_integrate(
-        y0, grid, method=method, options=options, rtol=rtol, atol=atol, record=record
-    )
+    states, weights = func.ode_reg_integrate(y0, grid, call)
     states = tuple(states)
     weights = None if weights is None else tuple(weights)
     traj = Trajectory(
@@ -229,7 +229,7 @@ def integrate_self(
         times=grid,
         states=states,
         t=t,
-        method=method or "custom",
+        method=call.method or "custom",
         weights=weights,
         t_index=t_index,
         funcs=(func,),

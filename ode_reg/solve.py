@@ -21,7 +21,7 @@ from torchdiffeq._impl.adjoint import odeint_adjoint as _td_odeint_adjoint
 from torchdiffeq._impl.odeint import odeint as _td_odeint
 
 from ode_reg._inputs import check_components, check_field_output, check_times, forced_times
-from ode_reg.protocol import integrate_self, self_integrating
+from ode_reg.protocol import IntegratorCall, integrate_self, self_integrating
 from ode_reg.recording import StepRecorder, current_recorder
 from ode_reg.trajectory import SolveSummary, grad_only_from_leaves, integrate, solve_counted
 
@@ -178,17 +178,18 @@ def _self_integrated(
 ) -> Any:
     """An unrecorded solve of a field that integrates itself: its integrator on the
     checkpoint grid (the grid a recorded solve steps on), no checkpoint kept on the path."""
-    kw = dict(kw)
-    own = {k: kw.pop(k) for k in ("rtol", "atol", "method", "options", "event_fn")}
+    adjoint_kwargs = dict(kw)
+    own = [adjoint_kwargs.pop(k) for k in ("method", "options", "rtol", "atol")]
+    event_fn = adjoint_kwargs.pop("event_fn")
     traj = integrate_self(
         func,
         y0,
         check_times(t, y0),
+        IntegratorCall(*own, record=False),
         checkpoints=checkpoints,
+        event_fn=event_fn,
         adjoint=adjoint,
-        adjoint_kwargs=kw,
-        record=False,
-        **own,
+        adjoint_kwargs=adjoint_kwargs,
     )
     return traj.ys
 

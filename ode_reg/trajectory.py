@@ -59,7 +59,7 @@ from ode_reg._trajectory_data import (
     median_value,
 )
 from ode_reg.functional.indices import spread_indices
-from ode_reg.protocol import held_inputs, integrate_self, self_integrating
+from ode_reg.protocol import IntegratorCall, held_inputs, integrate_self, self_integrating
 
 
 def integrate(
@@ -135,19 +135,16 @@ def integrate(
     if adjoint:
         check_adjoint_field(func, adjoint_kwargs.get("adjoint_params"))
     if self_integrating(func):
+        call = IntegratorCall(method, options, rtol, atol, record=torch.is_grad_enabled())
         return integrate_self(
             func,
             y0,
             t,
+            call,
             checkpoints=checkpoints,
-            method=method,
-            options=options,
-            rtol=rtol,
-            atol=atol,
             event_fn=event_fn,
             adjoint=adjoint,
             adjoint_kwargs=adjoint_kwargs,
-            record=torch.is_grad_enabled(),
         )
     method = method or "dopri5"
     options, forced = _forced_step_ends(t, y0, checkpoints, method, options)

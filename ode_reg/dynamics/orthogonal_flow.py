@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ode_reg._checks import check_int, check_range
 from ode_reg.dynamics._activations import get_activation
-from ode_reg.protocol import DEFAULT_ATOL, DEFAULT_RTOL, SelfIntegratingField
+from ode_reg.protocol import DEFAULT_ATOL, DEFAULT_RTOL, IntegratorCall, SelfIntegratingField
 
 __all__ = ["STEPS", "OrthogonalFlow"]
 
@@ -261,26 +260,17 @@ class OrthogonalFlow(SelfIntegratingField, nn.Module):
         return self._act(z @ weight.to(z.dtype).mT)
 
     def ode_reg_integrate(
-        self,
-        y0: Tensor,
-        grid: Tensor,
-        *,
-        method: str | None,
-        options: dict[str, Any] | None,
-        rtol: Any = DEFAULT_RTOL,
-        atol: Any = DEFAULT_ATOL,
-        record: bool = True,
+        self, y0: Tensor, grid: Tensor, call: IntegratorCall
     ) -> tuple[list[Tensor], list[Tensor]]:
         """Advance ``(z, W)`` over the checkpoint ``grid`` (:class:`SelfIntegratingField`).
 
         Args:
             y0: initial state ``(B, dim)``; ``states[0]`` is this very tensor.
             grid: increasing 1-D checkpoint times; ``grid[0]`` is the start.
-            method: ``"rk4"`` (the rule for ``z``) or ``None``.
-            options: ``None`` or ``{"step_size": h}`` overriding ``step_size``.
-            rtol: must be the default (the step is fixed).
-            atol: must be the default (the step is fixed).
-            record: unused: the states are on the autograd path either way.
+            call: ``method`` must be ``"rk4"`` (the rule for ``z``) or ``None``; ``options``
+                ``None`` or ``{"step_size": h}`` overriding ``step_size``; ``rtol``/``atol``
+                the defaults (the step is fixed); ``record`` does not matter (the states are
+                on the autograd path either way).
 
         Returns:
             ``(states, weights)``: ``z_k`` and ``W_k`` (in ``y0``'s dtype) at every grid time,
@@ -290,19 +280,23 @@ class OrthogonalFlow(SelfIntegratingField, nn.Module):
             ValueError: on another ``method``, unknown ``options`` keys, a step size ``<= 0``,
                 or a ``rtol``/``atol`` that is not the default.
         """
+        method = call.method
         if method not in (None, "rk4"):
             raise ValueError(
                 "`method` must be 'rk4' for OrthogonalFlow (z advances by RK4, W by the "
                 f"`step` rule {self.step!r}), got {method!r}"
             )
-        for name, value, default in (("rtol", rtol, DEFAULT_RTOL), ("atol", atol, DEFAULT_ATOL)):
+        for name, value, default in (
+            ("rtol", call.rtol, DEFAULT_RTOL),
+            ("atol", call.atol, DEFAULT_ATOL),
+        ):
             if value != default:
                 raise ValueError(
                     f"`{name}` has no effect on OrthogonalFlow, which steps with a fixed "
                     f"`step_size` ({self.step_size:g}; options={{'step_size': h}} sets it), got "
                     f"{value!r}"
                 )
-        opts = dict(options or {})
+        opts = dict(call.options or {})
         step_size = opts.pop("step_size", self.step_size)
         if opts:
             raise ValueError(

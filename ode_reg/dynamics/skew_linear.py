@@ -12,7 +12,7 @@ from torchdiffeq._impl.odeint import odeint as _td_odeint
 
 from ode_reg._checks import check_int, check_range
 from ode_reg._probe import odeint_error
-from ode_reg.protocol import SelfIntegratingField
+from ode_reg.protocol import IntegratorCall, SelfIntegratingField
 
 __all__ = ["SkewLinearODEFunc"]
 
@@ -219,27 +219,17 @@ class SkewLinearODEFunc(SelfIntegratingField, nn.Module):
         return self.g is not None
 
     def ode_reg_integrate(
-        self,
-        y0: Tensor,
-        grid: Tensor,
-        *,
-        method: str | None,
-        options: dict[str, Any] | None,
-        rtol: Any,
-        atol: Any,
-        record: bool,
+        self, y0: Tensor, grid: Tensor, call: IntegratorCall
     ) -> tuple[list[Tensor], list[Tensor]]:
         """Solve ``(z, A)`` jointly with torchdiffeq over ``grid``.
 
         Args:
             y0: initial state ``(B, dim)``.
             grid: increasing checkpoint times.
-            method: torchdiffeq method (``None``: ``"dopri5"``).
-            options: torchdiffeq solver options.
-            rtol: relative tolerance.
-            atol: absolute tolerance.
-            record: restart the solve at each grid time, so that each ``z_k`` is on the
-                autograd path (else one solve, its values at the grid times).
+            call: torchdiffeq's ``method`` (``None``: ``"dopri5"``), ``options``, ``rtol`` and
+                ``atol``, all passed on; with ``record`` the solve restarts at each grid time,
+                so that each ``z_k`` is on the autograd path (else one solve, its values at
+                the grid times).
 
         Returns:
             ``(states, weights)``: ``z_k`` and ``A_k`` at the grid times.
@@ -247,9 +237,14 @@ class SkewLinearODEFunc(SelfIntegratingField, nn.Module):
         Raises:
             IntegrationError: if an adaptive solver fails (with the time reached).
         """
-        kw = {"method": method or "dopri5", "options": options, "rtol": rtol, "atol": atol}
+        kw = {
+            "method": call.method or "dopri5",
+            "options": call.options,
+            "rtol": call.rtol,
+            "atol": call.atol,
+        }
         a = self.weight_at(grid[0])
-        if not record:
+        if not call.record:
             zs, As = self._solve((y0, a.to(y0.dtype)), grid, kw)
             return [y0, *zs[1:].unbind(0)], [a, *As[1:].unbind(0)]
         z = y0
