@@ -30,6 +30,7 @@ ADJOINT_KEYWORDS = (
 
 
 def check_state(y0: Any) -> None:
+    """Refuse a ``y0`` that is not a floating-point tensor or a tuple of them."""
     comps = y0 if isinstance(y0, tuple) else (y0,)
     if not comps or not all(isinstance(c, Tensor) and c.is_floating_point() for c in comps):
         got = (
@@ -46,6 +47,8 @@ def check_state(y0: Any) -> None:
 
 
 def check_times(t: Any, y0: Any) -> Tensor:
+    """``t`` as a tensor (of ``y0``'s dtype and device when given as a sequence), refused
+    unless 1-D, finite, of at least 2 times and strictly monotonic."""
     ref = y0[0] if isinstance(y0, tuple) else y0
     if not isinstance(t, Tensor):
         t = torch.as_tensor(t, dtype=ref.dtype, device=ref.device)

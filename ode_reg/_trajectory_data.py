@@ -170,6 +170,8 @@ class Trajectory:
         owners: for a chained trajectory, ``(part, k)`` for each checkpoint: the solve it
             comes from and its index there (``()`` for a single solve; see
             :meth:`checkpoint_owners`).
+        _field_at: for a chained trajectory, the field evaluation at a checkpoint, delegated
+            to the solve it comes from (``None`` otherwise).
         grad_leaves: the grad-requiring leaf copies of ``y0`` that :func:`integrate` made
             (``grad_leaf``).
         components: for a tuple state, the components the terms' per-sample rows are built

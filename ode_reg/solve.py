@@ -6,7 +6,9 @@ active term or a monitor due, the call is recorded into the step (one torchdiffe
 checkpoints taken from the solver's own steps). When the step wants only solver statistics
 (a ``SolverStatsMonitor``, no active term) the call is torchdiffeq's on a counting field
 (:func:`~ode_reg.trajectory.solve_counted`). Everywhere else it is torchdiffeq's call and
-nothing more.
+nothing more, except for a field that integrates itself
+(:class:`~ode_reg.protocol.SelfIntegratingField`), which is solved by its own integrator on
+every call.
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ from torch import Tensor, nn
 from torchdiffeq._impl.adjoint import odeint_adjoint as _td_odeint_adjoint
 from torchdiffeq._impl.odeint import odeint as _td_odeint
 
-from ode_reg._inputs import check_components, check_field_output, check_times, forced_times
+from ode_reg._inputs import (
+    check_components,
+    check_field_output,
+    check_state,
+    check_times,
+    forced_times,
+)
 from ode_reg.protocol import IntegratorCall, integrate_self, self_integrating
 from ode_reg.recording import StepRecorder, current_recorder
 from ode_reg.trajectory import SolveSummary, grad_only_from_leaves, integrate, solve_counted
@@ -178,6 +186,7 @@ def _self_integrated(
 ) -> Any:
     """An unrecorded solve of a field that integrates itself: its integrator on the
     checkpoint grid (the grid a recorded solve steps on), no checkpoint kept on the path."""
+    check_state(y0)
     adjoint_kwargs = dict(kw)
     own = [adjoint_kwargs.pop(k) for k in ("method", "options", "rtol", "atol")]
     event_fn = adjoint_kwargs.pop("event_fn")

@@ -116,7 +116,9 @@ def integrate(
         A :class:`Trajectory`.
 
     Raises:
-        ValueError: on a bad ``y0``, ``t``, ``method`` or ``checkpoints`` (before solving).
+        ValueError: on a bad ``y0``, ``t``, ``method`` or ``checkpoints`` (before solving);
+            for a field that integrates itself (:class:`~ode_reg.protocol.SelfIntegratingField`,
+            solved by its own integrator), on a keyword it cannot honour (named).
         IntegrationError: if an adaptive solver underflows or exceeds its step budget.
 
     Example::
