@@ -86,6 +86,20 @@ def test_skew_linear_refuses_event_fn_by_name():
         integrate(f, z0, t, event_fn=lambda s, z: z[0, 0] - 10.0)
 
 
+def test_skew_linear_adjoint_call_is_the_same_solver_as_odeint():
+    """odeint_adjoint on a field that integrates itself runs that integrator (the old code ran
+    torchdiffeq's adjoint on ``forward``, which integrates A again at every evaluation)."""
+    f = _skew(4)
+    z0 = torch.randn(3, 4, dtype=F64)
+    t = torch.tensor([0.0, 2.0], dtype=F64)
+    with torch.no_grad():
+        plain = ode_reg.odeint(f, z0, t)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            adjoint = ode_reg.odeint_adjoint(f, z0, t)
+    torch.testing.assert_close(adjoint, plain, rtol=0, atol=1e-14)
+
+
 def test_skew_linear_recorded_solve_is_the_same_solver():
     """In a recorded step the solve restarts at each checkpoint (so each z_k is on the
     autograd path): the same method and tolerances, so the same result to the tolerance."""
