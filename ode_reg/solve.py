@@ -19,8 +19,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchdiffeq._impl.adjoint import odeint_adjoint as _td_odeint_adjoint
-from torchdiffeq._impl.odeint import odeint as _td_odeint
 
 from ode_reg._inputs import (
     check_components,
@@ -29,6 +27,8 @@ from ode_reg._inputs import (
     check_times,
     forced_times,
 )
+from ode_reg._probe import td_odeint as _td_odeint
+from ode_reg._probe import td_odeint_adjoint as _td_odeint_adjoint
 from ode_reg.protocol import IntegratorCall, integrate_self, self_integrating
 from ode_reg.recording import StepRecorder, current_recorder
 from ode_reg.trajectory import SolveSummary, grad_only_from_leaves, integrate, solve_counted

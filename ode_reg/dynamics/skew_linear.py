@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchdiffeq._impl.odeint import odeint as _td_odeint
 
 from ode_reg._checks import check_int, check_range
 from ode_reg._probe import odeint_error
+from ode_reg._probe import td_odeint as _td_odeint
 from ode_reg.protocol import IntegratorCall, SelfIntegratingField
 
 __all__ = ["SkewLinearODEFunc"]
