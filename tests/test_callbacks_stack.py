@@ -12,10 +12,16 @@ import pytest
 import torch
 
 from ode_reg._ranks import gather_padded
-from ode_reg.callbacks._logging import RunningMax, SayOnce, metric_state, restore_metric_state
+from ode_reg.callbacks._logging import SayOnce
 from ode_reg.callbacks._solver_reduce import EpochCounts, epoch_entry
 from ode_reg.callbacks._solver_warning import RunningMedian
-from ode_reg.metrics import MaxOrthogonalityDefect, MeanAdjointRatio
+from ode_reg.metrics import (
+    MaxOrthogonalityDefect,
+    MeanAdjointRatio,
+    RunningMax,
+    metric_state,
+    restore_metric_state,
+)
 from ode_reg.plan import Need
 
 

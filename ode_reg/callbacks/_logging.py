@@ -38,9 +38,10 @@ from lightning.pytorch.utilities.rank_zero import WarningCache, rank_zero_warn
 from matplotlib.figure import Figure
 from torch import Tensor
 from torch.optim import Optimizer
-from torchmetrics import MaxMetric, Metric
+from torchmetrics import Metric
 from typing_extensions import override
 
+from ode_reg.metrics import metric_state, restore_metric_state
 from ode_reg.plan import Monitor, due
 from ode_reg.plotting import histogram_figure, save_figure
 
@@ -293,81 +294,6 @@ def log_histogram(
             fig = histogram_figure(v, bins=bins, title=head, xlabel=xlabel)
             written.append(save_figure(fig, plot_path(log_dir, key, step)))
     return written
-
-
-class RunningMax:
-    """A float attribute of a monitor kept as a running maximum in a torchmetrics
-    ``MaxMetric`` (never reset: it is not handed to Lightning, so no epoch end resets it).
-    Reading gives the maximum so far (``start`` before any value), assigning sets it, and
-    :meth:`fold` folds a value in (the values are already reduced across ranks: the metric
-    is not synced).
-
-    Args:
-        start: the value before any fold.
-        nan_strategy: torchmetrics' ``nan_strategy`` (``"disable"``: a NaN propagates).
-
-    Example::
-
-        >>> class M:
-        ...     best = RunningMax(0.0)
-        >>> m = M()
-        >>> M.best.fold(m, 2.0), M.best.fold(m, 1.0), m.best
-        (2.0, 2.0, 2.0)
-    """
-
-    def __init__(self, start: float = float("-inf"), nan_strategy: str = "disable") -> None:
-        self.start = float(start)
-        self.nan_strategy = nan_strategy
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.key = f"_{name}_metric"
-
-    def metric(self, obj: Any) -> MaxMetric:
-        """The ``MaxMetric`` behind the attribute on ``obj``."""
-        m = obj.__dict__.get(self.key)
-        if m is None:
-            m = obj.__dict__[self.key] = MaxMetric(
-                nan_strategy=self.nan_strategy, sync_on_compute=False
-            )
-            m.set_dtype(torch.float64)  # the logged float, not a float32 rounding of it
-            m.update(self.start)
-        return m
-
-    def fold(self, obj: Any, value: Tensor | float) -> float:
-        """Fold ``value`` in; returns the maximum so far."""
-        m = self.metric(obj)
-        m.update(value)
-        return float(m.compute())
-
-    def __get__(self, obj: Any, owner: type | None = None) -> Any:
-        if obj is None:
-            return self
-        return float(self.metric(obj).compute())
-
-    def __set__(self, obj: Any, value: float) -> None:
-        m = self.metric(obj)
-        m.reset()
-        m.update(float(value))
-
-
-def metric_state(metric: Metric) -> dict[str, Tensor]:
-    """A torchmetrics Metric's rank-local states, detached on the CPU (for ``state_dict``)."""
-    return {k: v.detach().cpu().clone() for k, v in metric.metric_state.items()}
-
-
-def restore_metric_state(metric: Metric, state: Mapping[str, Tensor]) -> None:
-    """Put states saved by :func:`metric_state` back (on the metric's device).
-
-    Raises:
-        ValueError: if ``state`` does not hold exactly the metric's state names.
-    """
-    names = set(metric.metric_state)
-    if set(state) != names:
-        raise ValueError(f"`state` must hold the states {sorted(names)}, got {sorted(state)}")
-    metric.reset()
-    device = next(iter(metric.metric_state.values())).device
-    # torchmetrics' own merge: each state folded into the (reset) default by its reduction.
-    metric.merge_state({k: torch.as_tensor(v).to(device).clone() for k, v in state.items()})
 
 
 class PreStepMonitor(Monitor):

@@ -19,7 +19,6 @@ from ode_reg._checks import check_int
 from ode_reg.adjoint import sensitivities as compute_sensitivities
 from ode_reg.callbacks._logging import (
     PreStepMonitor,
-    RunningMax,
     SayOnce,
     has_plot_sink,
     is_due,
@@ -28,7 +27,7 @@ from ode_reg.callbacks._logging import (
     logger_step,
     resolve_every_n,
 )
-from ode_reg.metrics import MeanAdjointRatio
+from ode_reg.metrics import MeanAdjointRatio, RunningMax
 from ode_reg.plan import Need
 from ode_reg.plotting import profile_figure
 from ode_reg.trajectory import Trajectory

@@ -16,13 +16,12 @@ from typing_extensions import override
 from ode_reg._checks import check_int
 from ode_reg.callbacks._logging import (
     PreStepMonitor,
-    RunningMax,
     is_due,
     log_scalars,
     resolve_every_n,
 )
 from ode_reg.functional.orthogonal import orthogonality_defect
-from ode_reg.metrics import MaxOrthogonalityDefect
+from ode_reg.metrics import MaxOrthogonalityDefect, RunningMax
 from ode_reg.plan import Need
 
 __all__ = ["HasOrthogonalWeights", "OrthogonalityMonitor", "find_orthogonal_matrices"]

@@ -20,7 +20,6 @@ from ode_reg._checks import check_int
 from ode_reg.callbacks._logging import (
     WANDB_MAX_BINS,
     PreStepMonitor,
-    RunningMax,
     has_plot_sink,
     is_due,
     log_figure,
@@ -38,7 +37,7 @@ from ode_reg.functional.spectra import (
     spectral_abscissa,
     spectral_radius,
 )
-from ode_reg.metrics import MeanSpectralAbscissa
+from ode_reg.metrics import MeanSpectralAbscissa, RunningMax
 from ode_reg.plotting import eigenvalue_figure
 from ode_reg.trajectory import Trajectory
 
