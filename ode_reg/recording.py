@@ -27,8 +27,10 @@ import torch
 from torch import Tensor, nn
 
 from ode_reg._batched import PointGroup, group_points
+from ode_reg.adjoint import _UNTRACEABLE, StackedEvaluation, _Substitution, stacked_evaluations
 from ode_reg.functional.indices import spread_indices
 from ode_reg.functional.penalties import (
+    announce_unstackable,
     evaluate_stacked,
     field_norm_rows,
     rademacher_probes,
@@ -51,20 +53,18 @@ class Evaluation:
 
 @dataclass
 class BatchedEvaluation:
-    """The field at all checkpoints of one solve in one ``vmap`` call, each checkpoint with its
-    own alias of every parameter (``p`` expanded along a new leading dimension): the gradient in
-    the aliases is the partial derivative ``df(t_k, z_k)/dtheta`` per checkpoint, while ``z_k``
-    stays attached (so ``y_k``'s own gradient is the full one, with no extra term).
+    """The field at all checkpoints of one solve with per-checkpoint parameter aliases, one
+    ``vmap`` call per group of checkpoints (:func:`~ode_reg.adjoint.stacked_evaluations`): the
+    gradient in the aliases is the partial derivative ``df(t_k, z_k)/dtheta`` per checkpoint,
+    while ``z_k`` stays attached (so ``y_k``'s own gradient is the full one, with no extra term).
 
     Attributes:
-        out: ``(n, *state.shape)`` the field at the ``n`` checkpoints.
         params: the field's trainable parameters (the real ones).
-        aliases: their per-checkpoint aliases, ``(n, *p.shape)`` each.
+        groups: the stacked evaluations (each with its checkpoint indices).
     """
 
-    out: Tensor
     params: list[Tensor]
-    aliases: list[Tensor]
+    groups: list[StackedEvaluation]
 
 
 @dataclass
@@ -230,45 +230,31 @@ class StepRecorder:
 
     def _batched(self, traj: Trajectory) -> BatchedEvaluation | None:
         """The vectorized evaluation, or ``None`` where it does not apply: a field that is not an
-        ``nn.Module``, tuple states, a field that reaches its parameters through tensors cached
-        outside its forward (checked once per field and step), or one ``vmap`` cannot trace."""
+        ``nn.Module`` (no field points: tuple states), a recorded weight flow, a field that
+        reaches its parameters through tensors cached outside its forward (checked once per
+        field and step), or one ``vmap`` cannot trace (announced once)."""
         func = traj.func
-        if not isinstance(func, nn.Module) or traj.shapes is None and traj.states[0].dim() < 2:
+        if not isinstance(func, nn.Module) or traj.weights is not None:
             return None
-        if traj.shapes is not None or traj.weights is not None:
+        if traj.shapes is None and traj.states[0].dim() < 2:  # one unbatched sample
             return None
-        named = [(n, p) for n, p in func.named_parameters() if p.requires_grad]
-        if not named:
+        params = [p for p in func.parameters() if p.requires_grad]
+        sub = _Substitution.of(traj, params) if params else None
+        if sub is None:
             return None
-        names = [n for n, _ in named]
-        params = [p for _, p in named]
         key = id(func)
         ok = self._substitutable.get(key)
-        with torch.enable_grad():
-            if ok is None:
-                consts = {n: p.detach() for n, p in named}
-                z = traj.states[0].detach()
-                try:
-                    probe = torch.func.functional_call(func, consts, (traj.times[0].to(z.dtype), z))
-                    ok = not probe.requires_grad
-                except Exception:  # noqa: BLE001 - a field functional_call cannot run
-                    ok = False
-                self._substitutable[key] = ok
-            if not ok:
-                return None
-            n = traj.num_checkpoints
-            zs = torch.stack(traj.states)
-            ts = traj.times.to(zs.dtype)
-            aliases = [p.unsqueeze(0).expand(n, *p.shape) for p in params]
-
-            def one(t: Tensor, z: Tensor, *ps: Tensor) -> Tensor:
-                return torch.func.functional_call(func, dict(zip(names, ps)), (t, z))
-
-            try:
-                out = torch.func.vmap(one)(ts, zs, *aliases)
-            except Exception:  # noqa: BLE001 - a field vmap cannot trace: checkpoint by checkpoint
-                return None
-        return BatchedEvaluation(out, params, aliases)
+        if ok is None:
+            ok = sub.reaches_only_through(traj, params)
+            self._substitutable[key] = ok
+        if not ok:
+            return None
+        try:
+            groups = stacked_evaluations(traj, params, sub)
+        except _UNTRACEABLE as err:
+            announce_unstackable(type(func).__name__, err)
+            return None
+        return BatchedEvaluation(params, groups)
 
     # ------------------------------------------------------------------ graph
     def _parents(self, y0: Tensor) -> list[int]:

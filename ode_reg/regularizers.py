@@ -380,6 +380,17 @@ class _SeededProbes:
         if "base_seed" in state:
             self.base_seed = int(state["base_seed"])
 
+    @staticmethod
+    def _check_probes(probes: int, seed: int | None) -> None:
+        """Refuse bad ``probes`` / ``seed`` by name (before any other work of ``__init__``)."""
+        check_int("probes", probes, 1)
+        if seed is not None:
+            check_int("seed", seed, 0)
+
+    def _set_probes(self, probes: int, seed: int | None) -> None:
+        self.probes = probes
+        self.base_seed = _base_seed(seed)
+
     def generator(self, step: int, device: torch.device, micro: int = 0) -> torch.Generator:
         """The probe generator of global step ``step`` and micro-batch ``micro`` on this rank."""
         rank = dist.get_rank() if _distributed() else 0
@@ -428,15 +439,12 @@ class SkewJacobianPenalty(_SeededProbes, Regularizer):
         seed: int | None = None,
         **kwargs,
     ) -> None:
-        check_int("probes", probes, 1)
         if max_states is not None:
             check_int("max_states", max_states, 1)
-        if seed is not None:
-            check_int("seed", seed, 0)
+        self._check_probes(probes, seed)
         super().__init__(weight, **kwargs)
-        self.probes = probes
+        self._set_probes(probes, seed)
         self.max_states = max_states
-        self.base_seed = _base_seed(seed)
 
     def compute(self, ctx: ChainContext) -> Tensor:
         return ctx.skew()
@@ -537,12 +545,9 @@ class JacobianFrobenius(_SeededProbes, _FieldNormTerm):
         seed: int | None = None,
         **kwargs,
     ) -> None:
-        check_int("probes", probes, 1)
-        if seed is not None:
-            check_int("seed", seed, 0)
+        self._check_probes(probes, seed)
         super().__init__(weight, dims=dims, **kwargs)
-        self.probes = probes
-        self.base_seed = _base_seed(seed)
+        self._set_probes(probes, seed)
 
     def plan(self, step: int, device: torch.device, micro: int = 0):  # noqa: ANN201
         """What the recorder evaluates for this term during the step's solves."""

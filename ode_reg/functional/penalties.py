@@ -22,6 +22,15 @@ def _log_norm(x: Tensor, dims: tuple[int, ...], eps: float) -> Tensor:
     return 0.5 * torch.log(x.pow(2).sum(dim=dims) + eps)
 
 
+def _log_ratio_mse(logn: Tensor, ref: int) -> Tensor:
+    """``mean_{k != ref} (logn_k - logn_ref)^2`` over dim 0 (and the rest): the magnitude terms'
+    common form."""
+    diff = logn - logn[ref]
+    keep = torch.ones(logn.shape[0], dtype=torch.bool, device=logn.device)
+    keep[ref] = False
+    return diff[keep].pow(2).mean()
+
+
 def _check_reference(reference: int, n: int) -> int:
     if isinstance(reference, bool) or not isinstance(reference, int) or not -n <= reference < n:
         raise ValueError(f"`reference` must be an integer in [{-n}, {n - 1}], got {reference!r}")
@@ -70,11 +79,7 @@ def adjoint_magnitude_penalty(adjoints: Tensor, reference: int = -1, eps: float 
     # Each sample relative to its own reference norm (a constant: the ratios are unchanged),
     # so that eps guards relative to the sample's scale, whatever the loss weighs it.
     scale = sq[ref].detach().clamp_min(torch.finfo(sq.dtype).tiny)
-    logn = 0.5 * torch.log(sq / scale + eps)
-    diff = logn - logn[ref]
-    mask = torch.ones(adjoints.shape[0], dtype=torch.bool, device=adjoints.device)
-    mask[ref] = False
-    return diff[mask].pow(2).mean()
+    return _log_ratio_mse(0.5 * torch.log(sq / scale + eps), ref)
 
 
 def sensitivity_magnitude_penalty(sens: Tensor, reference: int = -1, eps: float = 1e-20) -> Tensor:
@@ -101,11 +106,7 @@ def sensitivity_magnitude_penalty(sens: Tensor, reference: int = -1, eps: float 
     _check_stack("sens", sens, 2)
     check_range("eps", eps, 0.0, low_open=True)
     ref = _check_reference(reference, sens.shape[0])
-    logn = _log_norm(sens.flatten(1), (1,), eps)
-    diff = logn - logn[ref]
-    mask = torch.ones(sens.shape[0], dtype=torch.bool, device=sens.device)
-    mask[ref] = False
-    return diff[mask].pow(2).mean()
+    return _log_ratio_mse(_log_norm(sens.flatten(1), (1,), eps), ref)
 
 
 def directional_penalty(
@@ -307,6 +308,34 @@ _UNSTACKABLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _ANNOUNCED: set[str] = set()
 
 
+def announce_fallback(name: str, err: BaseException, transform: str, instead: str) -> None:
+    """Say once per field name and transform that ``transform`` failed on the field and what is
+    done instead, with the cost (one line)."""
+    key = f"{transform}:{name}"
+    if key in _ANNOUNCED:
+        return
+    _ANNOUNCED.add(key)
+    text = str(err).strip()
+    first = text.splitlines()[0][:160] if text else ""
+    warnings.warn(
+        f"ode_reg: {transform} cannot trace the field {name} ({type(err).__name__}: {first}); "
+        f"{instead}",
+        stacklevel=3,
+    )
+
+
+def announce_unstackable(name: str, err: BaseException) -> None:
+    """:func:`announce_fallback` for the stacked evaluation at all checkpoints (``vmap``)."""
+    announce_fallback(
+        name,
+        err,
+        "torch.func.vmap",
+        "the field is evaluated one checkpoint at a time instead of at all checkpoints in one "
+        "call (same values; one field call and one backward node per checkpoint: slower for "
+        "many checkpoints)",
+    )
+
+
 def evaluate_stacked(
     evaluate: Callable[[Tensor, Tensor, Sequence[Tensor]], Tensor],
     times: Tensor,
@@ -337,16 +366,7 @@ def evaluate_stacked(
                     _UNSTACKABLE[key] = True
                 except TypeError:  # not weak-referenceable: try again next time
                     pass
-            if name not in _ANNOUNCED:
-                _ANNOUNCED.add(name)
-                first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
-                warnings.warn(
-                    f"ode_reg: the field {name} cannot be evaluated at all checkpoints in one "
-                    f"torch.func.vmap call ({type(err).__name__}: {first}); it is evaluated "
-                    "one checkpoint at a time instead (same values, one field call and one "
-                    "backward node per checkpoint: slower for many checkpoints)",
-                    stacklevel=3,
-                )
+            announce_unstackable(name, err)
     return torch.stack([fallback(k, states[k]) for k in range(states.shape[0])])
 
 
