@@ -369,7 +369,9 @@ def _stacked_field(
             zs,
             fallback=lambda j, z: traj.field_at(ks[j], shaped(z)),
             name=name,
-            key=_weak_key(traj.func),
+            # the user's field (for a tuple state ``traj.func`` is torchdiffeq's wrapper, new
+            # at every call): a field that failed once is not tried in vmap again
+            key=_weak_key((traj.funcs or (traj.func,))[0]),
         )
     rows: list[Tensor | None] = [None] * len(ks)
     for g in group_points(traj.points, ks):
