@@ -391,11 +391,15 @@ class ChainContext:
             pos = [i for i, k in enumerate(grp.index) if k in want]
             if not pos:
                 continue
-            cot = torch.zeros_like(grp.out)
-            for i in pos:
-                j = want[grp.index[i]]
-                a = raw[j].detach() if detach_adjoints else raw[j]
-                cot = cot.index_put((torch.tensor([i]),), a.unsqueeze(0))
+            # The adjoints as the cotangent of the group's rows, stacked once (zeros for the
+            # rows not wanted), not written in one row at a time.
+            zero = torch.zeros_like(grp.out[0])
+            rows = []
+            for k in grp.index:
+                j = want.get(k)
+                a = zero if j is None else raw[j]
+                rows.append(a.detach() if detach_adjoints else a)
+            cot = torch.stack(rows)
             flat = sensitivity_density(grp.out, grp.aliases, cot, per_checkpoint=True)
             for i in pos:
                 by_k[grp.index[i]] = flat[i]
