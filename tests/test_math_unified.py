@@ -216,3 +216,44 @@ def test_untraceable_field_gives_the_same_skew_one_checkpoint_at_a_time_and_says
     r_twin = skew_jacobian_penalty(Twin(), times, states, probes=2, generator=g.manual_seed(11))
     torch.testing.assert_close(r, r_twin)
     assert 0.2 * ref / 3 < r < 5 * ref / 3
+
+
+def test_a_field_that_failed_in_vmap_is_not_tried_again(monkeypatch):
+    """The recorder keys the stacked evaluation on the user's field: after one failure the
+    field goes straight to the per-checkpoint evaluation (no second vmap attempt, no second
+    message), with the same values."""
+    monkeypatch.setattr(penalties_mod, "_ANNOUNCED", set())
+    f = Tanh(d=3, seed=12)
+
+    class Itemy(nn.Module):
+        def forward(self, t, z):
+            return f(t, z) * (1.0 + float(z.sum()) * 0.0)  # .item()-like host read
+
+    field = Itemy()
+    times = torch.tensor([0.0, 0.5, 1.0], dtype=F64)
+    zs = torch.randn(3, 2, 3, generator=torch.Generator().manual_seed(13), dtype=F64)
+    zs.requires_grad_(True)
+
+    def run():
+        return evaluate_stacked(
+            lambda t, z, _v: field(t, z),
+            times,
+            zs,
+            fallback=lambda k, z: field(times[k], z),
+            name="Itemy",
+            key=field,
+        )
+
+    with pytest.warns(UserWarning, match="cannot trace the field Itemy"):
+        first = run()
+    assert penalties_mod._UNSTACKABLE.get(field) is True
+
+    def no_vmap(*args, **kwargs):
+        raise AssertionError("vmap tried again")
+
+    monkeypatch.setattr(torch.func, "vmap", no_vmap)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = run()
+    torch.testing.assert_close(second, first)
+    torch.testing.assert_close(first, torch.stack([f(times[k], zs[k]) for k in range(3)]))
