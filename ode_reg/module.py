@@ -134,10 +134,9 @@ def _light(tr: Trajectory) -> Trajectory:
         _field_at=None,
         grad_leaves=(),
     )
-    owners = getattr(tr, "owners", None)
-    if owners is not None:
+    if tr.owners:
         index = {id(p): q for p, q in zip(tr.parts, parts)}
-        out.owners = tuple((index.get(id(p), p), k) for p, k in owners)  # type: ignore[attr-defined]
+        out.owners = tuple((index.get(id(p), p), k) for p, k in tr.owners)
     return out
 
 
@@ -535,18 +534,7 @@ class RegularizedODEMixin:
         )
 
     def odeint(
-        self,
-        func: Callable[..., Any],
-        y0: Any,
-        t: Tensor,
-        *,
-        checkpoints: int | Tensor | Sequence[float] | None = None,
-        method: str | None = None,
-        options: dict[str, Any] | None = None,
-        rtol: Any = 1e-7,
-        atol: Any = 1e-9,
-        adjoint: bool = False,
-        **kwargs: Any,
+        self, func: Callable[..., Any], y0: Any, t: Tensor, *, adjoint: bool = False, **kwargs: Any
     ) -> Any:
         """Alias of :func:`ode_reg.odeint` (``adjoint=True``: :func:`ode_reg.odeint_adjoint`).
 
@@ -554,13 +542,11 @@ class RegularizedODEMixin:
             func: vector field ``f(t, z)``.
             y0: initial state, batch first.
             t: output times (increasing or decreasing).
-            checkpoints: see :func:`ode_reg.integrate`.
-            method: torchdiffeq method (``None``: ``"dopri5"``, torchdiffeq's default).
-            options: torchdiffeq solver options.
-            rtol: relative tolerance (adaptive solvers).
-            atol: absolute tolerance (adaptive solvers).
             adjoint: solve with ``odeint_adjoint``.
-            **kwargs: further torchdiffeq keywords (``event_fn``, ``adjoint_*``).
+            **kwargs: the keywords of :func:`ode_reg.odeint` (``adjoint=True``: of
+                :func:`ode_reg.odeint_adjoint`), with their defaults: ``rtol``, ``atol``,
+                ``method``, ``options``, ``event_fn``, ``checkpoints``, ``components``,
+                ``adjoint_*``.
 
         Returns:
             What torchdiffeq returns.
@@ -568,18 +554,7 @@ class RegularizedODEMixin:
         Raises:
             ValueError: on bad arguments, or ``adjoint=True`` with a term that needs adjoints.
         """
-        solve = _odeint_adjoint if adjoint else _odeint
-        return solve(
-            func,
-            y0,
-            t,
-            checkpoints=checkpoints,
-            method=method,
-            options=options,
-            rtol=rtol,
-            atol=atol,
-            **kwargs,
-        )
+        return (_odeint_adjoint if adjoint else _odeint)(func, y0, t, **kwargs)
 
     # ------------------------------------------------------------------ the terms
     def _collective_any(self, flags: Tensor) -> Tensor:

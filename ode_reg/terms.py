@@ -173,9 +173,7 @@ class ChainContext:
         self.loss = loss
         self.records = list(records)
         self.trajectory: Trajectory = chain([r.traj for r in self.records])
-        owners = getattr(self.trajectory, "owners", None)
-        if owners is None:
-            owners = [(self.trajectory, k) for k in range(self.trajectory.num_checkpoints)]
+        owners = self.trajectory.checkpoint_owners()
         rec_of = {id(r.traj): r for r in self.records}
         self.owners: list[tuple[SolveRecord, int]] = [(rec_of[id(tr)], k) for tr, k in owners]
         self._adj = adjoints

@@ -118,9 +118,8 @@ def _adjoint_targets(traj: Trajectory) -> list[tuple[Tensor, bool]]:
     loss reads that tensor, not the solver's state), that solution. A chained trajectory names
     the solve and index each of its checkpoints comes from (``owners``).
     """
-    owners = getattr(traj, "owners", None) or [(traj, k) for k in range(traj.num_checkpoints)]
     out = []
-    for tr, j in owners:
+    for tr, j in traj.checkpoint_owners():
         end = bool(getattr(tr, "end_from_solution", False)) and j == tr.num_checkpoints - 1
         solution = getattr(tr, "flat_solution", None) if end else None
         out.append((solution, True) if solution is not None else (tr.states[j], False))
