@@ -19,6 +19,9 @@ Run: ``python -m benchmarks --sections issue`` (part of ``python -m benchmarks``
 ``results/benchmarks/issue_table.json`` (the record, committed) and ``.md``; ``--quick`` (one
 repeat of two rounds, about 10 s: a smoke run) writes ``benchmarks/results/`` instead;
 ``python scripts/render_benchmarks.py`` puts the table into BENCHMARKS.md and the README.
+``--cases augmented cnf --variants SkewJacobianPenalty`` measures only those cases and variants
+(each against torchdiffeq's step, as in the full run) and writes to the quick path unless
+``--out`` is given: a cheap way to iterate on some rows.
 """
 
 from __future__ import annotations
@@ -254,13 +257,26 @@ def _paired(fns: dict[str, Callable[[], None]], rounds: int) -> dict[str, dict[s
     return {n: {"ratio": out[n]["paired"], "ms": 1e3 * out[n]["wall"]} for n in names}
 
 
-def measure(rounds: int, quick: bool, log: Callable[[str], None] = print) -> dict[str, Any]:
+def measure(
+    rounds: int,
+    quick: bool,
+    log: Callable[[str], None] = print,
+    only: list[str] | None = None,
+    variants_only: list[str] | None = None,
+) -> dict[str, Any]:
     """Run every case (variants interleaved with torchdiffeq's step), three repeats of
     ``rounds`` rounds each (one in ``quick`` mode); the figure of a variant is the median of
-    its per-repeat paired ratios, ``lo``/``hi`` the extremes over repeats."""
+    its per-repeat paired ratios, ``lo``/``hi`` the extremes over repeats. ``only`` restricts
+    the run to those cases, ``variants_only`` to those variants (and the baseline)."""
     repeats = 1 if quick else 3
     cases: dict[str, dict[str, Any]] = {}
     for case, variants in _cases().items():
+        if only is not None and case not in only:
+            continue
+        if variants_only is not None:
+            variants = {
+                n: v for n, v in variants.items() if n == "torchdiffeq" or n in variants_only
+            }
         t0 = time.perf_counter()
         fns = {name: make() for name, make in variants.items()}
         runs = [_paired(fns, rounds) for _ in range(repeats)]
@@ -351,12 +367,14 @@ def run(
     out: Path = RECORD,
     command: str = "python -m benchmarks.issue_table",
     log=print,
+    only: list[str] | None = None,
+    variants_only: list[str] | None = None,
 ) -> dict[str, Any]:
     """Measure, build the table, write ``out`` (JSON) and its ``.md`` twin; return the record."""
     warnings.filterwarnings("ignore")
     start = time.perf_counter()
     rounds = rounds or (2 if quick else 7)
-    measured = measure(rounds, quick, log)
+    measured = measure(rounds, quick, log, only, variants_only)
     measured["main_job"] = _main_job()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     record = {
@@ -406,14 +424,33 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="rebuild the table of the record at --out (main job re-read), measuring nothing",
     )
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        default=None,
+        choices=list(_cases()),
+        help="measure only these cases (the record then goes to the quick path unless --out)",
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        help="measure only these variants of each case (and torchdiffeq's baseline)",
+    )
     args = parser.parse_args(argv)
-    out = Path(args.out) if args.out else (QUICK_RECORD if args.quick else RECORD)
+    partial = args.cases is not None or args.variants is not None
+    default = QUICK_RECORD if args.quick or partial else RECORD
+    out = Path(args.out) if args.out else default
     if args.retable:
         print(markdown(retable(out)))
         return
     torch.set_num_threads(1)
     cmd = "python -m benchmarks.issue_table" + (" --quick" if args.quick else "")
-    run(args.quick, args.rounds, out, cmd)
+    if args.cases:
+        cmd += " --cases " + " ".join(args.cases)
+    if args.variants:
+        cmd += " --variants " + " ".join(repr(v) for v in args.variants)
+    run(args.quick, args.rounds, out, cmd, only=args.cases, variants_only=args.variants)
 
 
 if __name__ == "__main__":

@@ -206,7 +206,41 @@ class AdjointMagnitude(Regularizer):
         return adjoint_magnitude_penalty(flow[:, ctx.reached_samples()], reference=self.reference)
 
 
-class SensitivityMagnitude(Regularizer):
+class _SensitivityTerm(Regularizer):
+    """A term of the sensitivity densities ``y_k`` (:meth:`ChainContext.sensitivities`), with a
+    reference checkpoint and the two stop-gradient options; :meth:`penalty` is the term."""
+
+    needs_adjoints = True
+    needs_field_evaluations = True
+    reduces_over_batch = True
+    zero_value_has_zero_gradient = True
+
+    def __init__(
+        self,
+        weight: float,
+        reference: int,
+        detach_states: bool,
+        detach_adjoints: bool,
+        **kwargs,
+    ) -> None:
+        check_reference(reference)
+        check_flags(detach_states=detach_states, detach_adjoints=detach_adjoints)
+        super().__init__(weight, **kwargs)
+        self.reference = reference
+        self.detach_states = detach_states
+        self.detach_adjoints = detach_adjoints
+
+    def penalty(self, sens: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def compute(self, ctx: ChainContext) -> Tensor:
+        sens = ctx.sensitivities(self.detach_states, self.detach_adjoints)
+        if sens.shape[0] < 2:
+            return sens.sum() * 0.0
+        return self.penalty(sens)
+
+
+class SensitivityMagnitude(_SensitivityTerm):
     """Holds ``|y(t)|`` constant: :func:`~ode_reg.functional.sensitivity_magnitude_penalty`.
 
     Args:
@@ -236,11 +270,7 @@ class SensitivityMagnitude(Regularizer):
         'sensitivity_magnitude'
     """
 
-    needs_adjoints = True
-    needs_field_evaluations = True
-    reduces_over_batch = True
     default_name = "sensitivity_magnitude"
-    zero_value_has_zero_gradient = True
 
     def __init__(
         self,
@@ -250,21 +280,13 @@ class SensitivityMagnitude(Regularizer):
         detach_adjoints: bool = False,
         **kwargs,
     ) -> None:
-        check_reference(reference)
-        check_flags(detach_states=detach_states, detach_adjoints=detach_adjoints)
-        super().__init__(weight, **kwargs)
-        self.reference = reference
-        self.detach_states = detach_states
-        self.detach_adjoints = detach_adjoints
+        super().__init__(weight, reference, detach_states, detach_adjoints, **kwargs)
 
-    def compute(self, ctx: ChainContext) -> Tensor:
-        sens = ctx.sensitivities(self.detach_states, self.detach_adjoints)
-        if sens.shape[0] < 2:
-            return sens.sum() * 0.0
+    def penalty(self, sens: Tensor) -> Tensor:
         return sensitivity_magnitude_penalty(sens, reference=self.reference)
 
 
-class DirectionalConstraint(Regularizer):
+class DirectionalConstraint(_SensitivityTerm):
     """Keeps ``y_k . y_* >= gamma |y_*|^2``: :func:`~ode_reg.functional.directional_penalty`.
 
     Args:
@@ -285,11 +307,7 @@ class DirectionalConstraint(Regularizer):
         0.5
     """
 
-    needs_adjoints = True
-    needs_field_evaluations = True
-    reduces_over_batch = True
     default_name = "directional"
-    zero_value_has_zero_gradient = True
 
     def __init__(
         self,
@@ -301,18 +319,10 @@ class DirectionalConstraint(Regularizer):
         **kwargs,
     ) -> None:
         check_gamma(gamma)
-        check_reference(reference)
-        check_flags(detach_states=detach_states, detach_adjoints=detach_adjoints)
-        super().__init__(weight, **kwargs)
+        super().__init__(weight, reference, detach_states, detach_adjoints, **kwargs)
         self.gamma = float(gamma)
-        self.reference = reference
-        self.detach_states = detach_states
-        self.detach_adjoints = detach_adjoints
 
-    def compute(self, ctx: ChainContext) -> Tensor:
-        sens = ctx.sensitivities(self.detach_states, self.detach_adjoints)
-        if sens.shape[0] < 2:
-            return sens.sum() * 0.0
+    def penalty(self, sens: Tensor) -> Tensor:
         return directional_penalty(sens, gamma=self.gamma, reference=self.reference)
 
 
@@ -380,6 +390,17 @@ class _SeededProbes:
         if "base_seed" in state:
             self.base_seed = int(state["base_seed"])
 
+    @staticmethod
+    def _check_probes(probes: int, seed: int | None) -> None:
+        """Refuse bad ``probes`` / ``seed`` by name (before any other work of ``__init__``)."""
+        check_int("probes", probes, 1)
+        if seed is not None:
+            check_int("seed", seed, 0)
+
+    def _set_probes(self, probes: int, seed: int | None) -> None:
+        self.probes = probes
+        self.base_seed = _base_seed(seed)
+
     def generator(self, step: int, device: torch.device, micro: int = 0) -> torch.Generator:
         """The probe generator of global step ``step`` and micro-batch ``micro`` on this rank."""
         rank = dist.get_rank() if _distributed() else 0
@@ -428,15 +449,12 @@ class SkewJacobianPenalty(_SeededProbes, Regularizer):
         seed: int | None = None,
         **kwargs,
     ) -> None:
-        check_int("probes", probes, 1)
         if max_states is not None:
             check_int("max_states", max_states, 1)
-        if seed is not None:
-            check_int("seed", seed, 0)
+        self._check_probes(probes, seed)
         super().__init__(weight, **kwargs)
-        self.probes = probes
+        self._set_probes(probes, seed)
         self.max_states = max_states
-        self.base_seed = _base_seed(seed)
 
     def compute(self, ctx: ChainContext) -> Tensor:
         return ctx.skew()
@@ -537,12 +555,9 @@ class JacobianFrobenius(_SeededProbes, _FieldNormTerm):
         seed: int | None = None,
         **kwargs,
     ) -> None:
-        check_int("probes", probes, 1)
-        if seed is not None:
-            check_int("seed", seed, 0)
+        self._check_probes(probes, seed)
         super().__init__(weight, dims=dims, **kwargs)
-        self.probes = probes
-        self.base_seed = _base_seed(seed)
+        self._set_probes(probes, seed)
 
     def plan(self, step: int, device: torch.device, micro: int = 0):  # noqa: ANN201
         """What the recorder evaluates for this term during the step's solves."""

@@ -27,8 +27,8 @@ from torchdiffeq._impl.odeint import SOLVERS
 from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 
 from ode_reg._ranks import Ranks
-from ode_reg.adjoint import _through_state
 from ode_reg.functional.penalties import time_integral
+from ode_reg.functional.sensitivity import sensitivity_at_leaf, sensitivity_density
 from ode_reg.recording import SolveRecord
 from ode_reg.trajectory import Trajectory, chain, starts_from_end
 
@@ -363,7 +363,9 @@ class ChainContext:
                 raise RuntimeError("the field was not evaluated during the solve")
             ev = rec.evaluations[k]
             a = raw[j].detach() if detach_adjoints else raw[j]
-            rows[j] = _sensitivity(ev.out, ev.leaf, ev.state, a, self.params, detach_states)
+            rows[j] = sensitivity_at_leaf(
+                ev.out, ev.leaf, ev.state, a, self.params, detach_states=detach_states
+            )
         by_index = {r.index: r for r in self.records}
         for index, js in batched.items():
             rec = by_index[index]
@@ -377,24 +379,40 @@ class ChainContext:
         self, rec: SolveRecord, js: list[int], raw: list[Tensor], detach_adjoints: bool
     ) -> list[Tensor]:
         """``y_k`` of the chain positions ``js`` (all in ``rec``) from its vectorized
-        evaluation: one VJP in the per-checkpoint parameter aliases."""
+        evaluation: one VJP in the per-checkpoint parameter aliases per group
+        (:func:`~ode_reg.functional.sensitivity.sensitivity_density`)."""
         ev = rec.batched
         assert ev is not None
-        cot = torch.zeros_like(ev.out)
-        for j in js:
-            a = raw[j].detach() if detach_adjoints else raw[j]
-            cot = cot.index_put((torch.tensor([self.owners[j][1]]),), a.unsqueeze(0))
-        grads = torch.autograd.grad(
-            ev.out, ev.aliases, cot, create_graph=True, retain_graph=True, allow_unused=True
-        )
-        where = {id(p): g for p, g in zip(ev.params, grads)}
+        want = {self.owners[j][1]: j for j in js}
+        by_k: dict[int, Tensor] = {}
+        for grp in ev.groups:
+            pos = [i for i, k in enumerate(grp.index) if k in want]
+            if not pos:
+                continue
+            # The adjoints as the cotangent of the group's rows, stacked once (zeros for the
+            # rows not wanted), not written in one row at a time.
+            zero = torch.zeros_like(grp.out[0])
+            rows = []
+            for k in grp.index:
+                j = want.get(k)
+                a = zero if j is None else raw[j]
+                rows.append(a.detach() if detach_adjoints else a)
+            cot = torch.stack(rows)
+            flat = sensitivity_density(grp.out, grp.aliases, cot, per_checkpoint=True)
+            for i in pos:
+                by_k[grp.index[i]] = flat[i]
+        # The field's parameters in the order of ``self.params`` (zeros for the others).
+        offsets, start = {}, 0
+        for p in ev.params:
+            offsets[id(p)] = (start, start + p.numel())
+            start += p.numel()
         out = []
         for j in js:
-            k = self.owners[j][1]
+            row = by_k[self.owners[j][1]]
             parts = []
             for p in self.params:
-                g = where.get(id(p))
-                parts.append(_zeros_like_flat(p) if g is None else g[k].reshape(-1))
+                span = offsets.get(id(p))
+                parts.append(_zeros_like_flat(p) if span is None else row[span[0] : span[1]])
             out.append(torch.cat(parts))
         return out
 
@@ -458,30 +476,6 @@ def _input(rec: SolveRecord, k: int) -> Tensor:
 
 def _output(rec: SolveRecord, k: int) -> Tensor:
     return rec.traj.flat_solution[-1] if _is_end(rec, k) else rec.traj.states[k]
-
-
-def _sensitivity(
-    out: Tensor,
-    leaf: Tensor,
-    state: Tensor,
-    a: Tensor,
-    params: Sequence[Tensor],
-    detach_states: bool,
-) -> Tensor:
-    """``y_k = a_k df(t_k, z_k)/dtheta`` from the evaluation made during the solve; its
-    gradient is the full one (through ``a_k``, ``z_k`` and ``theta``) unless ``detach_states``.
-    """
-    if not out.requires_grad:
-        return torch.cat([_zeros_like_flat(p) for p in params])
-    grads = torch.autograd.grad(
-        out, list(params), a, create_graph=True, retain_graph=True, allow_unused=True
-    )
-    row = torch.cat(
-        [(_zeros_like_flat(p) if g is None else g.reshape(-1)) for g, p in zip(grads, params)]
-    )
-    if not detach_states and leaf.requires_grad and state.requires_grad:
-        row = row + _through_state(out, list(params), a.detach(), leaf, state)
-    return row
 
 
 @dataclass
