@@ -32,42 +32,20 @@ from ode_reg.plan import Need
 from ode_reg.plotting import profile_figure
 from ode_reg.trajectory import Trajectory
 
-__all__ = ["GradientNormMonitor", "trapezoid_weights"]
+__all__ = ["GradientNormMonitor", "sensitivity_ratios"]
 
 #: Floor of denominators (a zero adjoint or sensitivity gives a huge, not an infinite, ratio).
 _TINY = 1e-30
 
 
-def trapezoid_weights(times: Tensor) -> Tensor:
-    """Trapezoid quadrature weights ``w_k`` over ``t_0 < ... < t_K``: ``sum_k w_k g(t_k)``.
-
-    Raises:
-        ValueError: if ``times`` is not 1-D with at least 2 entries.
-
-    Example::
-
-        >>> import torch
-        >>> trapezoid_weights(torch.tensor([0.0, 1.0, 3.0]))
-        tensor([0.5000, 1.5000, 1.0000])
-    """
-    if not isinstance(times, Tensor) or times.dim() != 1 or times.numel() < 2:
-        shape = tuple(times.shape) if isinstance(times, Tensor) else type(times).__name__
-        raise ValueError(f"`times` must be a 1-D tensor of at least 2 times, got {shape}")
-    dt = times[1:] - times[:-1]
-    w = torch.zeros_like(times)
-    w[:-1] += dt / 2
-    w[1:] += dt / 2
-    return w
-
-
 def sensitivity_ratios(times: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """The bound ratio and the cancellation ratio of sensitivity densities ``y_k`` (MATH.md).
 
-    With ``G = sum_k w_k y_k`` (trapezoid weights ``w_k``: the quadrature of eq. 23,
-    ``dL/dtheta = integral of y dt``):
+    With ``G`` the trapezoid rule of ``y`` over the times (``torch.trapezoid``: the quadrature
+    of eq. 23, ``dL/dtheta = integral of y dt``):
 
     - bound ratio ``|G| / ((t_K - t_0) max_k |y_k|)`` in ``[0, 1]`` (how tight eq. 30 is);
-    - cancellation ratio ``|G| / sum_k w_k |y_k|`` in ``[0, 1]`` (near 0: the gradient
+    - cancellation ratio ``|G| /`` (the trapezoid rule of ``|y_k|``) in ``[0, 1]`` (near 0: the gradient
       vanishes by cancellation although no ``y_k`` is small).
 
     Args:
@@ -88,15 +66,17 @@ def sensitivity_ratios(times: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         >>> [round(float(r), 6) for r in sensitivity_ratios(t, y)]
         [1.0, 1.0]
     """
+    if not isinstance(times, Tensor) or times.dim() != 1 or times.numel() < 2:
+        shape = tuple(times.shape) if isinstance(times, Tensor) else type(times).__name__
+        raise ValueError(f"`times` must be a 1-D tensor of at least 2 times, got {shape}")
     if not isinstance(y, Tensor) or y.dim() != 2 or y.shape[0] != times.shape[0]:
         shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
         raise ValueError(f"`y` must have shape ({times.shape[0]}, P), got {shape}")
     t = times.to(y.dtype)
-    w = trapezoid_weights(t)
     norms = y.norm(dim=1)
-    integral = (w[:, None] * y).sum(dim=0).norm()
+    integral = torch.trapezoid(y, t, dim=0).norm()
     bound = integral / ((t[-1] - t[0]) * norms.max()).clamp_min(_TINY)
-    cancel = integral / (w * norms).sum().clamp_min(_TINY)
+    cancel = integral / torch.trapezoid(norms, t).clamp_min(_TINY)
     return bound, cancel
 
 
