@@ -17,13 +17,14 @@ import os
 import re
 import sys
 import time
-import traceback
 import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from ode_reg._checks import ArgumentError
 
 
 def wandb_account_configured() -> bool:
@@ -216,7 +217,7 @@ def short_parse_error(message: str) -> str:
         cls = re.match(r"^Problem with given class_path '([^']+)':$", text)
         if key:
             path.append(key.group(1))
-        elif cls and path:
+        elif cls and path and f"({cls.group(1)})" not in path[-1]:
             path[-1] += f" ({cls.group(1)})"
         elif reason is None:
             reason = text
@@ -241,7 +242,6 @@ class ODERegArgumentParser(LightningArgumentParser):
         sys.exit(2)
 
 
-_PACKAGE_DIR = str(Path(__file__).resolve().parent)
 _GROUP_HELP = {"model": "--model.help", "data": "--data.help"}
 
 
@@ -270,22 +270,6 @@ def _exception_chain(exc: BaseException) -> list[BaseException]:
     return chain
 
 
-def _ode_reg_class(exc: BaseException) -> type | None:
-    """The outermost ode_reg class whose ``__init__`` is on ``exc``'s traceback, if any."""
-    for frame, _ in traceback.walk_tb(exc.__traceback__):
-        if not frame.f_code.co_filename.startswith(_PACKAGE_DIR):
-            continue
-        obj = frame.f_locals.get("self")
-        if frame.f_code.co_name == "__init__" and obj is not None:
-            return type(obj)
-    return None
-
-
-def _raised_in_ode_reg(exc: BaseException) -> bool:
-    frames = [f for f, _ in traceback.walk_tb(exc.__traceback__)]
-    return bool(frames) and frames[-1].f_code.co_filename.startswith(_PACKAGE_DIR)
-
-
 def _find_setting(
     node: Any, cls_name: str | None, arg: str | None, path: str = ""
 ) -> list[tuple[str, str, Any]]:
@@ -306,17 +290,54 @@ def _find_setting(
     return found
 
 
+def _refused_setting(
+    exc: BaseException, config: dict[str, Any]
+) -> tuple[str, str, list[tuple[str, str, Any]]] | None:
+    """``(message, argument, settings holding it)`` for the error an ode_reg class raised on
+    one of its arguments, or ``None``.
+
+    An :class:`~ode_reg._checks.ArgumentError` (the package's argument checks) names its
+    argument and value: the settings are the classes in ``config`` that set that argument, to
+    that value where one does. A plain ``ValueError`` / ``TypeError`` (the few checks not
+    written with those helpers yet) counts only when its message names a configured argument
+    in backticks and shows that argument's configured value (``repr``).
+    """
+    chain = _exception_chain(exc)
+    for e in chain:
+        if isinstance(e, ArgumentError):
+            hits = _find_setting(config, None, e.argument)
+            same = [h for h in hits if h[2] == e.value]
+            return _first_line(e), e.argument, same or hits
+    for e in chain:
+        if not isinstance(e, (ValueError, TypeError)):
+            continue
+        message = _first_line(e)
+        match = re.match(r"`(\w+)`", message)
+        if match is None:
+            continue
+        hits = [h for h in _find_setting(config, None, match.group(1)) if repr(h[2]) in message]
+        if hits:
+            return message, match.group(1), hits
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def config_error(exc: BaseException, config: dict[str, Any] | None = None) -> ConfigError | None:
     """Turn an error raised while instantiating the configuration into a :class:`ConfigError`.
 
-    Only errors that an ode_reg class raised on one of its arguments (a ``ValueError`` or
-    ``TypeError`` from its argument checks, possibly wrapped by jsonargparse) are turned; any
-    other error is left alone (``None``).
+    Turned: an :class:`~ode_reg._checks.ArgumentError` (what the package's argument checks
+    raise; its ``argument`` and ``value`` find the class and the place in ``config``), and a
+    plain ``ValueError`` / ``TypeError`` whose message names a configured argument and its
+    value (see :func:`_refused_setting`). Any other error is left alone (``None``).
 
     Args:
         exc: the error LightningCLI's instantiation raised.
-        config: the parsed configuration of the subcommand as a dict (to find where the
-            refused value is set); ``None`` leaves the place out.
+        config: the parsed configuration of the subcommand as a dict (to find the class and
+            where the refused value is set); ``None`` leaves both out.
 
     Returns:
         The short error, or ``None``.
@@ -333,30 +354,20 @@ def config_error(exc: BaseException, config: dict[str, Any] | None = None) -> Co
         >>> print(str(err).splitlines()[0])
         AdjointMagnitude: `weight` must lie in [0.0, inf), got -1.0
     """
-    root = None
-    for e in _exception_chain(exc):
-        if isinstance(e, (ValueError, TypeError)) and _raised_in_ode_reg(e):
-            root = e
-    if root is None:
+    found = _refused_setting(exc, config or {})
+    if found is None:
         return None
-    cls = _ode_reg_class(root)
-    message = str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__
-    match = re.search(r"`(\w+)`", message)
-    arg = match.group(1) if match else None
-    cls_name = cls.__name__ if cls is not None else None
-    lines = [f"{cls_name}: {message}" if cls_name else message]
-    hits = _find_setting(config or {}, cls_name, arg) if config else []
-    if not hits and config and arg:
-        hits = _find_setting(config, None, arg)
-    group = None
-    if hits:
-        place, class_path, _ = hits[0]
-        group = place.split(".", 1)[0].split("[", 1)[0]
-        setting = f"{place}.init_args.{arg}" if arg else place
-        if arg and "[" not in setting:
-            lines.append(f"  set by --{setting} (in the config file or on the command line)")
-        else:
-            lines.append(f"  set by {setting} in the config file ({class_path})")
+    message, arg, hits = found
+    if not hits:
+        return ConfigError(f"{message}\n  all options: ode-reg fit --help")
+    place, class_path, _ = hits[0]
+    lines = [f"{class_path.rsplit('.', 1)[-1]}: {message}"]
+    group = place.split(".", 1)[0].split("[", 1)[0]
+    setting = f"{place}.init_args.{arg}"
+    if "[" not in setting:
+        lines.append(f"  set by --{setting} (in the config file or on the command line)")
+    else:
+        lines.append(f"  set by {setting} in the config file ({class_path})")
     top = None
     if group in _GROUP_HELP and config and isinstance(config.get(group), dict):
         top = config[group].get("class_path")
@@ -410,7 +421,7 @@ class ODERegCLI(LightningCLI):
         self._started = time.perf_counter()
         try:
             super().instantiate_classes()
-        except Exception as exc:
+        except (ValueError, TypeError) as exc:  # what the classes' argument checks raise
             err = config_error(exc, _subcommand_config(self))
             if err is None:
                 raise
