@@ -59,6 +59,11 @@ QUICK_RECORD = Path("benchmarks/results/issue_table.json")
 MAIN_JOB = Path("results/main_job/summary.json")
 
 
+#: The sub-batch estimator's row: ``AdjointMagnitude(subsample=m)`` on the headline case.
+SUBSAMPLE_M = 16
+SUBSAMPLE = f"AdjointMagnitude, subsample={SUBSAMPLE_M}"
+
+
 def _exact() -> list:
     return [AdjointMagnitude(0.1), SensitivityMagnitude(0.1), DirectionalConstraint(0.5, 0.1)]
 
@@ -170,10 +175,14 @@ def _cases() -> dict[str, dict[str, Callable[[], Callable[[], None]]]]:
 
     many = dropin("dopri5_100")
     many["AdjointMagnitude, flow VJP from the row (before)"] = lambda: from_row("dopri5_100")
+    head = dropin("dopri5")
+    head[SUBSAMPLE] = lambda: dropin_step(
+        ode_reg.odeint, [AdjointMagnitude(0.1, subsample=SUBSAMPLE_M, seed=0)], "dopri5"
+    )
     rk4 = dropin("rk4")
     del rk4["AdjointMagnitude"]
     return {
-        "dopri5": dropin("dopri5"),
+        "dopri5": head,
         "dopri5_100": many,
         "rk4": rk4,
         "classifier": shape("classifier", lambda: [AdjointMagnitude(0.1)], "AdjointMagnitude"),
@@ -218,6 +227,11 @@ ROWS: list[tuple[str, float | None, list[tuple[str, str]]]] = [
         [("rk4", "adj+sens+dir"), ("dopri5", "adj+sens+dir")],
     ),
     ("`AdjointMagnitude` every step, headline (dopri5)", 1.5, [("dopri5", "AdjointMagnitude")]),
+    (
+        f"`AdjointMagnitude` every step, headline (dopri5), subsample={SUBSAMPLE_M} of 128",
+        1.5,
+        [("dopri5", SUBSAMPLE)],
+    ),
     (
         "`SkewJacobianPenalty` on an augmented neural ODE / a CNF with `ode_reg.odeint`",
         1.2,
