@@ -181,13 +181,16 @@ class AdjointMagnitude(Regularizer):
             samples. An integer ``m >= 1``: an estimator of it (MATH.md, Sub-batch estimator):
             each step draws ``m`` of the reached samples uniformly without replacement (seeded
             by (``seed``, DDP rank, global step), so a resumed run redraws the same ones),
-            re-solves only those ``m`` from their ``z_0`` with the batch solve's method,
-            keywords and checkpoint times, and takes the mean of their per-sample terms. The
-            batch's own backward then needs no graph (no double backward over the whole
-            batch). Unbiased for the batch mean up to the re-solve's discretisation: a
-            fixed-grid solver takes the batch's steps (exactly unbiased); an adaptive one picks
-            its own steps for the sub-batch between the checkpoints (each per-sample term
-            differs from the batch solve's by the solver's tolerance). ``m >= B`` (the batch
+            re-solves only those ``m`` from their ``z_0`` with the batch solve's method and
+            keywords, and takes the mean of their per-sample terms. The batch's own backward
+            then needs no graph (no double backward over the whole batch); the re-solve costs
+            per row, so it pays on large batches (on a small, overhead-bound one it costs
+            about as much as the exact term: ``python -m benchmarks.subsample_spread
+            --cost``). Unbiased for the batch mean up to the re-solve's discretisation: a
+            fixed-grid solver takes the batch's steps and checkpoints (exactly unbiased, value
+            and gradient); an adaptive one picks its own steps and checkpoints for the
+            sub-batch, a discretisation difference that vanishes with the tolerances (measure
+            it on your shape: ``python -m benchmarks.subsample_spread``). ``m >= B`` (the batch
             size) is the exact term, computed as with ``None``. Needs a chain of one
             ``ode_reg.odeint`` solve of a tensor state whose last output the loss reads.
         seed: base seed of the draws (``None``: drawn from torch's global generator when the
