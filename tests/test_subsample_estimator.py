@@ -123,3 +123,43 @@ def test_a_chain_it_cannot_resolve_is_refused_with_the_fix():
     loss, records, params = _step(RK4, t=t, read=1)  # reads z(0.5), not the last output
     with pytest.raises(ValueError, match=r"subsample=2.*last output.*subsample=None"):
         _value(loss, records, params, AdjointMagnitude(subsample=2, seed=0))
+
+
+def test_module_step_adds_the_estimate_and_trains_on_it():
+    """Through :class:`~ode_reg.RegularizedODEModule`: the returned loss is the task loss plus
+    ``weight * R̂`` (the step's draw, as ``step_terms`` computes it), and its backward reaches
+    the field's parameters through the re-solve."""
+    import warnings
+
+    import ode_reg
+
+    term = AdjointMagnitude(0.5, subsample=3, seed=2)
+    g = torch.Generator().manual_seed(0)
+    y0 = torch.randn(B, D, generator=g, dtype=torch.float64)
+    target = torch.randn(B, D, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+
+    class Model(ode_reg.RegularizedODEModule):
+        def __init__(self) -> None:
+            super().__init__(regularizers=[term])
+            torch.manual_seed(0)
+            self.field = nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, D)).double()
+            self.head = nn.Linear(D, D).double()  # as in _step
+            self.task = None
+
+        def training_step(self, batch, batch_idx):
+            zs = odeint(lambda s, z: self.field(z), batch, t, **RK4)
+            self.task = (self.head(zs[-1]) - target).pow(2).mean()
+            return self.task
+
+    model = Model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        total = model.training_step(y0, 0)
+    estimate = (total - model.task).detach() / 0.5
+    params = list(model.field.parameters())
+    grads = torch.autograd.grad(total - model.task, params, retain_graph=True)
+    assert all(torch.isfinite(gr).all() for gr in grads) and any(gr.abs().sum() > 0 for gr in grads)
+    loss, records, ps = _step(RK4)
+    expected, _ = _value(loss, records, ps, term, step=0)
+    torch.testing.assert_close(estimate, expected.detach(), rtol=1e-9, atol=0)
