@@ -41,6 +41,10 @@ class ArgumentError(ValueError):
         self.accepted = accepted
         self.value = value
 
+    def __reduce__(self) -> tuple[type, tuple[str, str, object, str]]:
+        # BaseException pickles ``args`` (the message alone); keep the three attributes too.
+        return type(self), (self.argument, self.accepted, self.value, str(self))
+
 
 def check_range(
     name: str,

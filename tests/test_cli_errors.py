@@ -9,6 +9,7 @@ in a config file, a data module's ``order``, a wrong type) are not repeated here
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,14 @@ def test_argument_checks_raise_a_structured_error(build, argument, accepted, val
     # The message is the one it always was, built from the same three parts.
     verb = "lie in" if accepted.startswith("[") else "be"
     assert str(err) == f"`{argument}` must {verb} {accepted}, got {value!r}"
+    # It survives pickling (errors travel between processes under DDP), attributes and all.
+    again = pickle.loads(pickle.dumps(err))
+    assert (again.argument, again.accepted, again.value, str(again)) == (
+        argument,
+        accepted,
+        value,
+        str(err),
+    )
 
 
 def _two_magnitudes(second_weight: float) -> dict:
