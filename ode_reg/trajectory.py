@@ -1,6 +1,8 @@
 """Trajectories recorded while torchdiffeq solves: one solve per call, checkpoints on the path.
 
-:func:`integrate` makes exactly one ``torchdiffeq.odeint`` (or ``odeint_adjoint``) call. The
+:func:`integrate` makes exactly one torchdiffeq solve: ``odeint_adjoint``'s call, or (without
+the adjoint method) torchdiffeq's solver object run by ``ode_reg._probe.odeint_rows``, which
+stacks the output rows once instead of copying each into a buffer. The
 field is wrapped in a probe whose step callbacks (torchdiffeq's ``callback_accept_step`` for
 adaptive methods, ``callback_step`` for fixed grids) see the live state at the start of every
 accepted step: the tensor the next step computes from, so on the autograd path from ``y0`` to
@@ -79,11 +81,14 @@ def integrate(
     components: Sequence[int] | None = None,
     **adjoint_kwargs: Any,
 ) -> Trajectory:
-    """Solve ``dz/dt = func(t, z)`` with one torchdiffeq call, recording checkpoint states.
+    """Solve ``dz/dt = func(t, z)`` with one torchdiffeq solve, recording checkpoint states.
 
     The result (``Trajectory.ys``) is exactly what ``torchdiffeq.odeint`` (or
     ``odeint_adjoint`` with ``adjoint=True``) returns for the same arguments, with the same
-    steps and field evaluations (``Trajectory.stats``).
+    steps and field evaluations (``Trajectory.stats``), and so are its gradients (bit for bit
+    in ``tests/test_solution_rows.py``); only the graph differs: the rows of an ``odeint``
+    solution are stacked once (``ode_reg._probe.odeint_rows``), not copied one by one into a
+    buffer, so the backward does not clone the whole gradient buffer per row.
 
     Checkpoints (MATH.md, Notation): by default the states at which the solver's accepted
     steps start (adaptive methods) or the grid points (fixed-grid methods), at most
