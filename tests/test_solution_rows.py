@@ -54,6 +54,11 @@ CASES = {
         torch.linspace(0.0, 1.0, 7),
         {"method": "rk4", "options": {"step_size": 0.1, "interp": "cubic"}},
     ),
+    # a fixed-grid solver with its own step function (torchdiffeq's ``integrate`` loop)
+    "implicit_adams": (
+        torch.linspace(0.0, 1.0, 5),
+        {"method": "implicit_adams", "options": {"step_size": 0.125}},
+    ),
     # a decreasing time grid (torchdiffeq's reversed field)
     "dopri5_reversed": (torch.linspace(1.0, 0.0, 9), {"method": "dopri5", "rtol": 1e-6}),
 }
@@ -92,6 +97,29 @@ def test_recorded_solution_and_gradients_equal_torchdiffeqs_bit_for_bit(name, dt
         assert torch.equal(g, r)
     for g, r in zip(second, ref_second, strict=True):
         assert torch.equal(g, r)
+
+
+def test_tuple_state_solution_and_gradients_equal_torchdiffeqs():
+    """A tuple state: the stacked flat solution split back into components as torchdiffeq's."""
+    t = torch.linspace(0.0, 1.0, 20, dtype=F64)
+
+    def run(recorded: bool) -> list[torch.Tensor]:
+        f = Field(5, F64)
+        torch.manual_seed(2)
+        z0 = torch.randn(4, 5, dtype=F64, requires_grad=True)
+        a0 = torch.randn(4, 1, dtype=F64, requires_grad=True)
+
+        def field(s, y):
+            return f(s, y[0]), (y[0] ** 2).sum(1, keepdim=True) * y[1]
+
+        solve = integrate if recorded else torchdiffeq.odeint
+        out = solve(field, (z0, a0), t, method="dopri5", rtol=1e-6)
+        zs, acc = out.solution if recorded else out
+        loss = zs.pow(2).sum() + acc.sin().sum()
+        return [zs, acc, *torch.autograd.grad(loss, [z0, a0, *f.parameters()])]
+
+    for got, ref in zip(run(True), run(False), strict=True):
+        assert torch.equal(got, ref)
 
 
 @pytest.mark.parametrize("name", ["dopri5_100", "rk4"])
