@@ -203,17 +203,7 @@ def flat_state(y: Any) -> Tensor:
     return torch.cat([c.reshape(-1) for c in y])
 
 
-def odeint_rows(
-    func: Callable[..., Any],
-    y0: Any,
-    t: Tensor,
-    *,
-    rtol: Any = 1e-7,
-    atol: Any = 1e-9,
-    method: str | None = None,
-    options: dict[str, Any] | None = None,
-    event_fn: Callable[..., Tensor] | None = None,
-) -> Any:
+def odeint_rows(func: Callable[..., Any], y0: Any, t: Tensor, **kwargs: Any) -> Any:
     """``torchdiffeq.odeint`` for a recorded solve: the same solver object, steps,
     interpolation and field evaluations, with the solution stacked once from its rows.
 
@@ -225,14 +215,17 @@ def odeint_rows(
     below are torchdiffeq's own ``AdaptiveStepsizeODESolver.integrate`` and
     ``FixedGridODESolver.integrate`` with that one change; a solver that overrides
     ``integrate`` (``scipy_solver``), and an event solve (already stacked by torchdiffeq), run
-    torchdiffeq's code unchanged.
+    torchdiffeq's code unchanged. The keywords are ``torchdiffeq.odeint``'s.
     """
-    if event_fn is not None:
-        return td_odeint(
-            func, y0, t, rtol=rtol, atol=atol, method=method, options=options, event_fn=event_fn
-        )
+    if kwargs.get("event_fn") is not None:
+        return td_odeint(func, y0, t, **kwargs)
+    defaults = td_odeint.__kwdefaults__  # torchdiffeq's own keywords and their defaults
+    unknown = sorted(set(kwargs) - set(defaults))
+    if unknown:
+        raise TypeError(f"odeint_rows: unexpected keyword argument(s) {unknown}")
+    kw = {**defaults, **kwargs}
     shapes, func, y0, t, rtol, atol, method, options, _, _ = _check_inputs(
-        func, y0, t, rtol, atol, method, options, None, SOLVERS
+        func, y0, t, kw["rtol"], kw["atol"], kw["method"], kw["options"], None, SOLVERS
     )
     solver = SOLVERS[method](func=func, y0=y0, rtol=rtol, atol=atol, **options)
     solution = _integrate_rows(solver, t)
