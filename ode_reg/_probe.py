@@ -102,6 +102,14 @@ class _ProbeBase:
         """The accepted-step callback: the step size, and the step's start (time and live
         state) unless only statistics are kept."""
         times, states, dts, stats = self.times, self.states, self.dts, self.stats
+        if not keep_states and user is None:
+            # The stats-only solve: the step size only, counted and detached in finish.
+            self._counted_in_finish = True
+
+            def count(t0: Tensor, y0: Any, dt: Tensor) -> None:
+                dts.append(dt)
+
+            return count
 
         def callback(t0: Tensor, y0: Any, dt: Tensor) -> None:
             if keep_states:
@@ -128,7 +136,9 @@ class _ProbeBase:
         """After the forward solve: the accepted step sizes ``|dt|`` into :attr:`stats` (one
         host read), and the field evaluations from now on counted as the backward solve's."""
         if self.dts:
-            self.stats.step_sizes = [abs(d) for d in torch.stack(self.dts).tolist()]
+            if self.__dict__.get("_counted_in_finish"):
+                self.stats.accepted += len(self.dts)
+            self.stats.step_sizes = torch.stack(self.dts).detach().abs().tolist()
             self.dts.clear()
         self.in_backward = True
 

@@ -65,11 +65,6 @@ class StepRecord:
     left_out: list[int] = field(default_factory=list)
     solves: list[SolveSummary] = field(default_factory=list)
 
-    @property
-    def chains(self) -> list[Trajectory]:
-        """The chained trajectories (the same list as :attr:`groups`)."""
-        return self.groups
-
 
 def _use_shared_backward(module: RegularizedODEModule, active: Sequence[Regularizer]) -> bool:
     """Whether this step takes the task gradient from the adjoints' (plain) backward."""
@@ -140,6 +135,14 @@ def _light(tr: Trajectory) -> Trajectory:
     return out
 
 
+def _released_summary(s: SolveSummary) -> SolveSummary:
+    """``s`` with its times detached (itself when they hold no graph: a stats-only solve's
+    ``t`` is the caller's, usually a plain tensor, and this runs for every solve of a step)."""
+    if not (getattr(s.t, "requires_grad", True) or getattr(s.times, "requires_grad", False)):
+        return s
+    return dataclasses.replace(s, t=_detached(s.t), times=_detached(s.times))
+
+
 def _released(record: StepRecord) -> StepRecord:
     """``record`` with every tensor detached from the step's autograd graph and no field."""
     return StepRecord(
@@ -148,7 +151,7 @@ def _released(record: StepRecord) -> StepRecord:
         [_detached(a) for a in record.adjoints],
         [_detached(a) for a in record.sensitivities],
         list(record.left_out),
-        [dataclasses.replace(s, t=_detached(s.t), times=_detached(s.times)) for s in record.solves],
+        [_released_summary(s) for s in record.solves],
     )
 
 
@@ -484,10 +487,9 @@ class RegularizedODEMixin:
         return StepPlan(step, terms, monitors, need, batch)
 
     def _say(self, key: str, message: str) -> None:
-        said = self.__dict__.setdefault("_ode_reg_said", set())
-        if key not in said:
-            said.add(key)
-            rank_zero_warn(message)
+        from ode_reg.callbacks._logging import SayOnce
+
+        self.__dict__.setdefault("_ode_reg_said", SayOnce()).warn(message, key=key)
 
     def _say_if_nothing(self, plan: StepPlan, rec: StepRecorder) -> None:
         """Say it or do it: consumers were due and the step made no ode_reg solve."""
@@ -757,14 +759,13 @@ class RegularizedODEModule(RegularizedODEMixin, L.LightningModule):
     Example::
 
         >>> import torch
-        >>> from ode_reg import RegularizedODEModule, AdjointMagnitude, odeint
-        >>> class Model(RegularizedODEModule):
+        >>> from ode_reg import RegularizedODEModule, SkewJacobianPenalty
+        >>> class Flow(RegularizedODEModule):  # self.odeint: the alias of ode_reg.odeint
         ...     def __init__(self):
-        ...         super().__init__(regularizers=[AdjointMagnitude(weight=0.1)])
-        ...         self.field = torch.nn.Linear(2, 2)
-        ...     def training_step(self, batch, batch_idx):
-        ...         z = odeint(lambda t, z: self.field(z), batch, torch.tensor([0.0, 1.0]))
-        ...         return z[-1].pow(2).mean()
-        >>> Model().regularizers[0].name
-        'adjoint_magnitude'
+        ...         super().__init__(regularizers=[SkewJacobianPenalty(weight=0.01)])
+        ...         self.f = torch.nn.Linear(2, 2)
+        ...     def training_step(self, x, i):
+        ...         return self.odeint(lambda t, z: self.f(z), x, torch.linspace(0, 1, 2))[-1].sum()
+        >>> [r.name for r in Flow().regularizers]
+        ['skew_jacobian']
     """
