@@ -179,6 +179,11 @@ class Trajectory:
         end_edge: the autograd edge of the value torchdiffeq copied into the solution's last
             row (plain tensor states; else ``None``): a VJP from it equals one from
             ``solution[-1]`` without walking the buffer's other rows.
+        solve_kwargs: the keywords ``ode_reg.odeint`` solved with (``rtol``, ``atol``,
+            ``options`` as the caller gave them, before the forced checkpoint step ends), so
+            that a term can re-solve part of the batch the same way
+            (:class:`~ode_reg.AdjointMagnitude` with ``subsample``); ``None`` for a
+            trajectory not made by ``ode_reg.odeint``.
     """
 
     func: Callable[..., Tensor]
@@ -201,6 +206,7 @@ class Trajectory:
     grad_leaves: tuple[Tensor, ...] = field(default=(), repr=False)
     components: tuple[int, ...] | None = None
     end_edge: Any = field(default=None, repr=False)
+    solve_kwargs: dict[str, Any] | None = field(default=None, repr=False)
 
     @property
     def num_checkpoints(self) -> int:

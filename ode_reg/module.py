@@ -487,7 +487,7 @@ class RegularizedODEMixin:
         return StepPlan(step, terms, monitors, need, batch)
 
     def _say(self, key: str, message: str) -> None:
-        from ode_reg.callbacks._logging import SayOnce
+        from ode_reg._once import SayOnce
 
         self.__dict__.setdefault("_ode_reg_said", SayOnce()).warn(message, key=key)
 

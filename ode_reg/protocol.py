@@ -16,7 +16,6 @@ Two optional protocols, looked up by :func:`ode_reg.integrate`, :func:`ode_reg.o
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -25,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ode_reg._inputs import checkpoint_grid
+from ode_reg._once import say_once
 from ode_reg._probe import field_attr
 from ode_reg._trajectory_data import FieldPoint, Trajectory
 
@@ -42,8 +42,6 @@ __all__ = [
 #: torchdiffeq's (and ``ode_reg.odeint``'s) default tolerances.
 DEFAULT_RTOL = 1e-7
 DEFAULT_ATOL = 1e-9
-
-_WARNED: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -209,13 +207,12 @@ def integrate_self(
             "odeint_adjoint runs that same integrator, differentiated through its steps (no "
             "backward adjoint solve to configure)"
         )
-    if adjoint and name not in _WARNED:
-        _WARNED.add(name)
-        warnings.warn(
+    if adjoint:
+        say_once(
             f"ode_reg: odeint_adjoint on {name} runs its own integrator, as odeint does, and "
             "differentiates through its steps (no adjoint solve, so memory grows with the "
             "steps); use ode_reg.odeint to say so (said once)",
-            stacklevel=3,
+            key=f"self-integrating adjoint:{name}",
         )
     grid = checkpoint_grid(t, checkpoints)
     t_index = tuple(int(i) for i in (grid[None, :] - t[:, None]).abs().argmin(dim=1))

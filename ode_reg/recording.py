@@ -15,7 +15,6 @@ read off the autograd graph at the call, so chains follow the data, not the shap
 
 from __future__ import annotations
 
-import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -27,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ode_reg._batched import PointGroup, group_points
+from ode_reg._once import say_once
 from ode_reg.adjoint import _UNTRACEABLE, StackedEvaluation, _Substitution, stacked_evaluations
 from ode_reg.functional.indices import spread_indices
 from ode_reg.functional.penalties import (
@@ -300,13 +300,8 @@ def _recorded_results(start: Any, nodes: dict[Any, int], limit: int) -> tuple[se
     return found, True
 
 
-_WARNED: set[str] = set()
-
-
 def _warn_once(key: str, message: str) -> None:
-    if key not in _WARNED:
-        _WARNED.add(key)
-        warnings.warn(message, stacklevel=4)
+    say_once(message, key=f"recording:{key}")
 
 
 def _evaluate(traj: Trajectory) -> list[Evaluation]:

@@ -319,6 +319,7 @@ def _recorded(
         components=components,
         **{k: v for k, v in kw.items() if k != "event_fn" or v is not None},
     )
+    traj.solve_kwargs = {k: kw.get(k) for k in ("rtol", "atol", "options")}
     if torch.is_grad_enabled():
         if grad_only_from_leaves(traj):
             # Nothing trainable reaches the result (a frozen teacher's rollout from an input

@@ -11,8 +11,8 @@ import warnings
 import pytest
 import torch
 
+from ode_reg._once import SayOnce
 from ode_reg._ranks import gather_padded
-from ode_reg.callbacks._logging import SayOnce
 from ode_reg.callbacks._solver_reduce import EpochCounts, epoch_entry
 from ode_reg.callbacks._solver_warning import RunningMedian
 from ode_reg.metrics import (

@@ -25,6 +25,7 @@ import torchdiffeq
 from torch import nn
 
 import ode_reg
+import ode_reg._once
 from ode_reg import (
     DEFAULT_CHECKPOINTS,
     AdjointMagnitude,
@@ -532,7 +533,7 @@ def test_branches_are_two_chains_and_unreached_solves_are_left_out():
     assert len(conv.ode_step.groups) == 2
     _, conv = _pair("no_grad_rollout", [AdjointMagnitude(weight=0.1)])
     with pytest.warns(UserWarning, match="without grad"):
-        ode_reg.recording._WARNED.discard("no_grad")
+        ode_reg._once.SAID.discard("recording:no_grad")
         conv.training_step(_batch("no_grad_rollout"), 0)
     assert len(conv.ode_step.trajectories) == 1
 

@@ -23,8 +23,8 @@ import torch
 import torchdiffeq
 from torch import nn
 
+import ode_reg._once
 import ode_reg.adjoint as adj_mod
-import ode_reg.functional.penalties as penalties_mod
 import ode_reg.recording
 from ode_reg import (
     AdjointMagnitude,
@@ -295,7 +295,7 @@ def test_detached_and_first_order_sensitivities_equal_the_direct_implementation(
 
 
 def test_field_that_vmap_cannot_trace_falls_back_to_aliases(monkeypatch):
-    monkeypatch.setattr(penalties_mod, "_ANNOUNCED", set())  # said once per process
+    monkeypatch.setattr(ode_reg._once, "SAID", ode_reg._once.SayOnce())  # said once per process
 
     class Branchy(MLPField):
         def forward(self, t, z):

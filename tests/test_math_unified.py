@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.autograd import gradcheck
 
+import ode_reg._once
 import ode_reg.functional.penalties as penalties_mod
 from ode_reg import adjoints, integrate, sensitivities
 from ode_reg.functional import sensitivity_magnitude_penalty, skew_jacobian_penalty
@@ -183,7 +184,7 @@ def test_gradcheck_skew_hutchinson_in_parameters_and_states():
 def test_untraceable_field_gives_the_same_skew_one_checkpoint_at_a_time_and_says_so_once(
     monkeypatch,
 ):
-    monkeypatch.setattr(penalties_mod, "_ANNOUNCED", set())  # said once per process
+    monkeypatch.setattr(ode_reg._once, "SAID", ode_reg._once.SayOnce())  # said once per process
     f = Tanh(d=3, seed=9)
 
     class Branchy(nn.Module):
@@ -222,7 +223,7 @@ def test_a_field_that_failed_in_vmap_is_not_tried_again(monkeypatch):
     """The recorder keys the stacked evaluation on the user's field: after one failure the
     field goes straight to the per-checkpoint evaluation (no second vmap attempt, no second
     message), with the same values."""
-    monkeypatch.setattr(penalties_mod, "_ANNOUNCED", set())
+    monkeypatch.setattr(ode_reg._once, "SAID", ode_reg._once.SayOnce())
     f = Tanh(d=3, seed=12)
 
     class Itemy(nn.Module):

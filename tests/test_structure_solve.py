@@ -21,7 +21,8 @@ import torchdiffeq
 from torch import nn
 
 import ode_reg
-from ode_reg import OrthogonalFlow, SkewLinearODEFunc, Trajectory, chain, integrate, protocol
+import ode_reg._once
+from ode_reg import OrthogonalFlow, SkewLinearODEFunc, Trajectory, chain, integrate
 from ode_reg.protocol import SelfIntegratingField
 from ode_reg.recording import StepRecorder
 from ode_reg.trajectory import median_value
@@ -129,7 +130,7 @@ def test_orthogonal_flow_adjoint_is_the_same_solver_in_training_and_evaluation()
     flow, z0, t = _flow()
     calls = []
     flow.register_forward_pre_hook(lambda *a: calls.append(1))
-    protocol._WARNED.discard("OrthogonalFlow")
+    ode_reg._once.SAID.discard("self-integrating adjoint:OrthogonalFlow")
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
         evaluated = ode_reg.odeint_adjoint(flow, z0, t)

@@ -34,13 +34,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
-from lightning.pytorch.utilities.rank_zero import WarningCache, rank_zero_warn
 from matplotlib.figure import Figure
 from torch import Tensor
 from torch.optim import Optimizer
 from torchmetrics import Metric
 from typing_extensions import override
 
+from ode_reg._once import SAID
 from ode_reg.metrics import metric_state, restore_metric_state
 from ode_reg.plan import Monitor, due
 from ode_reg.plotting import histogram_figure, save_figure
@@ -182,31 +182,8 @@ def plot_path(log_dir: str, key: str, step: int) -> str:
     return os.path.join(log_dir, "plots", *safe.split("/"), f"step_{step:07d}.png")
 
 
-class SayOnce(WarningCache):
-    """Lightning's ``WarningCache`` (a rank-zero warning per distinct message), also keyed by a
-    name: ``warn(message, key=...)`` says the first message of each key only (a message that
-    names a step or a field differs from one step to the next).
-
-    Example::
-
-        >>> said = SayOnce()
-        >>> said.warn("no solve at step 3", key="no_solve")
-        >>> "no_solve" in said
-        True
-    """
-
-    def warn(
-        self, message: str, stacklevel: int = 5, key: str | None = None, **kwargs: Any
-    ) -> None:
-        """``rank_zero_warn(message)`` unless ``key`` (default: the message) was said."""
-        name = message if key is None else key
-        if name not in self:
-            self.add(name)
-            rank_zero_warn(message, stacklevel=stacklevel, **kwargs)
-
-
 #: Warned once per process.
-_said = SayOnce()
+_said = SAID
 
 
 def has_plot_sink(trainer: pl.Trainer) -> bool:

@@ -16,10 +16,10 @@ from torchmetrics import Metric
 from typing_extensions import override
 
 from ode_reg._checks import check_int
+from ode_reg._once import SayOnce
 from ode_reg.adjoint import sensitivities as compute_sensitivities
 from ode_reg.callbacks._logging import (
     PreStepMonitor,
-    SayOnce,
     has_plot_sink,
     is_due,
     log_figure,

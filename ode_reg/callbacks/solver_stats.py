@@ -20,8 +20,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from ode_reg._once import SayOnce
 from ode_reg.callbacks._logging import (
-    SayOnce,
     accumulating,
     has_plot_sink,
     log_figure,

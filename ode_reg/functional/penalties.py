@@ -7,7 +7,6 @@ Frobenius norm) are integrals over time with units, zero exactly for ``f = 0``.
 
 from __future__ import annotations
 
-import warnings
 import weakref
 from collections.abc import Callable, Sequence
 
@@ -15,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ode_reg._checks import check_gamma, check_int, check_range, check_square
+from ode_reg._once import say_once
 
 
 def _log_norm(x: Tensor, dims: tuple[int, ...], eps: float) -> Tensor:
@@ -305,22 +305,17 @@ def skew_hutchinson(out: Tensor, states: Tensor, vs: Tensor, mask: Tensor | None
 #: Fields whose stacked (``vmap``) evaluation failed once: evaluated checkpoint by checkpoint
 #: from then on, without trying again (weak keys: a field that goes away is forgotten).
 _UNSTACKABLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_ANNOUNCED: set[str] = set()
 
 
 def announce_fallback(name: str, err: BaseException, transform: str, instead: str) -> None:
     """Say once per field name and transform that ``transform`` failed on the field and what is
     done instead, with the cost (one line)."""
-    key = f"{transform}:{name}"
-    if key in _ANNOUNCED:
-        return
-    _ANNOUNCED.add(key)
     text = str(err).strip()
     first = text.splitlines()[0][:160] if text else ""
-    warnings.warn(
+    say_once(
         f"ode_reg: {transform} cannot trace the field {name} ({type(err).__name__}: {first}); "
         f"{instead}",
-        stacklevel=3,
+        key=f"{transform}:{name}",
     )
 
 
