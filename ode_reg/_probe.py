@@ -16,11 +16,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torchdiffeq._impl.adjoint import odeint_adjoint as td_odeint_adjoint
+from torchdiffeq._impl.misc import _check_inputs, _flat_to_shape
 from torchdiffeq._impl.misc import _TupleFunc as TupleFunc
 from torchdiffeq._impl.odeint import SOLVERS
 from torchdiffeq._impl.odeint import odeint as td_odeint
 from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
-from torchdiffeq._impl.solvers import FixedGridODESolver
+from torchdiffeq._impl.solvers import AdaptiveStepsizeODESolver, FixedGridODESolver
 
 from ode_reg._trajectory_data import SolverStats
 
@@ -33,6 +34,7 @@ __all__ = [
     "field_attr",
     "make_probe",
     "odeint_error",
+    "odeint_rows",
     "fixed_grid",
     "flat_state",
     "run_probe",
@@ -209,6 +211,90 @@ def flat_state(y: Any) -> Tensor:
     if base is not None and base.numel() == sum(c.numel() for c in y):
         return base
     return torch.cat([c.reshape(-1) for c in y])
+
+
+def odeint_rows(func: Callable[..., Any], y0: Any, t: Tensor, **kwargs: Any) -> Any:
+    """``torchdiffeq.odeint`` for a recorded solve: the same solver object, steps,
+    interpolation and field evaluations, with the solution stacked once from its rows.
+
+    torchdiffeq's ``integrate`` writes each output row into a preallocated tensor
+    (``solution[i] = ...``): in autograd a chain of ``CopySlices`` nodes, each of which clones
+    the whole ``len(t) x state`` gradient buffer on the way back (and again in every double
+    backward through the solve). Here the rows are collected in a list and ``torch.stack``-ed:
+    the values are the same rows (a copy either way), the backward an ``unbind``. The loops
+    below are torchdiffeq's own ``AdaptiveStepsizeODESolver.integrate`` and
+    ``FixedGridODESolver.integrate`` with that one change; a solver that overrides
+    ``integrate`` (``scipy_solver``), and an event solve (already stacked by torchdiffeq), run
+    torchdiffeq's code unchanged. The keywords are ``torchdiffeq.odeint``'s.
+    """
+    if kwargs.get("event_fn") is not None:
+        return td_odeint(func, y0, t, **kwargs)
+    defaults = td_odeint.__kwdefaults__  # torchdiffeq's own keywords and their defaults
+    unknown = sorted(set(kwargs) - set(defaults))
+    if unknown:
+        raise TypeError(f"odeint_rows: unexpected keyword argument(s) {unknown}")
+    kw = {**defaults, **kwargs}
+    shapes, func, y0, t, rtol, atol, method, options, _, _ = _check_inputs(
+        func, y0, t, kw["rtol"], kw["atol"], kw["method"], kw["options"], None, SOLVERS
+    )
+    solver = SOLVERS[method](func=func, y0=y0, rtol=rtol, atol=atol, **options)
+    solution = _integrate_rows(solver, t)
+    if shapes is not None:
+        solution = _flat_to_shape(solution, (len(t),), shapes)
+    return solution
+
+
+def _integrate_rows(solver: Any, t: Tensor) -> Tensor:
+    """``solver.integrate(t)``, the rows stacked instead of copied into a buffer."""
+    integrate = type(solver).integrate
+    if integrate is AdaptiveStepsizeODESolver.integrate:
+        rows = [_row(solver.y0)]
+        t = t.to(solver.dtype)
+        solver._before_integrate(t)
+        for i in range(1, len(t)):
+            rows.append(solver._advance(t[i]))
+        return _stack_rows(rows, solver.y0)
+    if integrate is not FixedGridODESolver.integrate:
+        return solver.integrate(t)
+    time_grid = solver.grid_constructor(solver.func, solver.y0, t)
+    assert time_grid[0] == t[0] and time_grid[-1] == t[-1]
+    rows = [_row(solver.y0)]
+    j = 1
+    y0 = solver.y0
+    for t0, t1 in zip(time_grid[:-1], time_grid[1:], strict=True):
+        dt = t1 - t0
+        solver.func.callback_step(t0, y0, dt)
+        dy, f0 = solver._step_func(solver.func, t0, dt, t1, y0)
+        y1 = y0 + dy
+        while j < len(t) and t1 >= t[j]:
+            if solver.interp == "linear":
+                rows.append(_row(solver._linear_interp(t0, t1, y0, y1, t[j])))
+            elif solver.interp == "cubic":
+                f1 = solver.func(t1, y1)
+                rows.append(solver._cubic_hermite_interp(t0, y0, f0, t1, y1, f1, t[j]))
+            else:
+                raise ValueError(f"Unknown interpolation method {solver.interp}")
+            j += 1
+        y0 = y1
+    return _stack_rows(rows, solver.y0)
+
+
+def _row(value: Tensor) -> Tensor:
+    """An alias of a row that is a tensor the solve reads on (``y0``, a grid state ``y1``),
+    made where torchdiffeq copies it into its buffer: autograd runs its backward nodes in
+    reverse creation order, so the row's gradient joins the state's other gradients in the
+    same order as through torchdiffeq's ``CopySlices`` (floating-point sums, bit for bit)."""
+    return value.view_as(value) if value.requires_grad else value
+
+
+def _stack_rows(rows: list[Tensor], y0: Tensor) -> Tensor:
+    """The rows as one tensor of ``y0``'s dtype and shape per row (what copying each row into
+    torchdiffeq's ``torch.empty(len(t), *y0.shape, dtype=y0.dtype)`` buffer gives)."""
+    rows = [
+        r if r.dtype == y0.dtype and r.shape == y0.shape else r.to(y0.dtype).expand(y0.shape)
+        for r in rows
+    ]
+    return torch.stack(rows)
 
 
 def solver_kind(method: str) -> str:

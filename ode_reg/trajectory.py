@@ -1,6 +1,8 @@
 """Trajectories recorded while torchdiffeq solves: one solve per call, checkpoints on the path.
 
-:func:`integrate` makes exactly one ``torchdiffeq.odeint`` (or ``odeint_adjoint``) call. The
+:func:`integrate` makes exactly one torchdiffeq solve: ``odeint_adjoint``'s call, or (without
+the adjoint method) torchdiffeq's solver object run by ``ode_reg._probe.odeint_rows``, which
+stacks the output rows once instead of copying each into a buffer. The
 field is wrapped in a probe whose step callbacks (torchdiffeq's ``callback_accept_step`` for
 adaptive methods, ``callback_step`` for fixed grids) see the live state at the start of every
 accepted step: the tensor the next step computes from, so on the autograd path from ``y0`` to
@@ -44,6 +46,7 @@ from ode_reg._probe import (
     field_attr,
     flat_state,
     make_probe,
+    odeint_rows,
     run_probe,
     solver_kind,
     td_odeint,
@@ -78,11 +81,14 @@ def integrate(
     components: Sequence[int] | None = None,
     **adjoint_kwargs: Any,
 ) -> Trajectory:
-    """Solve ``dz/dt = func(t, z)`` with one torchdiffeq call, recording checkpoint states.
+    """Solve ``dz/dt = func(t, z)`` with one torchdiffeq solve, recording checkpoint states.
 
     The result (``Trajectory.ys``) is exactly what ``torchdiffeq.odeint`` (or
     ``odeint_adjoint`` with ``adjoint=True``) returns for the same arguments, with the same
-    steps and field evaluations (``Trajectory.stats``).
+    steps and field evaluations (``Trajectory.stats``), and so are its gradients (bit for bit
+    in ``tests/test_solution_rows.py``); only the graph differs: the rows of an ``odeint``
+    solution are stacked once (``ode_reg._probe.odeint_rows``), not copied one by one into a
+    buffer, so the backward does not clone the whole gradient buffer per row.
 
     Checkpoints (MATH.md, Notation): by default the states at which the solver's accepted
     steps start (adaptive methods) or the grid points (fixed-grid methods), at most
@@ -157,8 +163,10 @@ def integrate(
         kwargs["event_fn"] = event_fn
     if adjoint:
         kwargs.update(adjoint_kwargs)
+    # The recorded solve stacks its output rows (``odeint_rows``: torchdiffeq's solver and
+    # values, no in-place row copies for the backward, and the double backward, to walk).
     out = run_probe(
-        td_odeint_adjoint if adjoint else td_odeint, probe, y0, t, kwargs, func, quiet=True
+        td_odeint_adjoint if adjoint else odeint_rows, probe, y0, t, kwargs, func, quiet=True
     )
     event_t = None
     if event_fn is not None:
@@ -259,16 +267,24 @@ def _trajectory(
 
 
 def _last_row_edge(sol: Any) -> Any:
-    """The edge into the value copied into ``sol[-1]``, when ``sol``'s last operation is that
-    copy (torchdiffeq fills its solution buffer row by row, the last row last), else ``None``.
-    Taken right after the solve, before any later in-place change of ``sol``."""
+    """The edge into the solution's last row, when ``sol``'s last operation is the one that
+    assembled it from its rows: the stack of :func:`~ode_reg._probe.odeint_rows` (its last
+    input), or torchdiffeq's copy into ``sol[-1]`` (a solver whose own ``integrate`` runs);
+    else ``None``. Taken right after the solve, before any later in-place change of ``sol``."""
     node = getattr(sol, "grad_fn", None)
-    if node is None or type(node).__name__ != "CopySlices" or sol.shape[0] < 2:
+    if node is None or sol.shape[0] < 2:
         return None
     nxt = node.next_functions
-    if len(nxt) != 2 or nxt[1][0] is None:
+    kind = type(node).__name__
+    if kind == "StackBackward0" and len(nxt) == sol.shape[0]:
+        last = nxt[-1]
+    elif kind == "CopySlices" and len(nxt) == 2:
+        last = nxt[1]
+    else:
         return None
-    return torch.autograd.graph.GradientEdge(*nxt[1])
+    if last[0] is None:
+        return None
+    return torch.autograd.graph.GradientEdge(*last)
 
 
 #: Graph nodes visited at most when asking whether a result depends on anything trainable.
