@@ -11,14 +11,18 @@ dopri5 with a loss over 100 output times, rk4 with step 1/16), and three models 
 public code: an ODE block in a classifier (dopri5), a CNF with a Hutchinson divergence and a
 tuple state ``(z, delta_logp)`` (:class:`ode_reg.models.cnf.CNFField`), a latent ODE whose
 decoder reads all 50 output times; and an augmented neural ODE (zero channels appended) for the
-skew term. Rows that this command does not measure (the ``SolverStatsMonitor`` share of a step,
-the main job) say where their figure comes from.
+skew term. The ``SolverStatsMonitor`` row is its share of a step (switched on and off at every
+batch of one run, :func:`benchmarks.solver_stats_overhead.per_step`); the main-job row reads the
+recorded run (``results/main_job/summary.json``), which this command does not re-run.
 
 Run: ``python -m benchmarks --sections issue`` (part of ``python -m benchmarks``), or
 ``python -m benchmarks.issue_table [--quick] [--rounds N]``. Writes
 ``results/benchmarks/issue_table.json`` (the record, committed) and ``.md``; ``--quick`` (one
 repeat of two rounds, about 10 s: a smoke run) writes ``benchmarks/results/`` instead;
 ``python scripts/render_benchmarks.py`` puts the table into BENCHMARKS.md and the README.
+``--cases augmented cnf --variants SkewJacobianPenalty`` measures only those cases and variants
+(each against torchdiffeq's step, as in the full run) and writes to the quick path unless
+``--out`` is given: a cheap way to iterate on some rows.
 """
 
 from __future__ import annotations
@@ -54,6 +58,11 @@ RECORD = Path("results/benchmarks/issue_table.json")
 #: where a ``--quick`` (smoke) run writes, so that it never replaces the committed record.
 QUICK_RECORD = Path("benchmarks/results/issue_table.json")
 MAIN_JOB = Path("results/main_job/summary.json")
+
+
+#: The sub-batch estimator's row: ``AdjointMagnitude(subsample=m)`` on the headline case.
+SUBSAMPLE_M = 16
+SUBSAMPLE = f"AdjointMagnitude, subsample={SUBSAMPLE_M}"
 
 
 def _exact() -> list:
@@ -167,10 +176,14 @@ def _cases() -> dict[str, dict[str, Callable[[], Callable[[], None]]]]:
 
     many = dropin("dopri5_100")
     many["AdjointMagnitude, flow VJP from the row (before)"] = lambda: from_row("dopri5_100")
+    head = dropin("dopri5")
+    head[SUBSAMPLE] = lambda: dropin_step(
+        ode_reg.odeint, [AdjointMagnitude(0.1, subsample=SUBSAMPLE_M, seed=0)], "dopri5"
+    )
     rk4 = dropin("rk4")
     del rk4["AdjointMagnitude"]
     return {
-        "dopri5": dropin("dopri5"),
+        "dopri5": head,
         "dopri5_100": many,
         "rk4": rk4,
         "classifier": shape("classifier", lambda: [AdjointMagnitude(0.1)], "AdjointMagnitude"),
@@ -216,6 +229,11 @@ ROWS: list[tuple[str, float | None, list[tuple[str, str]]]] = [
     ),
     ("`AdjointMagnitude` every step, headline (dopri5)", 1.5, [("dopri5", "AdjointMagnitude")]),
     (
+        f"`AdjointMagnitude` every step, headline (dopri5), subsample={SUBSAMPLE_M} of 128",
+        1.5,
+        [("dopri5", SUBSAMPLE)],
+    ),
+    (
         "`SkewJacobianPenalty` on an augmented neural ODE / a CNF with `ode_reg.odeint`",
         1.2,
         [("augmented", "SkewJacobianPenalty"), ("cnf", "SkewJacobianPenalty")],
@@ -237,14 +255,22 @@ ROWS: list[tuple[str, float | None, list[tuple[str, str]]]] = [
     ),
 ]
 
-#: Rows this command does not measure, and where their figure is.
-NOT_MEASURED = [
-    (
-        "`SolverStatsMonitor` alone, cheapest step",
-        "≤ 1 % a step",
-        "not measured by this command: `python benchmarks/solver_stats_overhead.py --per-step`",
-    ),
-]
+#: The monitor-overhead row: measured by :func:`benchmarks.solver_stats_overhead.per_step`
+#: (the monitor switched on and off at every batch of one run), not against torchdiffeq.
+SOLVER_STATS_ROW = ("`SolverStatsMonitor` alone, cheapest step (rk4, d = 32, B = 64)", 0.01)
+
+
+def solver_stats_share(quick: bool, log: Callable[[str], None] = print) -> dict[str, float]:
+    """The monitor's share of a step: per-step CPU times with and without it, switched at every
+    batch of one Lightning run (``benchmarks/solver_stats_overhead.py --per-step``)."""
+    from benchmarks.solver_stats_overhead import make_loader, per_step
+
+    steps, repeats = (60, 1) if quick else (300, 3)
+    args = argparse.Namespace(steps=steps, repeats=repeats, dim=32, batch=64, method="rk4")
+    t0 = time.perf_counter()
+    out = per_step(args, make_loader(steps, args.batch, args.dim))
+    log(f"  SolverStatsMonitor share {out['median']:+.2%} ({time.perf_counter() - t0:.0f} s)")
+    return out
 
 
 def _paired(fns: dict[str, Callable[[], None]], rounds: int) -> dict[str, dict[str, float]]:
@@ -254,13 +280,26 @@ def _paired(fns: dict[str, Callable[[], None]], rounds: int) -> dict[str, dict[s
     return {n: {"ratio": out[n]["paired"], "ms": 1e3 * out[n]["wall"]} for n in names}
 
 
-def measure(rounds: int, quick: bool, log: Callable[[str], None] = print) -> dict[str, Any]:
+def measure(
+    rounds: int,
+    quick: bool,
+    log: Callable[[str], None] = print,
+    only: list[str] | None = None,
+    variants_only: list[str] | None = None,
+) -> dict[str, Any]:
     """Run every case (variants interleaved with torchdiffeq's step), three repeats of
     ``rounds`` rounds each (one in ``quick`` mode); the figure of a variant is the median of
-    its per-repeat paired ratios, ``lo``/``hi`` the extremes over repeats."""
+    its per-repeat paired ratios, ``lo``/``hi`` the extremes over repeats. ``only`` restricts
+    the run to those cases, ``variants_only`` to those variants (and the baseline)."""
     repeats = 1 if quick else 3
     cases: dict[str, dict[str, Any]] = {}
     for case, variants in _cases().items():
+        if only is not None and case not in only:
+            continue
+        if variants_only is not None:
+            variants = {
+                n: v for n, v in variants.items() if n == "torchdiffeq" or n in variants_only
+            }
         t0 = time.perf_counter()
         fns = {name: make() for name, make in variants.items()}
         runs = [_paired(fns, rounds) for _ in range(repeats)]
@@ -299,8 +338,18 @@ def table(results: dict[str, Any]) -> dict[str, Any]:
                 "met": "" if met is None else ("met" if met else "**missed**"),
             }
         )
-    for label, target, where in NOT_MEASURED:
-        rows.append({"case": label, "measured": "—", "spread": "", "target": target, "met": where})
+    share = results.get("solver_stats")
+    if share:
+        label, target = SOLVER_STATS_ROW
+        rows.append(
+            {
+                "case": label,
+                "measured": f"{100 * share['median']:+.2f} % a step",
+                "spread": f"mean {100 * share['mean']:+.2f} %, {share['steps']} steps each",
+                "target": f"≤ {100 * target:.0f} % a step",
+                "met": "met" if share["median"] <= target else "**missed**",
+            }
+        )
     job = results.get("main_job")
     if job:
         met = job["wall_s"] <= 600 and job["test_acc"] >= 0.965
@@ -351,12 +400,16 @@ def run(
     out: Path = RECORD,
     command: str = "python -m benchmarks.issue_table",
     log=print,
+    only: list[str] | None = None,
+    variants_only: list[str] | None = None,
 ) -> dict[str, Any]:
     """Measure, build the table, write ``out`` (JSON) and its ``.md`` twin; return the record."""
     warnings.filterwarnings("ignore")
     start = time.perf_counter()
     rounds = rounds or (2 if quick else 7)
-    measured = measure(rounds, quick, log)
+    measured = measure(rounds, quick, log, only, variants_only)
+    if only is None and variants_only is None:
+        measured["solver_stats"] = solver_stats_share(quick, log)
     measured["main_job"] = _main_job()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     record = {
@@ -372,6 +425,7 @@ def run(
         },
         "measured": {"rounds": rounds, "repeats": measured["repeats"]},
         "cases": measured["cases"],
+        "solver_stats": measured.get("solver_stats"),
         "table": table(measured),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -386,7 +440,13 @@ def retable(path: Path = RECORD) -> dict[str, Any]:
     """Rebuild the table of the record at ``path`` from its measured cases and the main job's
     current record (``results/main_job/summary.json``), without measuring again."""
     record = json.loads(path.read_text())
-    record["table"] = table({"cases": record["cases"], "main_job": _main_job()})
+    record["table"] = table(
+        {
+            "cases": record["cases"],
+            "solver_stats": record.get("solver_stats"),
+            "main_job": _main_job(),
+        }
+    )
     path.write_text(json.dumps(record, indent=2) + "\n")
     path.with_suffix(".md").write_text(markdown(record) + "\n")
     return record
@@ -406,14 +466,33 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="rebuild the table of the record at --out (main job re-read), measuring nothing",
     )
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        default=None,
+        choices=list(_cases()),
+        help="measure only these cases (the record then goes to the quick path unless --out)",
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        help="measure only these variants of each case (and torchdiffeq's baseline)",
+    )
     args = parser.parse_args(argv)
-    out = Path(args.out) if args.out else (QUICK_RECORD if args.quick else RECORD)
+    partial = args.cases is not None or args.variants is not None
+    default = QUICK_RECORD if args.quick or partial else RECORD
+    out = Path(args.out) if args.out else default
     if args.retable:
         print(markdown(retable(out)))
         return
     torch.set_num_threads(1)
     cmd = "python -m benchmarks.issue_table" + (" --quick" if args.quick else "")
-    run(args.quick, args.rounds, out, cmd)
+    if args.cases:
+        cmd += " --cases " + " ".join(args.cases)
+    if args.variants:
+        cmd += " --variants " + " ".join(repr(v) for v in args.variants)
+    run(args.quick, args.rounds, out, cmd, only=args.cases, variants_only=args.variants)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from ode_reg.functional import cayley, orthogonality_defect, scaled_cayley
 from ode_reg.metrics import MaxOrthogonalityDefect, MeanAdjointRatio, MeanSpectralAbscissa
 from ode_reg.module import RegularizedODEMixin, RegularizedODEModule, StepRecord
 from ode_reg.plan import Monitor, Need, StepPlan, capture_torchdiffeq, due
+from ode_reg.protocol import SelfIntegratingField
 from ode_reg.regularizers import (
     AdjointMagnitude,
     DirectionalConstraint,
@@ -61,6 +62,7 @@ __all__ = [
     "Regularizer",
     "RegularizedODEMixin",
     "RegularizedODEModule",
+    "SelfIntegratingField",
     "SensitivityMagnitude",
     "SkewJacobianPenalty",
     "SkewLinearODEFunc",

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ode_reg.trajectory import FieldPoint
+from ode_reg._trajectory_data import FieldPoint, call_holding
 
 
 @dataclass
@@ -51,17 +51,7 @@ class PointGroup:
         stacked attributes set to ``values`` and ``W = weight``."""
         if weight is not None:
             return self.func.ode_reg_field_at(t, z, weight)
-        attrs = {**self.shared, **dict(zip(self.stacked, values))}
-        if not attrs:
-            return self.func(t, z)
-        current = {name: getattr(self.func, name) for name in attrs}
-        try:
-            for name, value in attrs.items():
-                setattr(self.func, name, value)
-            return self.func(t, z)
-        finally:
-            for name, value in current.items():
-                setattr(self.func, name, value)
+        return call_holding(self.func, t, z, {**self.shared, **dict(zip(self.stacked, values))})
 
 
 def _key(pt: FieldPoint) -> tuple:

@@ -47,19 +47,6 @@ def check_gamma(gamma: float, name: str = "gamma") -> None:
     check_range(name, gamma, -1.0, 1.0)
 
 
-def check_increasing(name: str, t: Tensor) -> None:
-    """Raise ``ValueError`` unless ``t`` is a finite 1-D tensor of >= 2 strictly increasing times."""
-    if not isinstance(t, Tensor) or t.dim() != 1 or t.numel() < 2:
-        shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-        raise ValueError(f"`{name}` must be a 1-D tensor of at least 2 times, got {shape}")
-    if not torch.isfinite(t).all():
-        raise ValueError(f"`{name}` must be finite, got {t.tolist()}")
-    if not bool((t[1:] > t[:-1]).all()):
-        raise ValueError(
-            f"`{name}` must be strictly increasing (t[0] < t[1] < ...), got {t.tolist()}"
-        )
-
-
 def check_square(name: str, m: Tensor) -> None:
     """Raise ``ValueError`` unless the last two dimensions of ``m`` are equal."""
     if not isinstance(m, Tensor) or m.dim() < 2 or m.shape[-1] != m.shape[-2]:

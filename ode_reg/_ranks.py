@@ -124,3 +124,32 @@ class Ranks:
                 "reduces over the batch needs the same checkpoint times on every rank; call "
                 "ode_reg.odeint with the same `t` (and `checkpoints`) on every rank"
             )
+
+
+def gather_rows(strategy: Any, local: Tensor) -> Tensor:
+    """Every rank's ``local`` (the same shape on every rank), stacked ``(world, *shape)`` on
+    the CPU: ``strategy.all_gather`` on the strategy's root device (NCCL gathers device tensors
+    only). A collective: every rank calls it at the same point."""
+    return strategy.all_gather(local.to(strategy.root_device)).reshape(-1, *local.shape).cpu()
+
+
+def gather_padded(strategy: Any, rows: Sequence[Sequence[float]], width: int, length: int) -> list:
+    """Every rank's ``rows`` (each ``width`` floats, at most ``length`` rows on any rank; the
+    maximum over ranks, reduced before), pooled in rank order: each rank pads its table with
+    NaN to ``length`` rows, the tables are gathered (:func:`gather_rows`) and the padding is
+    dropped. A collective: every rank calls it with the same ``width`` and ``length``.
+
+    Example::
+
+        >>> class One:  # a strategy of one rank
+        ...     root_device = torch.device("cpu")
+        ...     def all_gather(self, t): return t[None]
+        >>> gather_padded(One(), [(0.0, 0.5), (1.0, 0.25)], 2, 3)
+        [(0.0, 0.5), (1.0, 0.25)]
+    """
+    local = torch.full((max(length, 1), width), float("nan"), dtype=torch.float64)
+    if rows:
+        local[: len(rows)] = torch.tensor(rows, dtype=torch.float64)
+    flat = gather_rows(strategy, local).reshape(-1, width)
+    flat = flat[torch.isfinite(flat[:, -1])]
+    return [tuple(r) for r in flat.tolist()]

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from ode_reg._batched import group_points
+from ode_reg.functional.penalties import announce_unstackable
+from ode_reg.functional.sensitivity import sensitivity_at_leaf, sensitivity_density
 from ode_reg.trajectory import Trajectory
 
 
@@ -157,7 +160,7 @@ def sensitivities(
     substituted (``functional_call``) so that the gradient in them is the partial derivative
     while ``z_k`` stays attached; other fields (closures, fields caching tensors computed from
     their parameters) take one VJP per checkpoint, with the full derivative carried by a
-    zero-valued term (``_through_state``). Both give the same values and gradients
+    zero-valued term (:func:`~ode_reg.functional.sensitivity.through_state`). Both give the same values and gradients
     (``tests/test_fast_paths.py``).
 
     Returns:
@@ -272,22 +275,34 @@ def _sensitivities_batched(
     The partial derivative at fixed ``z_k`` is a VJP in substitutes of the parameters (same
     values, own autograd identity): ``z_k`` stays attached, so with ``create_graph`` the result
     is itself a function of ``a_k``, ``z_k`` and ``theta``, and its gradient is the full one
-    without the extra term of :func:`_through_state`. The VJPs of all checkpoints of a group
-    (:func:`~ode_reg._batched.group_points`) are one ``torch.func.vmap`` call; a field that
-    ``vmap`` cannot trace is done one checkpoint at a time with ``p.view_as(p)`` aliases.
-    A recorded ``W_k`` is substituted the same way, and the gradient in it is pulled back to
-    ``theta`` through the weight flow.
+    without the extra term of :func:`~ode_reg.functional.sensitivity.through_state`. The field
+    at all checkpoints of a group (:func:`~ode_reg._batched.group_points`) is one
+    ``torch.func.vmap`` call (:func:`stacked_evaluations`); a field that ``vmap`` cannot trace
+    is done one checkpoint at a time with ``p.view_as(p)`` aliases (announced once). A recorded
+    ``W_k`` is substituted the same way, and the gradient in it is pulled back to ``theta``
+    through the weight flow.
     """
     sub = _Substitution.of(traj, params)
     if sub is None or not sub.reaches_only_through(traj, params):
         return None
     full = create_graph and not detach_states
     try:
-        return _sensitivities_vmap(traj, adjoints, params, sub, create_graph, full)
-    except Exception:  # noqa: BLE001 - a field vmap cannot trace: checkpoint by checkpoint
+        groups = stacked_evaluations(traj, params, sub, full)
+    except _UNTRACEABLE as err:
+        announce_unstackable(_field_name(traj), err)
         if not full:
             return None
         return _sensitivities_aliased(traj, adjoints, params, sub)
+    return _sensitivities_vmap(traj, adjoints, params, groups, create_graph)
+
+
+#: What ``torch.func.vmap`` raises on a field it cannot trace (data-dependent control flow,
+#: ``.item()``, an ``autograd.grad`` inside the field, an operator without a batching rule).
+_UNTRACEABLE = (RuntimeError, NotImplementedError)
+
+
+def _field_name(traj: Trajectory) -> str:
+    return type((traj.funcs or (traj.func,))[0]).__name__
 
 
 def _pull_back(
@@ -302,44 +317,83 @@ def _pull_back(
     return _flat(grads, params)
 
 
+@dataclass
+class StackedEvaluation:
+    """The field at the checkpoints ``index`` of one group, in one ``vmap`` call, each
+    checkpoint with its own alias of every parameter (``p`` expanded along a new leading
+    dimension) and of its recorded ``W_k``: the gradient in the aliases is the partial
+    derivative ``df(t_k, z_k)/dtheta`` per checkpoint, while ``z_k`` stays attached.
+
+    Attributes:
+        index: the checkpoint indices.
+        out: ``(n, *state.shape)`` the field there.
+        aliases: per parameter, ``(n, *p.shape)``.
+        weights: ``(n, ...)`` the substituted ``W_k`` (or ``None``).
+        weight_list: the recorded ``W_k`` (for pulling gradients back through them).
+    """
+
+    index: list[int]
+    out: Tensor
+    aliases: list[Tensor]
+    weights: Tensor | None = None
+    weight_list: list[Tensor] = field(default_factory=list)
+
+
+def stacked_evaluations(
+    traj: Trajectory, params: Sequence[Tensor], sub: _Substitution, attached: bool = True
+) -> list[StackedEvaluation]:
+    """The field at every checkpoint with per-checkpoint parameter aliases, one ``vmap`` call per
+    group (what :func:`sensitivities` and the step recorder evaluate ``y_k`` from).
+
+    Args:
+        traj: the trajectory (with field points).
+        params: the parameters to alias (substituted through ``sub``).
+        sub: the substitution of the trajectory's fields.
+        attached: keep ``z_k`` attached (``False``: detached states).
+
+    Raises:
+        RuntimeError, NotImplementedError: what ``vmap`` raises on a field it cannot trace.
+    """
+    out = []
+    with torch.enable_grad():
+        for g in group_points(traj.points):
+            n = len(g.index)
+            zs = torch.stack([traj.states[k] for k in g.index])
+            if not attached:
+                zs = zs.detach()
+            aliases = [p.unsqueeze(0).expand(n, *p.shape) for p in params]
+            ws = g.weights
+            np_ = len(aliases)
+
+            def one(t, z, w, *rest, g=g, np_=np_):
+                return sub(rest[:np_], g.evaluate, t, z, rest[np_:], w)
+
+            in_dims = (0, 0, None if ws is None else 0, *([0] * (np_ + len(g.values))))
+            value = torch.func.vmap(one, in_dims=in_dims)(g.times, zs, ws, *aliases, *g.values)
+            out.append(StackedEvaluation(list(g.index), value, aliases, ws, list(g.weight_list)))
+    return out
+
+
 def _sensitivities_vmap(
     traj: Trajectory,
     adjoints: Tensor,
     params: Sequence[Tensor],
-    sub: _Substitution,
+    groups: Sequence[StackedEvaluation],
     create_graph: bool,
-    full: bool,
 ) -> Tensor:
-    primals = tuple(params)
     rows: list[Tensor | None] = [None] * traj.num_checkpoints
-    for g in group_points(traj.points):
-        zs = torch.stack([traj.states[k] for k in g.index])
-        adj = adjoints[g.index]
-        if not full:
-            zs = zs.detach()
-        ws = g.weights
+    size = sum(p.numel() for p in params)
+    for ev in groups:
+        adj = adjoints[ev.index]
         if not create_graph:
             adj = adj.detach()
-            ws = None if ws is None else ws.detach()
-
-        def one(t, z, a, w, *values, g=g):
-            if w is None:
-                _, vjp = torch.func.vjp(lambda ps: sub(ps, g.evaluate, t, z, values), primals)
-                return vjp(a)
-            _, vjp = torch.func.vjp(
-                lambda ps, wk: sub(ps, g.evaluate, t, z, values, wk), primals, w
-            )
-            return vjp(a)
-
-        in_dims = (0, 0, 0, None if ws is None else 0, *([0] * len(g.values)))
-        with torch.set_grad_enabled(create_graph):
-            out = torch.func.vmap(one, in_dims=in_dims)(g.times, zs, adj, ws, *g.values)
-        grads, gw = out[0], (out[1] if ws is not None else None)
-        flat = torch.cat([gr.reshape(len(g.index), -1) for gr in grads], dim=1)
-        for j, k in enumerate(g.index):
-            row = flat[j]
-            if gw is not None:
-                pulled = _pull_back(g.weight_list[j], gw[j], params, create_graph)
+        wrt = ev.aliases if ev.weights is None else [*ev.aliases, ev.weights]
+        flat = sensitivity_density(ev.out, wrt, adj, per_checkpoint=True, create_graph=create_graph)
+        for j, k in enumerate(ev.index):
+            row = flat[j, :size]
+            if ev.weights is not None:
+                gw = flat[j, size:].reshape(ev.weights.shape[1:])
+                pulled = _pull_back(ev.weight_list[j], gw, params, create_graph)
                 if pulled is not None:
                     row = row + pulled
             rows[k] = row
@@ -354,20 +408,16 @@ def _sensitivities_aliased(
     partial derivative, and with ``create_graph`` it is differentiable in ``a_k``, ``z_k`` and
     ``theta``."""
     aliases = [p.view_as(p) for p in params]
+    size = sum(p.numel() for p in params)
     rows = []
     for k, pt in enumerate(traj.points):
         w = None if pt.weight is None else pt.weight.view_as(pt.weight)
         fk = sub(aliases, pt, traj.states[k], w)
-        if not fk.requires_grad:  # f(t_k, .) depends on neither the state nor the parameters
-            rows.append(_flat([None] * len(params), params))
-            continue
-        inputs = aliases if w is None else [*aliases, w]
-        grads = torch.autograd.grad(
-            fk, inputs, adjoints[k], create_graph=True, retain_graph=True, allow_unused=True
-        )
-        row = _flat(grads[: len(params)], params)
-        if w is not None and grads[-1] is not None:
-            pulled = _pull_back(pt.weight, grads[-1], params, True)
+        wrt = aliases if w is None else [*aliases, w]
+        flat = sensitivity_density(fk, wrt, adjoints[k], per_checkpoint=False)
+        row = flat[:size]
+        if w is not None:
+            pulled = _pull_back(pt.weight, flat[size:].reshape(w.shape), params, True)
             if pulled is not None:
                 row = row + pulled
         rows.append(row)
@@ -381,9 +431,10 @@ def _sensitivities_direct(
     create_graph: bool,
     detach_states: bool,
 ) -> Tensor:
-    """The reference implementation: one VJP per checkpoint at a detached copy of ``z_k``, and
-    for the full derivative :func:`_through_state` (a zero-valued term carrying ``dy_k/dz_k``).
-    Works for any field ``traj.field_at`` can evaluate; the fallback of :func:`sensitivities`.
+    """The reference implementation: one VJP per checkpoint at a detached copy of ``z_k``
+    (:func:`~ode_reg.functional.sensitivity.sensitivity_at_leaf`, with the zero-valued term
+    that carries ``dy_k/dz_k`` for the full derivative). Works for any field
+    ``traj.field_at`` can evaluate; the fallback of :func:`sensitivities`.
     """
     rows = []
     for k, z in enumerate(traj.states):
@@ -393,46 +444,15 @@ def _sensitivities_direct(
         # and a freed graph on the next checkpoint when create_graph is False).
         z_leaf = z.detach().requires_grad_(create_graph and not detach_states and z.requires_grad)
         fk = traj.field_at(k, z_leaf)
-        grads: Sequence[Tensor | None] = [None] * len(params)
-        if fk.requires_grad:  # else f(t_k, .) does not depend on the parameters: y_k = 0
-            # retain_graph: f may reach theta through tensors shared across checkpoints (the
-            # recorded W_k of an orthogonal flow), and the caller's graph must survive.
-            grads = torch.autograd.grad(
+        rows.append(
+            sensitivity_at_leaf(
                 fk,
+                z_leaf,
+                z,
+                adjoints[k],
                 params,
-                grad_outputs=adjoints[k],
                 create_graph=create_graph,
-                retain_graph=True,
-                allow_unused=True,
+                detach_states=detach_states,
             )
-        row = torch.cat(
-            [(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)]
         )
-        if z_leaf.requires_grad and fk.requires_grad:
-            row = row + _through_state(fk, params, adjoints[k].detach(), z_leaf, z)
-        rows.append(row)
     return torch.stack(rows)
-
-
-def _through_state(
-    fk: Tensor, params: list[Tensor], a: Tensor, z_leaf: Tensor, z: Tensor
-) -> Tensor:
-    """A zero-valued term whose derivative in ``z`` is ``d y_k / d z_k`` (the full derivative).
-
-    ``(d y / d z_leaf) u`` with ``u = z - z.detach()`` (value 0, carrying ``z``'s graph), as a
-    Jacobian-vector product by the double-vjp trick. Since ``u = 0``, its first derivatives in
-    ``a`` and ``theta`` vanish, so ``a`` is taken detached: the backward passes here then never
-    walk the (large) graph of the adjoints.
-    """
-    grads = torch.autograd.grad(fk, params, a, create_graph=True, allow_unused=True)
-    row = torch.cat(
-        [(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)]
-    )
-    if not row.requires_grad:  # y_k does not depend on z_k
-        return torch.zeros_like(row)
-    w = torch.zeros_like(row, requires_grad=True)
-    (g,) = torch.autograd.grad(row, z_leaf, w, create_graph=True, allow_unused=True)
-    if g is None or not g.requires_grad:
-        return torch.zeros_like(row)
-    (jvp,) = torch.autograd.grad(g, w, z - z.detach(), create_graph=True, allow_unused=True)
-    return torch.zeros_like(row) if jvp is None else jvp

@@ -370,7 +370,7 @@ def _subcommand_config(cli: LightningCLI) -> dict[str, Any] | None:
     try:
         config = cli.config[cli.subcommand] if cli.subcommand else cli.config
         return config.as_dict()
-    except Exception:  # noqa: BLE001 - the place in the config is a nicety
+    except (KeyError, AttributeError, TypeError):  # no config for it: the place is left out
         return None
 
 

@@ -3,14 +3,19 @@
 The monitoring callbacks update these with their per-step values and log the Metric objects
 with ``self.log(..., on_step=False, on_epoch=True)``; Lightning then calls ``compute()`` at the
 end of the epoch, which reduces the states over DDP ranks (``max`` for the defect, ``sum`` of
-totals and counts for the means) and resets them.
+totals and counts for the means) and resets them. :class:`RunningMax` keeps a running maximum
+(never reset) in a ``MaxMetric``; :func:`metric_state` / :func:`restore_metric_state` carry a
+Metric's states through a callback's ``state_dict``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import Tensor
-from torchmetrics import Metric
+from torchmetrics import MaxMetric, Metric
 
 __all__ = ["MaxOrthogonalityDefect", "MeanAdjointRatio", "MeanSpectralAbscissa"]
 
@@ -150,3 +155,78 @@ class MeanSpectralAbscissa(_Mean):
     def update(self, abscissa: Tensor | float) -> None:
         """Fold in one or more spectral abscissae (any shape)."""
         self._add(_as_values("abscissa", abscissa))
+
+
+class RunningMax:
+    """A float attribute of a monitor kept as a running maximum in a torchmetrics
+    ``MaxMetric`` (never reset: it is not handed to Lightning, so no epoch end resets it).
+    Reading gives the maximum so far (``start`` before any value), assigning sets it, and
+    :meth:`fold` folds a value in (the values are already reduced across ranks: the metric
+    is not synced).
+
+    Args:
+        start: the value before any fold.
+        nan_strategy: torchmetrics' ``nan_strategy`` (``"disable"``: a NaN propagates).
+
+    Example::
+
+        >>> class M:
+        ...     best = RunningMax(0.0)
+        >>> m = M()
+        >>> M.best.fold(m, 2.0), M.best.fold(m, 1.0), m.best
+        (2.0, 2.0, 2.0)
+    """
+
+    def __init__(self, start: float = float("-inf"), nan_strategy: str = "disable") -> None:
+        self.start = float(start)
+        self.nan_strategy = nan_strategy
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.key = f"_{name}_metric"
+
+    def metric(self, obj: Any) -> MaxMetric:
+        """The ``MaxMetric`` behind the attribute on ``obj``."""
+        m = obj.__dict__.get(self.key)
+        if m is None:
+            m = obj.__dict__[self.key] = MaxMetric(
+                nan_strategy=self.nan_strategy, sync_on_compute=False
+            )
+            m.set_dtype(torch.float64)  # the logged float, not a float32 rounding of it
+            m.update(self.start)
+        return m
+
+    def fold(self, obj: Any, value: Tensor | float) -> float:
+        """Fold ``value`` in; returns the maximum so far."""
+        m = self.metric(obj)
+        m.update(value)
+        return float(m.compute())
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        return float(self.metric(obj).compute())
+
+    def __set__(self, obj: Any, value: float) -> None:
+        m = self.metric(obj)
+        m.reset()
+        m.update(float(value))
+
+
+def metric_state(metric: Metric) -> dict[str, Tensor]:
+    """A torchmetrics Metric's rank-local states, detached on the CPU (for ``state_dict``)."""
+    return {k: v.detach().cpu().clone() for k, v in metric.metric_state.items()}
+
+
+def restore_metric_state(metric: Metric, state: Mapping[str, Tensor]) -> None:
+    """Put states saved by :func:`metric_state` back (on the metric's device).
+
+    Raises:
+        ValueError: if ``state`` does not hold exactly the metric's state names.
+    """
+    names = set(metric.metric_state)
+    if set(state) != names:
+        raise ValueError(f"`state` must hold the states {sorted(names)}, got {sorted(state)}")
+    metric.reset()
+    device = next(iter(metric.metric_state.values())).device
+    # torchmetrics' own merge: each state folded into the (reset) default by its reduction.
+    metric.merge_state({k: torch.as_tensor(v).to(device).clone() for k, v in state.items()})

@@ -65,11 +65,6 @@ class StepRecord:
     left_out: list[int] = field(default_factory=list)
     solves: list[SolveSummary] = field(default_factory=list)
 
-    @property
-    def chains(self) -> list[Trajectory]:
-        """The chained trajectories (the same list as :attr:`groups`)."""
-        return self.groups
-
 
 def _use_shared_backward(module: RegularizedODEModule, active: Sequence[Regularizer]) -> bool:
     """Whether this step takes the task gradient from the adjoints' (plain) backward."""
@@ -134,11 +129,18 @@ def _light(tr: Trajectory) -> Trajectory:
         _field_at=None,
         grad_leaves=(),
     )
-    owners = getattr(tr, "owners", None)
-    if owners is not None:
+    if tr.owners:
         index = {id(p): q for p, q in zip(tr.parts, parts)}
-        out.owners = tuple((index.get(id(p), p), k) for p, k in owners)  # type: ignore[attr-defined]
+        out.owners = tuple((index.get(id(p), p), k) for p, k in tr.owners)
     return out
+
+
+def _released_summary(s: SolveSummary) -> SolveSummary:
+    """``s`` with its times detached (itself when they hold no graph: a stats-only solve's
+    ``t`` is the caller's, usually a plain tensor, and this runs for every solve of a step)."""
+    if not (getattr(s.t, "requires_grad", True) or getattr(s.times, "requires_grad", False)):
+        return s
+    return dataclasses.replace(s, t=_detached(s.t), times=_detached(s.times))
 
 
 def _released(record: StepRecord) -> StepRecord:
@@ -149,7 +151,7 @@ def _released(record: StepRecord) -> StepRecord:
         [_detached(a) for a in record.adjoints],
         [_detached(a) for a in record.sensitivities],
         list(record.left_out),
-        [dataclasses.replace(s, t=_detached(s.t), times=_detached(s.times)) for s in record.solves],
+        [_released_summary(s) for s in record.solves],
     )
 
 
@@ -485,10 +487,9 @@ class RegularizedODEMixin:
         return StepPlan(step, terms, monitors, need, batch)
 
     def _say(self, key: str, message: str) -> None:
-        said = self.__dict__.setdefault("_ode_reg_said", set())
-        if key not in said:
-            said.add(key)
-            rank_zero_warn(message)
+        from ode_reg._once import SayOnce
+
+        self.__dict__.setdefault("_ode_reg_said", SayOnce()).warn(message, key=key)
 
     def _say_if_nothing(self, plan: StepPlan, rec: StepRecorder) -> None:
         """Say it or do it: consumers were due and the step made no ode_reg solve."""
@@ -535,18 +536,7 @@ class RegularizedODEMixin:
         )
 
     def odeint(
-        self,
-        func: Callable[..., Any],
-        y0: Any,
-        t: Tensor,
-        *,
-        checkpoints: int | Tensor | Sequence[float] | None = None,
-        method: str | None = None,
-        options: dict[str, Any] | None = None,
-        rtol: Any = 1e-7,
-        atol: Any = 1e-9,
-        adjoint: bool = False,
-        **kwargs: Any,
+        self, func: Callable[..., Any], y0: Any, t: Tensor, *, adjoint: bool = False, **kwargs: Any
     ) -> Any:
         """Alias of :func:`ode_reg.odeint` (``adjoint=True``: :func:`ode_reg.odeint_adjoint`).
 
@@ -554,13 +544,11 @@ class RegularizedODEMixin:
             func: vector field ``f(t, z)``.
             y0: initial state, batch first.
             t: output times (increasing or decreasing).
-            checkpoints: see :func:`ode_reg.integrate`.
-            method: torchdiffeq method (``None``: ``"dopri5"``, torchdiffeq's default).
-            options: torchdiffeq solver options.
-            rtol: relative tolerance (adaptive solvers).
-            atol: absolute tolerance (adaptive solvers).
             adjoint: solve with ``odeint_adjoint``.
-            **kwargs: further torchdiffeq keywords (``event_fn``, ``adjoint_*``).
+            **kwargs: the keywords of :func:`ode_reg.odeint` (``adjoint=True``: of
+                :func:`ode_reg.odeint_adjoint`), with their defaults: ``rtol``, ``atol``,
+                ``method``, ``options``, ``event_fn``, ``checkpoints``, ``components``,
+                ``adjoint_*``.
 
         Returns:
             What torchdiffeq returns.
@@ -568,18 +556,7 @@ class RegularizedODEMixin:
         Raises:
             ValueError: on bad arguments, or ``adjoint=True`` with a term that needs adjoints.
         """
-        solve = _odeint_adjoint if adjoint else _odeint
-        return solve(
-            func,
-            y0,
-            t,
-            checkpoints=checkpoints,
-            method=method,
-            options=options,
-            rtol=rtol,
-            atol=atol,
-            **kwargs,
-        )
+        return (_odeint_adjoint if adjoint else _odeint)(func, y0, t, **kwargs)
 
     # ------------------------------------------------------------------ the terms
     def _collective_any(self, flags: Tensor) -> Tensor:
@@ -782,14 +759,13 @@ class RegularizedODEModule(RegularizedODEMixin, L.LightningModule):
     Example::
 
         >>> import torch
-        >>> from ode_reg import RegularizedODEModule, AdjointMagnitude, odeint
-        >>> class Model(RegularizedODEModule):
+        >>> from ode_reg import RegularizedODEModule, SkewJacobianPenalty
+        >>> class Flow(RegularizedODEModule):  # self.odeint: the alias of ode_reg.odeint
         ...     def __init__(self):
-        ...         super().__init__(regularizers=[AdjointMagnitude(weight=0.1)])
-        ...         self.field = torch.nn.Linear(2, 2)
-        ...     def training_step(self, batch, batch_idx):
-        ...         z = odeint(lambda t, z: self.field(z), batch, torch.tensor([0.0, 1.0]))
-        ...         return z[-1].pow(2).mean()
-        >>> Model().regularizers[0].name
-        'adjoint_magnitude'
+        ...         super().__init__(regularizers=[SkewJacobianPenalty(weight=0.01)])
+        ...         self.f = torch.nn.Linear(2, 2)
+        ...     def training_step(self, x, i):
+        ...         return self.odeint(lambda t, z: self.f(z), x, torch.linspace(0, 1, 2))[-1].sum()
+        >>> [r.name for r in Flow().regularizers]
+        ['skew_jacobian']
     """

@@ -19,7 +19,6 @@ adjoints the term already computed (``StepRecord.adjoints``) instead of recomput
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
@@ -79,12 +78,23 @@ class Need:
     probes: bool = False
 
     def __or__(self, other: Need) -> Need:
+        # Field by field (``dataclasses.astuple`` deep-copies: this runs at every step).
+        if not self:
+            return other
+        if not other:
+            return self
         return Need(
-            *(a or b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other)))
+            self.stats or other.stats,
+            self.chains or other.chains,
+            self.adjoints or other.adjoints,
+            self.field_evaluations or other.field_evaluations,
+            self.probes or other.probes,
         )
 
     def __bool__(self) -> bool:
-        return any(dataclasses.astuple(self))
+        return bool(
+            self.stats or self.chains or self.adjoints or self.field_evaluations or self.probes
+        )
 
 
 @dataclass

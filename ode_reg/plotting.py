@@ -3,7 +3,7 @@
 Figures are built with matplotlib's object-oriented API on an Agg canvas
 (:class:`matplotlib.backends.backend_agg.FigureCanvasAgg`): no ``pyplot`` state, no display,
 and the process-wide backend the user chose is left alone. Each function returns a
-:class:`matplotlib.figure.Figure`; :func:`figure_to_array` renders it to RGB pixels and
+:class:`matplotlib.figure.Figure` (``wandb.Image`` and TensorBoard take it as it is);
 :func:`save_figure` writes a PNG.
 """
 
@@ -25,8 +25,8 @@ from ode_reg._checks import check_int
 
 __all__ = [
     "eigenvalue_figure",
-    "figure_to_array",
     "histogram_figure",
+    "nfe_figure",
     "new_figure",
     "profile_figure",
     "save_figure",
@@ -47,8 +47,8 @@ def new_figure(width: float = 6.0, height: float = 4.0, dpi: int = 100) -> Figur
     Example::
 
         >>> fig = new_figure(3, 2, dpi=50)
-        >>> figure_to_array(fig).shape
-        (100, 150, 3)
+        >>> fig.canvas.get_width_height()
+        (150, 100)
     """
     for name, value in (("width", width), ("height", height)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -64,7 +64,7 @@ def _numpy(name: str, x: Tensor | np.ndarray | Sequence[float]) -> np.ndarray:
         return x.detach().cpu().numpy()
     try:
         return np.asarray(x)
-    except Exception as exc:  # noqa: BLE001 - any conversion failure is a bad argument
+    except (TypeError, ValueError) as exc:
         raise ValueError(f"`{name}` must be a tensor or an array, got {type(x).__name__}") from exc
 
 
@@ -341,19 +341,6 @@ def histogram_figure(
     return fig
 
 
-def figure_to_array(fig: Figure) -> np.ndarray:
-    """Render ``fig`` to an RGB ``uint8`` array of shape ``(H, W, 3)``.
-
-    Raises:
-        ValueError: if ``fig`` is not a matplotlib Figure.
-    """
-    if not isinstance(fig, Figure):
-        raise ValueError(f"`fig` must be a matplotlib Figure, got {type(fig).__name__}")
-    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
-
-
 def save_figure(fig: Figure, path: str | os.PathLike[str]) -> str:
     """Write ``fig`` as a PNG file at ``path`` (parent folders are created).
 
@@ -370,3 +357,63 @@ def save_figure(fig: Figure, path: str | os.PathLike[str]) -> str:
     canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
     canvas.print_png(path)
     return path
+
+
+def nfe_figure(
+    epochs: Sequence[int],
+    forward: Sequence[float],
+    backward: Sequence[float] | None = None,
+    *,
+    step: int | None = None,
+    methods: Sequence[str] = (),
+) -> Figure:
+    """Field evaluations per training step against the epoch.
+
+    Args:
+        epochs: the epochs (x axis).
+        forward: mean forward field evaluations per training step in each epoch.
+        backward: the same for ``odeint_adjoint``'s backward solves (drawn when any is > 0).
+        step: the training step the figure is drawn at (in the title), or ``None``.
+        methods: the solvers used (in the title).
+
+    Returns:
+        The figure.
+
+    Raises:
+        ValueError: if the sequences differ in length or are empty.
+
+    Example::
+
+        >>> fig = nfe_figure([0, 1, 2], [26.0, 32.0, 44.0], step=30, methods=["dopri5"])
+        >>> fig.axes[0].get_xlabel()
+        'epoch'
+    """
+    n = len(epochs)
+    if n == 0 or len(forward) != n or (backward is not None and len(backward) != n):
+        raise ValueError(
+            "`epochs`, `forward` (and `backward`) must be non-empty and of one length, got "
+            f"{n}, {len(forward)}" + ("" if backward is None else f", {len(backward)}")
+        )
+    fig = new_figure(6.4, 4.4)
+    ax = fig.add_subplot(1, 1, 1)
+    x = [int(e) for e in epochs]
+    ax.plot(x, list(forward), marker="o", ms=4, color="C0", label="forward solves")
+    if backward is not None and any(b > 0 for b in backward):
+        ax.plot(x, list(backward), marker="s", ms=4, color="C1", label="adjoint backward solves")
+        total = [f + b for f, b in zip(forward, backward)]
+        ax.plot(x, total, ls="--", color="0.4", label="total")
+        ax.legend(fontsize=8, frameon=False)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("field evaluations per training step\n(mean over the epoch, all solves)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    when = f"epochs {x[0]}–{x[-1]}" if n > 1 else f"epoch {x[0]}"
+    if step is not None:
+        when += f", through training step {step}"
+    what = "solver field evaluations (NFE) per training step"
+    if methods:
+        what += f" ({', '.join(sorted(set(methods)))})"
+    ax.set_title(f"{what}\n{when}", fontsize=10)
+    fig.subplots_adjust(left=0.16, right=0.97, bottom=0.12, top=0.86)
+    return fig

@@ -15,8 +15,8 @@ read off the autograd graph at the call, so chains follow the data, not the shap
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -25,8 +25,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ode_reg._batched import PointGroup, group_points
+from ode_reg._once import say_once
+from ode_reg.adjoint import _UNTRACEABLE, StackedEvaluation, _Substitution, stacked_evaluations
 from ode_reg.functional.indices import spread_indices
-from ode_reg.functional.penalties import field_norm_rows, rademacher_probes
+from ode_reg.functional.penalties import (
+    announce_unstackable,
+    evaluate_stacked,
+    field_norm_rows,
+    rademacher_probes,
+    skew_hutchinson,
+)
 from ode_reg.trajectory import SolveSummary, Trajectory
 
 #: Graph nodes visited at most when looking for the solves a new ``y0`` depends on.
@@ -44,20 +53,18 @@ class Evaluation:
 
 @dataclass
 class BatchedEvaluation:
-    """The field at all checkpoints of one solve in one ``vmap`` call, each checkpoint with its
-    own alias of every parameter (``p`` expanded along a new leading dimension): the gradient in
-    the aliases is the partial derivative ``df(t_k, z_k)/dtheta`` per checkpoint, while ``z_k``
-    stays attached (so ``y_k``'s own gradient is the full one, with no extra term).
+    """The field at all checkpoints of one solve with per-checkpoint parameter aliases, one
+    ``vmap`` call per group of checkpoints (:func:`~ode_reg.adjoint.stacked_evaluations`): the
+    gradient in the aliases is the partial derivative ``df(t_k, z_k)/dtheta`` per checkpoint,
+    while ``z_k`` stays attached (so ``y_k``'s own gradient is the full one, with no extra term).
 
     Attributes:
-        out: ``(n, *state.shape)`` the field at the ``n`` checkpoints.
         params: the field's trainable parameters (the real ones).
-        aliases: their per-checkpoint aliases, ``(n, *p.shape)`` each.
+        groups: the stacked evaluations (each with its checkpoint indices).
     """
 
-    out: Tensor
     params: list[Tensor]
-    aliases: list[Tensor]
+    groups: list[StackedEvaluation]
 
 
 @dataclass
@@ -223,45 +230,31 @@ class StepRecorder:
 
     def _batched(self, traj: Trajectory) -> BatchedEvaluation | None:
         """The vectorized evaluation, or ``None`` where it does not apply: a field that is not an
-        ``nn.Module``, tuple states, a field that reaches its parameters through tensors cached
-        outside its forward (checked once per field and step), or one ``vmap`` cannot trace."""
+        ``nn.Module`` (no field points: tuple states), a recorded weight flow, a field that
+        reaches its parameters through tensors cached outside its forward (checked once per
+        field and step), or one ``vmap`` cannot trace (announced once)."""
         func = traj.func
-        if not isinstance(func, nn.Module) or traj.shapes is None and traj.states[0].dim() < 2:
+        if not isinstance(func, nn.Module) or traj.weights is not None:
             return None
-        if traj.shapes is not None or traj.weights is not None:
+        if traj.shapes is None and traj.states[0].dim() < 2:  # one unbatched sample
             return None
-        named = [(n, p) for n, p in func.named_parameters() if p.requires_grad]
-        if not named:
+        params = [p for p in func.parameters() if p.requires_grad]
+        sub = _Substitution.of(traj, params) if params else None
+        if sub is None:
             return None
-        names = [n for n, _ in named]
-        params = [p for _, p in named]
         key = id(func)
         ok = self._substitutable.get(key)
-        with torch.enable_grad():
-            if ok is None:
-                consts = {n: p.detach() for n, p in named}
-                z = traj.states[0].detach()
-                try:
-                    probe = torch.func.functional_call(func, consts, (traj.times[0].to(z.dtype), z))
-                    ok = not probe.requires_grad
-                except Exception:  # noqa: BLE001 - a field functional_call cannot run
-                    ok = False
-                self._substitutable[key] = ok
-            if not ok:
-                return None
-            n = traj.num_checkpoints
-            zs = torch.stack(traj.states)
-            ts = traj.times.to(zs.dtype)
-            aliases = [p.unsqueeze(0).expand(n, *p.shape) for p in params]
-
-            def one(t: Tensor, z: Tensor, *ps: Tensor) -> Tensor:
-                return torch.func.functional_call(func, dict(zip(names, ps)), (t, z))
-
-            try:
-                out = torch.func.vmap(one)(ts, zs, *aliases)
-            except Exception:  # noqa: BLE001 - a field vmap cannot trace: checkpoint by checkpoint
-                return None
-        return BatchedEvaluation(out, params, aliases)
+        if ok is None:
+            ok = sub.reaches_only_through(traj, params)
+            self._substitutable[key] = ok
+        if not ok:
+            return None
+        try:
+            groups = stacked_evaluations(traj, params, sub)
+        except _UNTRACEABLE as err:
+            announce_unstackable(type(func).__name__, err)
+            return None
+        return BatchedEvaluation(params, groups)
 
     # ------------------------------------------------------------------ graph
     def _parents(self, y0: Tensor) -> list[int]:
@@ -307,13 +300,8 @@ def _recorded_results(start: Any, nodes: dict[Any, int], limit: int) -> tuple[se
     return found, True
 
 
-_WARNED: set[str] = set()
-
-
 def _warn_once(key: str, message: str) -> None:
-    if key not in _WARNED:
-        _WARNED.add(key)
-        warnings.warn(message, stacklevel=4)
+    say_once(message, key=f"recording:{key}")
 
 
 def _evaluate(traj: Trajectory) -> list[Evaluation]:
@@ -326,60 +314,92 @@ def _evaluate(traj: Trajectory) -> list[Evaluation]:
 
 
 def _skew(traj: Trajectory, plan: SkewPlan) -> tuple[Tensor, int]:
-    """Sum over checkpoints of ``E_v |S v|^2 / numel(z)`` (the batch mean of ``|S_i v_i|^2 / d``),
-    and the number of checkpoints. 1-D states are one sample. Tuple states (MATH.md, Tuple
-    states): the probes and ``S v`` are restricted to the coordinates of the per-sample rows
-    (:meth:`Trajectory.samples`: the components with the batch dimension, or the named ones),
-    so that ``|S v|^2`` sums the samples' blocks ``sym(df_c/dz_c)`` of those components (a
-    CNF's ``z`` block without the ``log p`` row when ``components=(0,)``), and the mean is over
-    the batch and those coordinates."""
+    """Sum over checkpoints of ``E_v |S v|^2 / d`` (the batch mean of ``|S_i v_i|^2 / d``), and
+    the number of checkpoints: :func:`~ode_reg.functional.penalties.skew_hutchinson` on one
+    stacked evaluation of the field at all of them (per group of
+    :func:`~ode_reg._batched.group_points`; one ``vmap`` call each). 1-D states are one sample.
+    Tuple states (MATH.md, Tuple states): the probes and ``S v`` are restricted to the
+    coordinates of the per-sample rows (:meth:`Trajectory.samples`: the components with the
+    batch dimension, or the named ones), so that ``|S v|^2`` sums the samples' blocks
+    ``sym(df_c/dz_c)`` of those components (a CNF's ``z`` block without the ``log p`` row when
+    ``components=(0,)``), and the mean is over the batch and those coordinates."""
     n = traj.num_checkpoints
     ks = spread_indices(n, plan.max_states)
     shape = traj.states[0].shape
     batched = traj.shapes is None and len(shape) > 1
     states = [traj.states[k] if batched else traj.states[k].reshape(1, -1) for k in ks]
-    samples = states[0].shape[0]
     vs = rademacher_probes(states, plan.probes, plan.generator)
     mask = None
-    size = traj.states[0].numel()
     if traj.shapes is not None:
         first = traj.states[0]
         index = traj.samples(torch.arange(first.numel(), device=first.device).reshape(shape))
         mask = torch.zeros(first.numel(), dtype=first.dtype, device=first.device)
         mask[index.reshape(-1)] = 1.0
         mask = mask.reshape(1, -1)
-        size = index.numel()
         vs = vs * mask
-    total = states[0].new_zeros(())
     with torch.enable_grad():
-        for j, k in enumerate(ks):
-            z = states[j] if states[j].requires_grad else states[j].detach().requires_grad_(True)
-            out = traj.field_at(k, z if batched else z.reshape(shape))
-            out = out if batched else out.reshape(1, -1)
-            total = total + _skew_at(out, z, vs[j], mask)
-    mean = total / (len(ks) * plan.probes)
-    per_state = mean * samples / size
-    return per_state * len(ks), len(ks)
+        zs = torch.stack(states)
+        zs = zs if zs.requires_grad else zs.detach().requires_grad_(True)
+        out = _stacked_field(traj, ks, zs, lambda z: z if batched else z.reshape(shape))
+        if not batched:
+            out = out.reshape(zs.shape)
+        total = skew_hutchinson(out, zs, vs, mask).sum()
+    return total, len(ks)
 
 
-def _skew_at(out: Tensor, z: Tensor, vs: Tensor, mask: Tensor | None = None) -> Tensor:
-    """``sum_p mean_i |1/2 (J + J^T) v_p|^2`` at one state, by plain autograd: ``J^T v`` is a
-    vector-Jacobian product, ``J v`` the VJP of the linear map ``u -> J^T u`` (double-VJP), so
-    no ``torch.func`` transform (and its per-call overhead) is needed. ``z`` may be the live
-    state: ``out = f(t, z)`` depends on it only through the field."""
-    if not out.requires_grad:
-        return out.new_zeros(())
-    u = torch.zeros_like(out, requires_grad=True)
-    (jtu,) = torch.autograd.grad(out, z, u, create_graph=True)
-    total = out.new_zeros(())
-    for v in vs:
-        (jv,) = torch.autograd.grad(jtu, u, v, create_graph=True, retain_graph=True)
-        (jtv,) = torch.autograd.grad(out, z, v, create_graph=True, retain_graph=True)
-        sv = 0.5 * (jv + jtv)
-        if mask is not None:  # the coordinates of the per-sample rows only
-            sv = sv * mask
-        total = total + sv.pow(2).flatten(1).sum(1).mean()
-    return total
+def _stacked_field(
+    traj: Trajectory, ks: list[int], zs: Tensor, shaped: Callable[[Tensor], Tensor]
+) -> Tensor:
+    """``f(t_k, z)`` at the stacked states ``zs`` of checkpoints ``ks`` as one autograd tensor:
+    one ``vmap`` call per group of :func:`~ode_reg._batched.group_points` (the field's held
+    per-checkpoint tensors and recorded ``W_k`` stacked with the states), or of the
+    trajectory's field when it records no field points (tuple states); a field ``vmap``
+    cannot trace is evaluated checkpoint by checkpoint (announced once,
+    :func:`~ode_reg.functional.penalties.evaluate_stacked`)."""
+    name = type((traj.funcs or (traj.func,))[0]).__name__
+    if traj.points is None:
+        return evaluate_stacked(
+            lambda t, z, _v: traj.func(t, shaped(z)),
+            traj.times[ks].to(zs.dtype),
+            zs,
+            fallback=lambda j, z: traj.field_at(ks[j], shaped(z)),
+            name=name,
+            # the user's field (for a tuple state ``traj.func`` is torchdiffeq's wrapper, new
+            # at every call): a field that failed once is not tried in vmap again
+            key=_weak_key((traj.funcs or (traj.func,))[0]),
+        )
+    rows: list[Tensor | None] = [None] * len(ks)
+    for g in group_points(traj.points, ks):
+        pos = [ks.index(k) for k in g.index]
+        sub = zs[pos]
+        vals = list(g.values) if g.weights is None else [*g.values, g.weights]
+
+        def one(t: Tensor, z: Tensor, values: Sequence[Tensor], g: PointGroup = g) -> Tensor:
+            nv = len(g.values)
+            w = values[nv] if g.weights is not None else None
+            return g.evaluate(t, shaped(z), values[:nv], w)
+
+        out = evaluate_stacked(
+            one,
+            g.times,
+            sub,
+            vals,
+            fallback=lambda j, z, g=g: traj.field_at(g.index[j], shaped(z)),
+            name=name,
+            key=_weak_key(g.func),
+        )
+        for j, p in enumerate(pos):
+            rows[p] = out[j]
+    return torch.stack(rows)  # type: ignore[arg-type]
+
+
+def _weak_key(func: object) -> object:
+    """``func`` as a cache key of :func:`evaluate_stacked` (``None`` if it cannot be one)."""
+    try:
+        weakref.ref(func)
+    except TypeError:
+        return None
+    return func
 
 
 def _field_norms(

@@ -177,36 +177,128 @@ class AdjointMagnitude(Regularizer):
     Args:
         weight: multiplier, ``>= 0``.
         reference: checkpoint index of the reference adjoint (default the final time).
+        subsample: ``None`` (default): the exact term, the mean over the batch's reached
+            samples. An integer ``m >= 1``: an estimator of it (MATH.md, Sub-batch estimator):
+            each step draws ``m`` of the reached samples uniformly without replacement (seeded
+            by (``seed``, DDP rank, global step), so a resumed run redraws the same ones),
+            re-solves only those ``m`` from their ``z_0`` with the batch solve's method and
+            keywords, and takes the mean of their per-sample terms. The batch's own backward
+            then needs no graph (no double backward over the whole batch); the re-solve costs
+            per row, so it pays on large batches (on a small, overhead-bound one it costs
+            about as much as the exact term: ``python -m benchmarks.subsample_spread
+            --cost``). Unbiased for the batch mean up to the re-solve's discretisation: a
+            fixed-grid solver takes the batch's steps and checkpoints (exactly unbiased, value
+            and gradient); an adaptive one picks its own steps and checkpoints for the
+            sub-batch, a discretisation difference that vanishes with the tolerances (measure
+            it on your shape: ``python -m benchmarks.subsample_spread``). ``m >= B`` (the batch
+            size) is the exact term, computed as with ``None``. Needs a chain of one
+            ``ode_reg.odeint`` solve of a tensor state whose last output the loss reads.
+        seed: base seed of the draws (``None``: drawn from torch's global generator when the
+            term is built, as for :class:`SkewJacobianPenalty`); only with ``subsample``.
         **kwargs: ``every_n_steps``, ``warmup_steps``, ``name`` (see :class:`Regularizer`).
 
     Raises:
-        ValueError: on a negative weight, bad cadence, or a ``reference`` that is not an
-            integer in ``[-9, 8]`` (:data:`REFERENCE_RANGE`).
+        ValueError: on a negative weight, bad cadence, a ``reference`` that is not an
+            integer in ``[-9, 8]`` (:data:`REFERENCE_RANGE`), ``subsample`` not ``None`` or an
+            integer ``>= 1``, ``seed < 0``; at a step, if ``subsample < B`` meets a chain it
+            cannot re-solve (named).
 
     Example::
 
         >>> from ode_reg import AdjointMagnitude
         >>> AdjointMagnitude(weight=0.1)
         AdjointMagnitude(weight=0.1, every_n_steps=1, warmup_steps=0)
+        >>> AdjointMagnitude(weight=0.1, subsample=16, seed=0).subsample
+        16
     """
 
     needs_adjoints = True
     default_name = "adjoint_magnitude"
     zero_value_has_zero_gradient = True
 
-    def __init__(self, weight: float = 0.1, reference: int = -1, **kwargs) -> None:
+    def __init__(
+        self,
+        weight: float = 0.1,
+        reference: int = -1,
+        subsample: int | None = None,
+        seed: int | None = None,
+        **kwargs,
+    ) -> None:
         check_reference(reference)
+        if subsample is not None:
+            check_int("subsample", subsample, 1)
+        if seed is not None:
+            check_int("seed", seed, 0)
         super().__init__(weight, **kwargs)
         self.reference = reference
+        self.subsample = subsample
+        self.seed = seed
+        # Drawn only for an estimator, so that the exact term leaves torch's generator alone.
+        self.base_seed = _base_seed(seed) if subsample is not None else 0
+
+    def subsampled(self, batch: int) -> bool:
+        """Whether a step with ``batch`` samples uses the sub-batch estimator (``m < B``)."""
+        return self.subsample is not None and self.subsample < batch
+
+    def run_state(self) -> dict[str, Any]:
+        state = super().run_state()
+        if self.subsample is not None:
+            state["base_seed"] = int(self.base_seed)
+        return state
+
+    def load_run_state(self, state: dict[str, Any]) -> None:
+        super().load_run_state(state)
+        if "base_seed" in state:
+            self.base_seed = int(state["base_seed"])
 
     def compute(self, ctx: ChainContext) -> Tensor:
+        if self.subsample is not None and (
+            not ctx.has_adjoints or self.subsample < ctx.batch_size()
+        ):
+            gen = _seeded_generator(self.base_seed, ctx.step, torch.device("cpu"))
+            flow = ctx.subsampled_flow_adjoints(self.subsample, gen)
+            return adjoint_magnitude_penalty(flow, reference=self.reference)
         if ctx.kstar() < 1:  # no checkpoint before the last reached one
             return ctx.adjoints().sum() * 0.0
         flow = ctx.flow_adjoints()
         return adjoint_magnitude_penalty(flow[:, ctx.reached_samples()], reference=self.reference)
 
 
-class SensitivityMagnitude(Regularizer):
+class _SensitivityTerm(Regularizer):
+    """A term of the sensitivity densities ``y_k`` (:meth:`ChainContext.sensitivities`), with a
+    reference checkpoint and the two stop-gradient options; :meth:`penalty` is the term."""
+
+    needs_adjoints = True
+    needs_field_evaluations = True
+    reduces_over_batch = True
+    zero_value_has_zero_gradient = True
+
+    def __init__(
+        self,
+        weight: float,
+        reference: int,
+        detach_states: bool,
+        detach_adjoints: bool,
+        **kwargs,
+    ) -> None:
+        check_reference(reference)
+        check_flags(detach_states=detach_states, detach_adjoints=detach_adjoints)
+        super().__init__(weight, **kwargs)
+        self.reference = reference
+        self.detach_states = detach_states
+        self.detach_adjoints = detach_adjoints
+
+    def penalty(self, sens: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def compute(self, ctx: ChainContext) -> Tensor:
+        sens = ctx.sensitivities(self.detach_states, self.detach_adjoints)
+        if sens.shape[0] < 2:
+            return sens.sum() * 0.0
+        return self.penalty(sens)
+
+
+class SensitivityMagnitude(_SensitivityTerm):
     """Holds ``|y(t)|`` constant: :func:`~ode_reg.functional.sensitivity_magnitude_penalty`.
 
     Args:
@@ -236,11 +328,7 @@ class SensitivityMagnitude(Regularizer):
         'sensitivity_magnitude'
     """
 
-    needs_adjoints = True
-    needs_field_evaluations = True
-    reduces_over_batch = True
     default_name = "sensitivity_magnitude"
-    zero_value_has_zero_gradient = True
 
     def __init__(
         self,
@@ -250,21 +338,13 @@ class SensitivityMagnitude(Regularizer):
         detach_adjoints: bool = False,
         **kwargs,
     ) -> None:
-        check_reference(reference)
-        check_flags(detach_states=detach_states, detach_adjoints=detach_adjoints)
-        super().__init__(weight, **kwargs)
-        self.reference = reference
-        self.detach_states = detach_states
-        self.detach_adjoints = detach_adjoints
+        super().__init__(weight, reference, detach_states, detach_adjoints, **kwargs)
 
-    def compute(self, ctx: ChainContext) -> Tensor:
-        sens = ctx.sensitivities(self.detach_states, self.detach_adjoints)
-        if sens.shape[0] < 2:
-            return sens.sum() * 0.0
+    def penalty(self, sens: Tensor) -> Tensor:
         return sensitivity_magnitude_penalty(sens, reference=self.reference)
 
 
-class DirectionalConstraint(Regularizer):
+class DirectionalConstraint(_SensitivityTerm):
     """Keeps ``y_k . y_* >= gamma |y_*|^2``: :func:`~ode_reg.functional.directional_penalty`.
 
     Args:
@@ -285,11 +365,7 @@ class DirectionalConstraint(Regularizer):
         0.5
     """
 
-    needs_adjoints = True
-    needs_field_evaluations = True
-    reduces_over_batch = True
     default_name = "directional"
-    zero_value_has_zero_gradient = True
 
     def __init__(
         self,
@@ -301,18 +377,10 @@ class DirectionalConstraint(Regularizer):
         **kwargs,
     ) -> None:
         check_gamma(gamma)
-        check_reference(reference)
-        check_flags(detach_states=detach_states, detach_adjoints=detach_adjoints)
-        super().__init__(weight, **kwargs)
+        super().__init__(weight, reference, detach_states, detach_adjoints, **kwargs)
         self.gamma = float(gamma)
-        self.reference = reference
-        self.detach_states = detach_states
-        self.detach_adjoints = detach_adjoints
 
-    def compute(self, ctx: ChainContext) -> Tensor:
-        sens = ctx.sensitivities(self.detach_states, self.detach_adjoints)
-        if sens.shape[0] < 2:
-            return sens.sum() * 0.0
+    def penalty(self, sens: Tensor) -> Tensor:
         return directional_penalty(sens, gamma=self.gamma, reference=self.reference)
 
 
@@ -365,6 +433,17 @@ def _base_seed(seed: int | None) -> int:
     return int(torch.randint(0, 2**31 - 1, ())) if seed is None else seed
 
 
+def _seeded_generator(
+    base_seed: int, step: int, device: torch.device, micro: int = 0
+) -> torch.Generator:
+    """A generator seeded by (base seed, DDP rank, global step, micro-batch): ranks draw
+    independently, and a resumed run redraws what the uninterrupted one drew."""
+    rank = dist.get_rank() if _distributed() else 0
+    gen = torch.Generator(device=device)
+    gen.manual_seed(hash((int(base_seed), rank, step, micro)) % (2**63 - 1))
+    return gen
+
+
 class _SeededProbes:
     """Rademacher probes seeded by (base seed, DDP rank, global step, micro-batch), so a resumed
     run redraws the probes of the uninterrupted one; ``base_seed`` is run state (saved in the
@@ -380,12 +459,20 @@ class _SeededProbes:
         if "base_seed" in state:
             self.base_seed = int(state["base_seed"])
 
+    @staticmethod
+    def _check_probes(probes: int, seed: int | None) -> None:
+        """Refuse bad ``probes`` / ``seed`` by name (before any other work of ``__init__``)."""
+        check_int("probes", probes, 1)
+        if seed is not None:
+            check_int("seed", seed, 0)
+
+    def _set_probes(self, probes: int, seed: int | None) -> None:
+        self.probes = probes
+        self.base_seed = _base_seed(seed)
+
     def generator(self, step: int, device: torch.device, micro: int = 0) -> torch.Generator:
         """The probe generator of global step ``step`` and micro-batch ``micro`` on this rank."""
-        rank = dist.get_rank() if _distributed() else 0
-        gen = torch.Generator(device=device)
-        gen.manual_seed(hash((int(self.base_seed), rank, step, micro)) % (2**63 - 1))
-        return gen
+        return _seeded_generator(self.base_seed, step, device, micro)
 
 
 class SkewJacobianPenalty(_SeededProbes, Regularizer):
@@ -428,15 +515,12 @@ class SkewJacobianPenalty(_SeededProbes, Regularizer):
         seed: int | None = None,
         **kwargs,
     ) -> None:
-        check_int("probes", probes, 1)
         if max_states is not None:
             check_int("max_states", max_states, 1)
-        if seed is not None:
-            check_int("seed", seed, 0)
+        self._check_probes(probes, seed)
         super().__init__(weight, **kwargs)
-        self.probes = probes
+        self._set_probes(probes, seed)
         self.max_states = max_states
-        self.base_seed = _base_seed(seed)
 
     def compute(self, ctx: ChainContext) -> Tensor:
         return ctx.skew()
@@ -537,12 +621,9 @@ class JacobianFrobenius(_SeededProbes, _FieldNormTerm):
         seed: int | None = None,
         **kwargs,
     ) -> None:
-        check_int("probes", probes, 1)
-        if seed is not None:
-            check_int("seed", seed, 0)
+        self._check_probes(probes, seed)
         super().__init__(weight, dims=dims, **kwargs)
-        self.probes = probes
-        self.base_seed = _base_seed(seed)
+        self._set_probes(probes, seed)
 
     def plan(self, step: int, device: torch.device, micro: int = 0):  # noqa: ANN201
         """What the recorder evaluates for this term during the step's solves."""

@@ -6,7 +6,9 @@ active term or a monitor due, the call is recorded into the step (one torchdiffe
 checkpoints taken from the solver's own steps). When the step wants only solver statistics
 (a ``SolverStatsMonitor``, no active term) the call is torchdiffeq's on a counting field
 (:func:`~ode_reg.trajectory.solve_counted`). Everywhere else it is torchdiffeq's call and
-nothing more.
+nothing more, except for a field that integrates itself
+(:class:`~ode_reg.protocol.SelfIntegratingField`), which is solved by its own integrator on
+every call.
 """
 
 from __future__ import annotations
@@ -17,20 +19,19 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchdiffeq._impl.adjoint import odeint_adjoint as _td_odeint_adjoint
-from torchdiffeq._impl.odeint import odeint as _td_odeint
 
-from ode_reg.recording import StepRecorder, current_recorder
-from ode_reg.trajectory import (
-    SolveSummary,
-    batch_components,
+from ode_reg._inputs import (
+    check_components,
     check_field_output,
-    field_attr,
+    check_state,
+    check_times,
     forced_times,
-    grad_only_from_leaves,
-    integrate,
-    solve_counted,
 )
+from ode_reg._probe import td_odeint as _td_odeint
+from ode_reg._probe import td_odeint_adjoint as _td_odeint_adjoint
+from ode_reg.protocol import IntegratorCall, integrate_self, self_integrating
+from ode_reg.recording import StepRecorder, current_recorder
+from ode_reg.trajectory import SolveSummary, grad_only_from_leaves, integrate, solve_counted
 
 
 def odeint(
@@ -79,12 +80,7 @@ def odeint(
         torch.Size([2, 2])
     """
     kw = {"rtol": rtol, "atol": atol, "method": method, "options": options, "event_fn": event_fn}
-    _check_components(y0, components)
-    rec = current_recorder()
-    t = _as_times(t, y0)
-    if rec is None and field_attr(func, "ode_reg_integrate") is None:
-        return _plain(_td_odeint, func, y0, t, checkpoints, kw)
-    return _recorded(rec, func, y0, t, checkpoints, False, kw, components=components)
+    return _solve(func, y0, t, checkpoints, components, False, kw)
 
 
 def odeint_adjoint(
@@ -159,12 +155,52 @@ def odeint_adjoint(
         "adjoint_params": adjoint_params,
     }
     kw.update({k: v for k, v in extra.items() if v is not None})
-    _check_components(y0, components)
+    return _solve(func, y0, t, checkpoints, components, True, kw)
+
+
+def _solve(
+    func: Callable[..., Any],
+    y0: Any,
+    t: Any,
+    checkpoints: Any,
+    components: Sequence[int] | None,
+    adjoint: bool,
+    kw: dict[str, Any],
+) -> Any:
+    """The call of :func:`odeint` (``adjoint``: :func:`odeint_adjoint`): torchdiffeq's outside
+    a recorded step, the field's own integrator for a field that integrates itself (on every
+    call, so training and evaluation solve alike), recorded inside a training step."""
+    check_components(y0, components)  # refused on every call, recorded or not (no solve)
     rec = current_recorder()
     t = _as_times(t, y0)
-    if rec is None:
-        return _plain(_td_odeint_adjoint, func, y0, t, checkpoints, kw)
-    return _recorded(rec, func, y0, t, checkpoints, True, kw, components=components)
+    if self_integrating(func):
+        if rec is None:
+            return _self_integrated(func, y0, t, checkpoints, adjoint, kw)
+    elif rec is None:
+        return _plain(_td_odeint_adjoint if adjoint else _td_odeint, func, y0, t, checkpoints, kw)
+    return _recorded(rec, func, y0, t, checkpoints, adjoint, kw, components=components)
+
+
+def _self_integrated(
+    func: Any, y0: Any, t: Any, checkpoints: Any, adjoint: bool, kw: dict[str, Any]
+) -> Any:
+    """An unrecorded solve of a field that integrates itself: its integrator on the
+    checkpoint grid (the grid a recorded solve steps on), no checkpoint kept on the path."""
+    check_state(y0)
+    adjoint_kwargs = dict(kw)
+    own = [adjoint_kwargs.pop(k) for k in ("method", "options", "rtol", "atol")]
+    event_fn = adjoint_kwargs.pop("event_fn")
+    traj = integrate_self(
+        func,
+        y0,
+        check_times(t, y0),
+        IntegratorCall(*own, record=False),
+        checkpoints=checkpoints,
+        event_fn=event_fn,
+        adjoint=adjoint,
+        adjoint_kwargs=adjoint_kwargs,
+    )
+    return traj.ys
 
 
 def _as_times(t: Any, y0: Any) -> Any:
@@ -175,15 +211,6 @@ def _as_times(t: Any, y0: Any) -> Any:
         if isinstance(ref, Tensor):
             return torch.as_tensor(t, dtype=ref.dtype, device=ref.device)
     return t
-
-
-def _check_components(y0: Any, components: Sequence[int] | None) -> None:
-    """Bad ``components`` are refused on every call, recorded or not (no solve needed)."""
-    if components is None:
-        return
-    if not isinstance(y0, tuple):
-        raise ValueError("`components` names components of a tuple `y0`; `y0` is a tensor")
-    batch_components([c.shape for c in y0], components)
 
 
 def _check_checkpoints(checkpoints: Any, t: Any, y0: Any, kw: dict[str, Any]) -> None:
@@ -248,7 +275,7 @@ def _plain(
 
 
 def _recorded(
-    rec: StepRecorder | None,
+    rec: StepRecorder,
     func: Callable[..., Any],
     y0: Any,
     t: Tensor,
@@ -258,9 +285,8 @@ def _recorded(
     components: Sequence[int] | None = None,
 ) -> Any:
     solve = _td_odeint_adjoint if adjoint else _td_odeint
-    if rec is None:  # a field that integrates itself (OrthogonalFlow's Lie steps), unrecorded
-        return integrate(func, y0, t, checkpoints=checkpoints, **_drop_none(kw)).ys
-    if not torch.is_grad_enabled() and field_attr(func, "ode_reg_integrate") is None:
+    own = self_integrating(func)
+    if not torch.is_grad_enabled() and not own:
         rec.unrecorded += 1
         rec.warn(
             "no_grad",
@@ -268,7 +294,7 @@ def _recorded(
             "it, so it is left out of the terms (said once)",
         )
         return _plain(solve, func, y0, t, checkpoints, kw)
-    if rec.stats_only and field_attr(func, "ode_reg_integrate") is None:
+    if rec.stats_only and not own:
         # Only solver statistics are wanted: torchdiffeq's call with a counting field, no
         # trajectory (checkpoints are checked, and not used, as on the unrecorded call).
         _check_checkpoints(checkpoints, t, y0, kw)
@@ -293,6 +319,7 @@ def _recorded(
         components=components,
         **{k: v for k, v in kw.items() if k != "event_fn" or v is not None},
     )
+    traj.solve_kwargs = {k: kw.get(k) for k in ("rtol", "atol", "options")}
     if torch.is_grad_enabled():
         if grad_only_from_leaves(traj):
             # Nothing trainable reaches the result (a frozen teacher's rollout from an input

@@ -701,7 +701,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             "Jacobian spectral abscissa (max Re lambda)",
             _zero_or(s["spectral_abscissa"], radius, eps),
         )
-    if s.get("skew_real_max") is not None:
+    if s.get("skew_real_max") is not None:  # runs recorded before the key was dropped
         add("max |Re lambda(W - W^T)| (0 for a skew W)", _zero_or(s["skew_real_max"], radius, eps))
     if s.get("reg_total") is not None:
         add("regularizer total (last epoch)", _g3(s["reg_total"]))
@@ -873,7 +873,6 @@ def print_summary(
         "orthogonal_matrices": _orthogonal_count(model),
         "spectral_abscissa": _scalar(metrics, "spectrum/abscissa"),
         "spectral_radius": _scalar(metrics, "spectrum/radius"),
-        "skew_real_max": _scalar(metrics, "spectrum/skew_real_max"),
         "reg_total": _scalar(metrics, "reg/total_epoch", "reg/total"),
         "solver_nfe": _solver_nfe(trainer),
         "float_eps": _model_eps(model),

@@ -27,8 +27,8 @@ from torchdiffeq._impl.odeint import SOLVERS
 from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 
 from ode_reg._ranks import Ranks
-from ode_reg.adjoint import _through_state
 from ode_reg.functional.penalties import time_integral
+from ode_reg.functional.sensitivity import sensitivity_at_leaf, sensitivity_density
 from ode_reg.recording import SolveRecord
 from ode_reg.trajectory import Trajectory, chain, starts_from_end
 
@@ -173,9 +173,7 @@ class ChainContext:
         self.loss = loss
         self.records = list(records)
         self.trajectory: Trajectory = chain([r.traj for r in self.records])
-        owners = getattr(self.trajectory, "owners", None)
-        if owners is None:
-            owners = [(self.trajectory, k) for k in range(self.trajectory.num_checkpoints)]
+        owners = self.trajectory.checkpoint_owners()
         rec_of = {id(r.traj): r for r in self.records}
         self.owners: list[tuple[SolveRecord, int]] = [(rec_of[id(tr)], k) for tr, k in owners]
         self._adj = adjoints
@@ -313,6 +311,91 @@ class ChainContext:
         self._cache["flow"] = flow
         return flow
 
+    def batch_size(self) -> int:
+        """``B``: the number of samples of the chain's first solve (per-sample form)."""
+        tr = self.records[0].traj
+        return int(tr.samples(tr.states[0]).shape[-2])
+
+    @property
+    def has_adjoints(self) -> bool:
+        """Whether the step computed the batch's adjoints (for a term that needs them)."""
+        return self._adj is not None
+
+    def subsampled_flow_adjoints(
+        self, m: int, generator: torch.Generator | None = None, draw: Tensor | None = None
+    ) -> Tensor:
+        """``ā_k`` of ``m`` reached samples drawn uniformly without replacement, from a re-solve
+        of those samples alone (:class:`~ode_reg.AdjointMagnitude` ``subsample``; MATH.md,
+        Sub-batch estimator), per-sample form ``(K + 1, m, d)``.
+
+        The reference cotangent ``c = a_K`` is the gradient of the loss in the solution's last
+        row (differentiable: a backward through the loss's head only, not through the solve);
+        the drawn samples are re-solved from their ``z_0`` over the solve's span with its
+        method and keywords, at their own default checkpoints (a fixed grid: the batch's; an
+        adaptive solver: its own steps, as forcing the batch's checkpoint times as step ends
+        would cost more steps than the batch solve took), and ``ā_k`` is one
+        differentiable VJP of ``(c_i / |c_i|) . z_K`` through the re-solve (unit cotangents,
+        as for a coupled chain: each sample's terms do not depend on its weight).
+
+        Args:
+            m: the number of samples to draw (all reached samples if fewer).
+            generator: the generator of the draw.
+            draw: the sample indices to take instead of a draw (tests).
+
+        Raises:
+            ValueError: if the chain is not one ``ode_reg.odeint`` solve of a tensor state
+                with a batch dimension, or the loss does not read its last output.
+        """
+        from ode_reg.adjoint import adjoints
+        from ode_reg.trajectory import integrate
+
+        tr = self.records[0].traj
+        why = None
+        if len(self.records) != 1:
+            why = f"a chain of {len(self.records)} solves"
+        elif tr.adjoint_method:
+            why = "an odeint_adjoint solve"
+        elif tr.shapes is not None or tr.states[0].dim() < 2:
+            why = "a tuple state or a state without a batch dimension"
+        elif tr.weights is not None or tr.event_t is not None or tr.solution is None:
+            why = "an orthogonal-flow, event or self-integrating solve"
+        elif tr.solve_kwargs is None:
+            why = "a trajectory not made by ode_reg.odeint"
+        if why is None:
+            sol = tr.flat_solution
+            (g,) = torch.autograd.grad(
+                self.loss, [sol], create_graph=True, retain_graph=True, allow_unused=True
+            )
+            if g is None or not bool((g[-1].detach() != 0).any()):
+                why = "a loss that does not read the solve's last output"
+        if why is not None:
+            raise ValueError(
+                f"AdjointMagnitude(subsample={m}) re-solves a sub-batch of one ode_reg.odeint "
+                f"solve of a tensor state whose last output the loss reads; this step has {why}: "
+                "use subsample=None (the exact term)"
+            )
+        c = g[-1]
+        ref = c.detach().flatten(1).norm(dim=1)
+        reached = torch.nonzero((ref > REACHED_FRACTION * ref.max()) & (ref > 0)).flatten()
+        if draw is None:
+            pick = torch.randperm(reached.numel(), generator=generator)[:m].to(reached.device)
+            draw = reached[pick]
+        tiny = torch.finfo(ref.dtype).tiny
+        scale = ref[draw].clamp_min(tiny).reshape(-1, *([1] * (c.dim() - 1)))
+        cot = c[draw] / scale
+        kw = tr.solve_kwargs
+        sub = integrate(
+            tr.funcs[0] if tr.funcs else tr.func,
+            tr.states[0][draw],
+            tr.t[[0, -1]],
+            method=tr.method,
+            rtol=kw["rtol"],
+            atol=kw["atol"],
+            options=kw["options"],
+        )
+        flow = adjoints((cot * sub.states[-1]).sum(), sub, create_graph=True)
+        return sub.samples(flow)
+
     def _coupled(self, ref: Tensor, reached: Tensor) -> bool:
         """Whether an adaptive solve of the chain may carry a heavy sample's adjoint into a
         light one's through its step sizes (one error norm per batch), with reached reference
@@ -365,7 +448,9 @@ class ChainContext:
                 raise RuntimeError("the field was not evaluated during the solve")
             ev = rec.evaluations[k]
             a = raw[j].detach() if detach_adjoints else raw[j]
-            rows[j] = _sensitivity(ev.out, ev.leaf, ev.state, a, self.params, detach_states)
+            rows[j] = sensitivity_at_leaf(
+                ev.out, ev.leaf, ev.state, a, self.params, detach_states=detach_states
+            )
         by_index = {r.index: r for r in self.records}
         for index, js in batched.items():
             rec = by_index[index]
@@ -379,24 +464,40 @@ class ChainContext:
         self, rec: SolveRecord, js: list[int], raw: list[Tensor], detach_adjoints: bool
     ) -> list[Tensor]:
         """``y_k`` of the chain positions ``js`` (all in ``rec``) from its vectorized
-        evaluation: one VJP in the per-checkpoint parameter aliases."""
+        evaluation: one VJP in the per-checkpoint parameter aliases per group
+        (:func:`~ode_reg.functional.sensitivity.sensitivity_density`)."""
         ev = rec.batched
         assert ev is not None
-        cot = torch.zeros_like(ev.out)
-        for j in js:
-            a = raw[j].detach() if detach_adjoints else raw[j]
-            cot = cot.index_put((torch.tensor([self.owners[j][1]]),), a.unsqueeze(0))
-        grads = torch.autograd.grad(
-            ev.out, ev.aliases, cot, create_graph=True, retain_graph=True, allow_unused=True
-        )
-        where = {id(p): g for p, g in zip(ev.params, grads)}
+        want = {self.owners[j][1]: j for j in js}
+        by_k: dict[int, Tensor] = {}
+        for grp in ev.groups:
+            pos = [i for i, k in enumerate(grp.index) if k in want]
+            if not pos:
+                continue
+            # The adjoints as the cotangent of the group's rows, stacked once (zeros for the
+            # rows not wanted), not written in one row at a time.
+            zero = torch.zeros_like(grp.out[0])
+            rows = []
+            for k in grp.index:
+                j = want.get(k)
+                a = zero if j is None else raw[j]
+                rows.append(a.detach() if detach_adjoints else a)
+            cot = torch.stack(rows)
+            flat = sensitivity_density(grp.out, grp.aliases, cot, per_checkpoint=True)
+            for i in pos:
+                by_k[grp.index[i]] = flat[i]
+        # The field's parameters in the order of ``self.params`` (zeros for the others).
+        offsets, start = {}, 0
+        for p in ev.params:
+            offsets[id(p)] = (start, start + p.numel())
+            start += p.numel()
         out = []
         for j in js:
-            k = self.owners[j][1]
+            row = by_k[self.owners[j][1]]
             parts = []
             for p in self.params:
-                g = where.get(id(p))
-                parts.append(_zeros_like_flat(p) if g is None else g[k].reshape(-1))
+                span = offsets.get(id(p))
+                parts.append(_zeros_like_flat(p) if span is None else row[span[0] : span[1]])
             out.append(torch.cat(parts))
         return out
 
@@ -460,30 +561,6 @@ def _input(rec: SolveRecord, k: int) -> Tensor:
 
 def _output(rec: SolveRecord, k: int) -> Tensor:
     return rec.traj.flat_solution[-1] if _is_end(rec, k) else rec.traj.states[k]
-
-
-def _sensitivity(
-    out: Tensor,
-    leaf: Tensor,
-    state: Tensor,
-    a: Tensor,
-    params: Sequence[Tensor],
-    detach_states: bool,
-) -> Tensor:
-    """``y_k = a_k df(t_k, z_k)/dtheta`` from the evaluation made during the solve; its
-    gradient is the full one (through ``a_k``, ``z_k`` and ``theta``) unless ``detach_states``.
-    """
-    if not out.requires_grad:
-        return torch.cat([_zeros_like_flat(p) for p in params])
-    grads = torch.autograd.grad(
-        out, list(params), a, create_graph=True, retain_graph=True, allow_unused=True
-    )
-    row = torch.cat(
-        [(_zeros_like_flat(p) if g is None else g.reshape(-1)) for g, p in zip(grads, params)]
-    )
-    if not detach_states and leaf.requires_grad and state.requires_grad:
-        row = row + _through_state(out, list(params), a.detach(), leaf, state)
-    return row
 
 
 @dataclass
@@ -556,10 +633,14 @@ def step_terms(
             "regularizers are active but this training step made no ode_reg.odeint call: "
             "use `from ode_reg import odeint` instead of torchdiffeq's"
         )
-    needs_adj = any(getattr(r, "needs_adjoints", False) for r in active)
-    if differentiable is None:
-        differentiable = any(getattr(r, "needs_differentiable_adjoints", False) for r in active)
     live = [r for r in records if r.node is not None or r.traj.states[0].requires_grad]
+    batch = max((int(r.traj.samples(r.traj.states[0]).shape[-2]) for r in live), default=0)
+    # A sub-batch estimator (AdjointMagnitude(subsample=m), m < B) takes its adjoints from its
+    # own re-solve: the batch's adjoints (and their graph) only for the other terms.
+    exact = [r for r in active if not (hasattr(r, "subsampled") and r.subsampled(batch))]
+    needs_adj = any(getattr(r, "needs_adjoints", False) for r in exact)
+    if differentiable is None:
+        differentiable = any(getattr(r, "needs_differentiable_adjoints", False) for r in exact)
     adj = None
     if needs_adj:
         adj = record_adjoints(loss, live, extra, create_graph=differentiable)
@@ -590,7 +671,7 @@ def step_terms(
         terms = []
         for ctx in contexts:
             term = r.compute(ctx)
-            if r.needs_adjoints:
+            if r.needs_adjoints and ctx._adj is not None:
                 # A non-finite adjoint poisons the term even where the log hides it. Its
                 # value is what the step's guard reads; detached, so that the double backward
                 # does not walk the whole total-adjoint graph for a zero contribution.

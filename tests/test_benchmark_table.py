@@ -67,6 +67,12 @@ def test_table_marks_met_and_missed_against_each_target() -> None:
     assert rows[-1]["met"].startswith("met")
     rows = issue_table.table({"cases": {}, "main_job": {**job, "test_acc": 0.96}})["rows"]
     assert rows[-1]["met"].startswith("**missed**")
+    share = {"median": 0.0093, "mean": 0.012, "steps": 300, "load": 1.0}
+    (row,) = issue_table.table({"cases": {}, "solver_stats": share})["rows"]
+    assert (row["measured"], row["met"]) == ("+0.93 % a step", "met")
+    (row,) = issue_table.table({"cases": {}, "solver_stats": {**share, "median": 0.0101}})["rows"]
+    assert row["met"] == "**missed**"  # 1.01 % > 1 %
+    assert issue_table.table({"cases": {}})["rows"] == []  # not measured: no row, no figure
 
 
 def test_render_replaces_only_the_block() -> None:

@@ -6,7 +6,7 @@ Each monitor logs scalars at its own cadence (``every_n_steps``, default
 :mod:`ode_reg.callbacks._logging` for where each goes with each logger.
 """
 
-from ode_reg.callbacks.gradients import GradientNormMonitor, sensitivity_ratios, trapezoid_weights
+from ode_reg.callbacks.gradients import GradientNormMonitor, sensitivity_ratios
 from ode_reg.callbacks.orthogonality import (
     HasOrthogonalWeights,
     OrthogonalityMonitor,
@@ -25,5 +25,4 @@ __all__ = [
     "SpectrumMonitor",
     "find_orthogonal_matrices",
     "sensitivity_ratios",
-    "trapezoid_weights",
 ]

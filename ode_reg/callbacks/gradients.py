@@ -16,6 +16,7 @@ from torchmetrics import Metric
 from typing_extensions import override
 
 from ode_reg._checks import check_int
+from ode_reg._once import SayOnce
 from ode_reg.adjoint import sensitivities as compute_sensitivities
 from ode_reg.callbacks._logging import (
     PreStepMonitor,
@@ -26,47 +27,25 @@ from ode_reg.callbacks._logging import (
     logger_step,
     resolve_every_n,
 )
-from ode_reg.metrics import MeanAdjointRatio
+from ode_reg.metrics import MeanAdjointRatio, RunningMax
 from ode_reg.plan import Need
 from ode_reg.plotting import profile_figure
 from ode_reg.trajectory import Trajectory
 
-__all__ = ["GradientNormMonitor", "trapezoid_weights"]
+__all__ = ["GradientNormMonitor", "sensitivity_ratios"]
 
 #: Floor of denominators (a zero adjoint or sensitivity gives a huge, not an infinite, ratio).
 _TINY = 1e-30
 
 
-def trapezoid_weights(times: Tensor) -> Tensor:
-    """Trapezoid quadrature weights ``w_k`` over ``t_0 < ... < t_K``: ``sum_k w_k g(t_k)``.
-
-    Raises:
-        ValueError: if ``times`` is not 1-D with at least 2 entries.
-
-    Example::
-
-        >>> import torch
-        >>> trapezoid_weights(torch.tensor([0.0, 1.0, 3.0]))
-        tensor([0.5000, 1.5000, 1.0000])
-    """
-    if not isinstance(times, Tensor) or times.dim() != 1 or times.numel() < 2:
-        shape = tuple(times.shape) if isinstance(times, Tensor) else type(times).__name__
-        raise ValueError(f"`times` must be a 1-D tensor of at least 2 times, got {shape}")
-    dt = times[1:] - times[:-1]
-    w = torch.zeros_like(times)
-    w[:-1] += dt / 2
-    w[1:] += dt / 2
-    return w
-
-
 def sensitivity_ratios(times: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """The bound ratio and the cancellation ratio of sensitivity densities ``y_k`` (MATH.md).
 
-    With ``G = sum_k w_k y_k`` (trapezoid weights ``w_k``: the quadrature of eq. 23,
-    ``dL/dtheta = integral of y dt``):
+    With ``G`` the trapezoid rule of ``y`` over the times (``torch.trapezoid``: the quadrature
+    of eq. 23, ``dL/dtheta = integral of y dt``):
 
     - bound ratio ``|G| / ((t_K - t_0) max_k |y_k|)`` in ``[0, 1]`` (how tight eq. 30 is);
-    - cancellation ratio ``|G| / sum_k w_k |y_k|`` in ``[0, 1]`` (near 0: the gradient
+    - cancellation ratio ``|G| /`` (the trapezoid rule of ``|y_k|``) in ``[0, 1]`` (near 0: the gradient
       vanishes by cancellation although no ``y_k`` is small).
 
     Args:
@@ -87,15 +66,17 @@ def sensitivity_ratios(times: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         >>> [round(float(r), 6) for r in sensitivity_ratios(t, y)]
         [1.0, 1.0]
     """
+    if not isinstance(times, Tensor) or times.dim() != 1 or times.numel() < 2:
+        shape = tuple(times.shape) if isinstance(times, Tensor) else type(times).__name__
+        raise ValueError(f"`times` must be a 1-D tensor of at least 2 times, got {shape}")
     if not isinstance(y, Tensor) or y.dim() != 2 or y.shape[0] != times.shape[0]:
         shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
         raise ValueError(f"`y` must have shape ({times.shape[0]}, P), got {shape}")
     t = times.to(y.dtype)
-    w = trapezoid_weights(t)
     norms = y.norm(dim=1)
-    integral = (w[:, None] * y).sum(dim=0).norm()
+    integral = torch.trapezoid(y, t, dim=0).norm()
     bound = integral / ((t[-1] - t[0]) * norms.max()).clamp_min(_TINY)
-    cancel = integral / (w * norms).sum().clamp_min(_TINY)
+    cancel = integral / torch.trapezoid(norms, t).clamp_min(_TINY)
     return bound, cancel
 
 
@@ -118,9 +99,8 @@ def _adjoint_targets(traj: Trajectory) -> list[tuple[Tensor, bool]]:
     loss reads that tensor, not the solver's state), that solution. A chained trajectory names
     the solve and index each of its checkpoints comes from (``owners``).
     """
-    owners = getattr(traj, "owners", None) or [(traj, k) for k in range(traj.num_checkpoints)]
     out = []
-    for tr, j in owners:
+    for tr, j in traj.checkpoint_owners():
         end = bool(getattr(tr, "end_from_solution", False)) and j == tr.num_checkpoints - 1
         solution = getattr(tr, "flat_solution", None) if end else None
         out.append((solution, True) if solution is not None else (tr.states[j], False))
@@ -226,9 +206,8 @@ class GradientNormMonitor(PreStepMonitor):
         >>> trainer = L.Trainer(callbacks=[GradientNormMonitor(compute_sensitivities=True)])
     """
 
-    #: The profile wants ``a_0``: a module that can make ``y0`` a leaf requiring grad for
-    #: monitored steps may read this flag (the backward then delivers ``dL/dz_0`` too).
-    needs_adjoint_inputs = True
+    #: ``adjoint/ratio_running_max``: the largest ratio since the start (a ``MaxMetric``).
+    running_max_ratio = RunningMax(0.0, nan_strategy="ignore")
 
     def __init__(
         self,
@@ -263,7 +242,6 @@ class GradientNormMonitor(PreStepMonitor):
         self.per_module = per_module
         self.adjoint_profile = adjoint_profile
         self.compute_sensitivities = compute_sensitivities
-        self.running_max_ratio = 0.0
         self.epoch_ratio = MeanAdjointRatio(geometric=True)
         #: Per chained trajectory of the last computed step: ``times``, ``adjoint`` (``p_k``),
         #: ``sensitivity`` (``|y_k|`` or ``None``), ``bound_ratio``, ``cancellation_ratio``
@@ -274,8 +252,7 @@ class GradientNormMonitor(PreStepMonitor):
         self._capture_scale = 1.0
         self._grad_norms: dict[str, Tensor] | None = None
         self._profiles_now: list[dict[str, Any]] | None = None
-        self._warned_sens = False
-        self._warned_unreadable = False
+        self._said = SayOnce()
 
     @property
     @override
@@ -344,7 +321,7 @@ class GradientNormMonitor(PreStepMonitor):
             return
         # A step with no solve is said once by the module (its plan knows who was due).
         captured: dict[int, list[Tensor | None]] = {}
-        for g, traj in enumerate(getattr(record, "chains", None) or record.groups):
+        for g, traj in enumerate(record.groups):
             if record.adjoints[g] is not None:
                 continue
             slots: list[Tensor | None] = [None] * traj.num_checkpoints
@@ -454,13 +431,13 @@ class GradientNormMonitor(PreStepMonitor):
             with torch.enable_grad():
                 y = compute_sensitivities(traj, adj, params=params, detach_states=True).detach()
         except (RuntimeError, ValueError) as exc:
-            if not self._warned_sens:
-                self._warned_sens = True
+            if "sensitivities" not in self._said:
                 names = ", ".join(sorted({type(f).__name__ for f in traj.funcs or (traj.func,)}))
-                rank_zero_warn(
+                self._said.warn(
                     "GradientNormMonitor(compute_sensitivities=True): cannot evaluate the "
                     f"sensitivity density of the field(s) {names} after the backward "
-                    f"({exc}); sensitivity ratios are skipped for them"
+                    f"({exc}); sensitivity ratios are skipped for them",
+                    key="sensitivities",
                 )
         if trainer.world_size > 1:
             # Every rank must agree before the collective below.
@@ -478,7 +455,7 @@ class GradientNormMonitor(PreStepMonitor):
         acc = trainer.accumulate_grad_batches
         world = trainer.world_size
         out = []
-        for g, traj in enumerate(getattr(record, "chains", None) or record.groups):
+        for g, traj in enumerate(record.groups):
             found = self._adjoint_norms(g, traj, record, acc)
             if found is None:
                 continue
@@ -565,7 +542,7 @@ class GradientNormMonitor(PreStepMonitor):
             if ratios:
                 worst = float(torch.stack(ratios).max())
                 if not math.isnan(worst):
-                    self.running_max_ratio = max(self.running_max_ratio, worst)
+                    type(self).running_max_ratio.fold(self, worst)
                 metrics["adjoint/ratio_running_max"] = self.running_max_ratio
                 first = ratios[0].detach().to(self.epoch_ratio.total.device)
                 if bool(torch.isfinite(first)) and float(first) > 0:
@@ -597,15 +574,15 @@ class GradientNormMonitor(PreStepMonitor):
 
     def _say_unreadable(self, entry: dict[str, Any]) -> None:
         """Say it or do it: a profile with fewer than two readable checkpoints logs nothing."""
-        if self._warned_unreadable:
+        if "unreadable" in self._said:
             return
-        self._warned_unreadable = True
         readable = int(torch.isfinite(entry["adjoint"]).sum())
-        rank_zero_warn(
+        self._said.warn(
             f"GradientNormMonitor: the adjoint profile has {readable} readable checkpoint(s) of "
             f"{entry['adjoint'].numel()} (an odeint_adjoint solve exposes only its result to "
             "autograd, not its checkpoint states), so no adjoint/ratio_* or adjoint/norm_* is "
-            "logged for it; solve with ode_reg.odeint to read the profile (said once)"
+            "logged for it; solve with ode_reg.odeint to read the profile (said once)",
+            key="unreadable",
         )
 
     @override

@@ -14,9 +14,14 @@ from torchmetrics import Metric
 from typing_extensions import override
 
 from ode_reg._checks import check_int
-from ode_reg.callbacks._logging import PreStepMonitor, is_due, log_scalars, resolve_every_n
+from ode_reg.callbacks._logging import (
+    PreStepMonitor,
+    is_due,
+    log_scalars,
+    resolve_every_n,
+)
 from ode_reg.functional.orthogonal import orthogonality_defect
-from ode_reg.metrics import MaxOrthogonalityDefect
+from ode_reg.metrics import MaxOrthogonalityDefect, RunningMax
 from ode_reg.plan import Need
 
 __all__ = ["HasOrthogonalWeights", "OrthogonalityMonitor", "find_orthogonal_matrices"]
@@ -198,6 +203,10 @@ class OrthogonalityMonitor(PreStepMonitor):
         >>> trainer = L.Trainer(callbacks=[OrthogonalityMonitor(every_n_steps=10)])
     """
 
+    #: ``orthogonality/running_max``: the largest defect since the start (a ``MaxMetric``;
+    #: a NaN defect propagates).
+    running_max = RunningMax(0.0)
+
     def __init__(
         self,
         every_n_steps: int | None = None,
@@ -224,7 +233,6 @@ class OrthogonalityMonitor(PreStepMonitor):
         self.flows = flows
         self.per_matrix = per_matrix
         self.prog_bar = prog_bar
-        self.running_max = 0.0
         self.epoch_max = MaxOrthogonalityDefect()
 
     @property
@@ -273,7 +281,7 @@ class OrthogonalityMonitor(PreStepMonitor):
         if not values:
             return
         current = torch.stack([v.float().cpu() for v in values.values()]).max()
-        self.running_max = float(torch.maximum(torch.tensor(self.running_max), current))
+        type(self).running_max.fold(self, current.detach().cpu())
         self.epoch_max.update(current.to(self.epoch_max.max_defect.device))
         metrics: dict[str, Tensor | float] = {}
         if self.per_matrix:

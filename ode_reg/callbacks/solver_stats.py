@@ -5,50 +5,54 @@ step (``pl_module.ode_step.solves``, each with its
 :class:`~ode_reg.trajectory.SolverStats`): torchdiffeq's own field evaluations, the accepted
 and rejected steps and the accepted step sizes. They are read in ``on_train_batch_end``, after
 the backward pass, so the field evaluations of ``odeint_adjoint``'s backward solve are known.
+The heuristics are in :mod:`ode_reg.callbacks._solver_checks` and
+:mod:`ode_reg.callbacks._solver_warning`, what is reduced over ranks in
+:mod:`ode_reg.callbacks._solver_reduce`, the NFE figure in :mod:`ode_reg.plotting`.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import sys
-from collections import deque
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from lightning.pytorch.utilities import rank_zero_warn
-from matplotlib.figure import Figure
-from torch import Tensor
-from torchdiffeq._impl.odeint import SOLVERS
-from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from ode_reg._checks import check_int, check_range
+from ode_reg._once import SayOnce
 from ode_reg.callbacks._logging import (
-    WANDB_MAX_BINS,
-    _file_dir,
+    accumulating,
     has_plot_sink,
-    is_due,
     log_figure,
+    log_histogram,
     log_scalars,
     logger_step,
-    plot_path,
-    reduce_values,
+    metric_state,
     resolve_every_n,
+    restore_metric_state,
 )
-from ode_reg.functional.indices import spread_indices
-from ode_reg.plan import Monitor, Need
-from ode_reg.plotting import histogram_figure, new_figure, save_figure
-from ode_reg.trajectory import DEFAULT_CHECKPOINTS, SolveSummary, median_value
+from ode_reg.callbacks._solver_checks import (
+    COUNTS,
+    ON_WARNING,
+    StepSolves,
+    check_arguments,
+    tally,
+    zero_length_steps,
+    zero_steps_message,
+)
+from ode_reg.callbacks._solver_reduce import (
+    EpochCounts,
+    decide,
+    epoch_entry,
+    reduce_step,
+    step_metrics,
+)
+from ode_reg.callbacks._solver_warning import EarlyWarning
+from ode_reg.plan import Monitor, Need, due
+from ode_reg.plotting import nfe_figure
 
-__all__ = ["ON_WARNING", "SolverStatsMonitor", "nfe_figure"]
-
-#: What the monitor does when a warning fires.
-ON_WARNING = ("log", "stop")
+__all__ = ["ON_WARNING", "SolverStatsMonitor", "nfe_figure", "zero_length_steps"]
 
 _INF = float("inf")
 #: The keys that also go to ``trainer.callback_metrics`` (all go to the loggers).
@@ -58,204 +62,6 @@ _EPOCH_CALLBACK_METRICS = ("solver/epoch_nfe_per_step", "solver/epoch_warnings")
 #: How much less often than W&B / TensorBoard histograms the step-size PNG files are drawn
 #: by default (``plot_every_n_steps=None``).
 PNG_FACTOR = 10
-#: Counts summed over ranks; step sizes reduced by min / max.
-_COUNTS = ("nfe", "nfe_backward", "accepted", "rejected")
-
-
-@dataclass
-class _Solve:
-    """One recorded solve, rank-local."""
-
-    nfe: int
-    nfe_backward: int
-    accepted: int
-    rejected: int
-    steps: list[float]
-    method: str
-    field: str
-    #: the smallest step that was not cut short to land on a forced step end (the warning's).
-    check_min: float | None
-    #: fixed-grid steps of (almost) zero length (:func:`zero_length_steps`).
-    zero_steps: int = 0
-
-
-@dataclass
-class _Step:
-    """What one optimizer step's solves did (the micro-batches of an accumulation merged)."""
-
-    solves: list[_Solve] = field(default_factory=list)
-    adjoint_ratio: float | None = None
-    adjoint_chain: int = -1
-
-    def total(self, name: str) -> int:
-        return sum(getattr(s, name) for s in self.solves)
-
-    @property
-    def steps(self) -> list[float]:
-        return [d for s in self.solves for d in s.steps]
-
-
-#: A fixed-grid step shorter than this fraction of the solve's longest step is "zero-length".
-ZERO_STEP_FRACTION = 1e-3
-
-
-def _is_fixed_grid(traj: SolveSummary) -> bool:
-    return traj.method in SOLVERS and not issubclass(
-        SOLVERS[traj.method], RKAdaptiveStepsizeODESolver
-    )
-
-
-def zero_length_steps(traj: SolveSummary) -> int:
-    """How many steps of a fixed-grid solve are of (almost) zero length.
-
-    torchdiffeq builds a fixed grid as ``t0 + i * step_size`` in the times' precision and ends
-    it with ``t1``: when ``(t1 - t0) / step_size`` rounds to just above an integer (float32
-    times, ``step_size=0.025`` on intervals of 0.1: 22 of 50 intervals of ``linspace(0, 5,
-    51)``), the grid gets one more point a hair before ``t1``, and the solver takes a step of
-    length 0 (or a few ulps) that costs a full step of field evaluations. Counted as steps
-    shorter than :data:`ZERO_STEP_FRACTION` times the solve's longest one; adaptive solvers
-    are not counted (their short steps land on requested times).
-
-    Example::
-
-        >>> from types import SimpleNamespace as NS
-        >>> zero_length_steps(NS(method="rk4", stats=NS(step_sizes=[0.025] * 4 + [0.0])))
-        1
-    """
-    steps = traj.stats.step_sizes
-    if not steps or not _is_fixed_grid(traj):
-        return 0
-    longest = max(abs(d) for d in steps)
-    return sum(abs(d) <= ZERO_STEP_FRACTION * longest for d in steps)
-
-
-def _check_min(traj: SolveSummary) -> float | None:
-    """The smallest accepted step of a solve, leaving out steps the solver was made to cut.
-
-    With explicit checkpoints an adaptive solver must end a step on each checkpoint time
-    (torchdiffeq's ``step_t``): a step that would pass one is shortened to land on it, and the
-    steps after it regrow from there (at most 10x each). Those short steps say nothing about
-    the field, so the warning leaves out every step that ends on an interior checkpoint time
-    and the increasing run of steps after it. A solve whose checkpoints are the solver's own
-    step states (the default, and every stats-only solve) has no cut steps and keeps all of
-    them.
-    """
-    steps = traj.stats.step_sizes
-    if not steps:
-        return None
-    if _is_fixed_grid(traj):
-        # Nothing is cut on a fixed grid; zero-length steps (warned about on their own) would
-        # make the running median of the minima 0 and hide every later dt warning.
-        longest = max(abs(d) for d in steps)
-        regular = [d for d in steps if abs(d) > ZERO_STEP_FRACTION * longest]
-        return min(regular or steps)
-    if traj.times is None or traj.method not in SOLVERS:
-        return min(steps)  # a field that integrates itself: nothing is cut
-    times = [float(x) for x in traj.times.detach().cpu().tolist()]
-    if len(times) < 3 or len(traj.t) < 2:
-        return min(steps)
-    t0 = float(traj.t[0])
-    span = abs(float(traj.t[-1]) - t0)
-    tol = 1e-5 * max(span, 1e-12)
-    starts, ends, acc = [], [], 0.0
-    for d in steps:
-        starts.append(acc)
-        acc += d
-        ends.append(acc)
-    inner = [abs(x - t0) for x in times[1:-1]]
-    default = spread_indices(len(steps), DEFAULT_CHECKPOINTS + 1)
-    if len(default) == len(times) - 1 and all(
-        abs(starts[i] - abs(x - t0)) <= tol for i, x in zip(default, times[:-1])
-    ):
-        return min(steps)  # the solver's own step states: nothing was forced
-    skip = [False] * len(steps)
-    j = 0
-    for i, e in enumerate(ends):
-        if any(abs(e - c) <= tol for c in inner):
-            skip[i] = True
-            ref = steps[i - 1] if i > 0 else _INF
-            j = i + 1
-            while j < len(steps) and steps[j] > steps[j - 1] and steps[j] < ref:
-                skip[j] = True
-                j += 1
-    kept = [d for d, s in zip(steps, skip) if not s]
-    return min(kept) if kept else min(steps)
-
-
-def _profile_ratio(adj: Tensor) -> float | None:
-    """``max_k p_k / min_k p_k`` with ``p_k = mean_i |a_{k,i}|`` over the checkpoints the loss
-    reaches (``p_k > 0``, finite); ``None`` when fewer than two are."""
-    a = adj.detach()
-    norms = a.norm(dim=-1, keepdim=True) if a.dim() == 2 else a.flatten(2).norm(dim=2)
-    p = norms.double().mean(dim=1)
-    p = p[torch.isfinite(p) & (p > 0)]
-    if p.numel() < 2:
-        return None
-    return float(p.max() / p.min())
-
-
-def _g(x: float) -> str:
-    return f"{x:.3g}"
-
-
-def nfe_figure(
-    epochs: Sequence[int],
-    forward: Sequence[float],
-    backward: Sequence[float] | None = None,
-    *,
-    step: int | None = None,
-    methods: Sequence[str] = (),
-) -> Figure:
-    """Field evaluations per training step against the epoch.
-
-    Args:
-        epochs: the epochs (x axis).
-        forward: mean forward field evaluations per training step in each epoch.
-        backward: the same for ``odeint_adjoint``'s backward solves (drawn when any is > 0).
-        step: the training step the figure is drawn at (in the title), or ``None``.
-        methods: the solvers used (in the title).
-
-    Returns:
-        The figure.
-
-    Raises:
-        ValueError: if the sequences differ in length or are empty.
-
-    Example::
-
-        >>> fig = nfe_figure([0, 1, 2], [26.0, 32.0, 44.0], step=30, methods=["dopri5"])
-        >>> fig.axes[0].get_xlabel()
-        'epoch'
-    """
-    n = len(epochs)
-    if n == 0 or len(forward) != n or (backward is not None and len(backward) != n):
-        raise ValueError(
-            "`epochs`, `forward` (and `backward`) must be non-empty and of one length, got "
-            f"{n}, {len(forward)}" + ("" if backward is None else f", {len(backward)}")
-        )
-    fig = new_figure(6.4, 4.4)
-    ax = fig.add_subplot(1, 1, 1)
-    x = [int(e) for e in epochs]
-    ax.plot(x, list(forward), marker="o", ms=4, color="C0", label="forward solves")
-    if backward is not None and any(b > 0 for b in backward):
-        ax.plot(x, list(backward), marker="s", ms=4, color="C1", label="adjoint backward solves")
-        total = [f + b for f, b in zip(forward, backward)]
-        ax.plot(x, total, ls="--", color="0.4", label="total")
-        ax.legend(fontsize=8, frameon=False)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("field evaluations per training step\n(mean over the epoch, all solves)")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_ylim(bottom=0)
-    ax.grid(True, alpha=0.3)
-    when = f"epochs {x[0]}–{x[-1]}" if n > 1 else f"epoch {x[0]}"
-    if step is not None:
-        when += f", through training step {step}"
-    what = "solver field evaluations (NFE) per training step"
-    if methods:
-        what += f" ({', '.join(sorted(set(methods)))})"
-    ax.set_title(f"{what}\n{when}", fontsize=10)
-    fig.subplots_adjust(left=0.16, right=0.97, bottom=0.12, top=0.86)
-    return fig
 
 
 class SolverStatsMonitor(Monitor):
@@ -326,8 +132,8 @@ class SolverStatsMonitor(Monitor):
     :attr:`history` all epoch figures.
 
     The checks start once ``warmup_steps`` steps are in the window. A warning logs
-    ``solver/warning`` and prints one line (what, in which solve, on which rank, at which step)
-    at the first step of a run of warning steps; ``on_warning="stop"`` then saves a checkpoint
+    ``solver/warning`` and warns one line (``rank_zero_warn``: what, in which solve, on which
+    rank, at which step) at the first step of a run of warning steps; ``on_warning="stop"`` then saves a checkpoint
     (``trainer.save_checkpoint``, to ``checkpoint_dir`` or the checkpoint callback's folder)
     and stops the run cleanly (``trainer.should_stop = True``). A field that jumps to failure
     within one step cannot be warned about: the solver raises in that step.
@@ -386,39 +192,7 @@ class SolverStatsMonitor(Monitor):
         bins: int = 64,
         plot_every_n_epochs: int | None = 10,
     ) -> None:
-        if every_n_steps is not None:
-            check_int("every_n_steps", every_n_steps, 1)
-        if plot_every_n_steps is not None:
-            check_int("plot_every_n_steps", plot_every_n_steps, 1)
-        check_int("per_solve", per_solve, 0)
-        if dt_fraction is not None:
-            check_range("dt_fraction", dt_fraction, 0.0, 1.0, low_open=True, high_open=True)
-        if nfe_factor is not None:
-            check_range("nfe_factor", nfe_factor, 1.0, low_open=True)
-        if adjoint_orders is not None:
-            check_range("adjoint_orders", adjoint_orders, 0.0, low_open=True)
-        check_int("adjoint_steps", adjoint_steps, 1)
-        check_int("window", window, 3)
-        if (
-            isinstance(warmup_steps, bool)
-            or not isinstance(warmup_steps, int)
-            or not 1 <= warmup_steps <= window
-        ):
-            raise ValueError(
-                f"`warmup_steps` must be an integer in [1, window={window}], got {warmup_steps!r}"
-            )
-        if on_warning not in ON_WARNING:
-            raise ValueError(f"`on_warning` must be one of {ON_WARNING}, got {on_warning!r}")
-        if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
-            raise ValueError(
-                f"`checkpoint_dir` must be a path or None, got {type(checkpoint_dir).__name__}"
-            )
-        if not isinstance(prog_bar, bool):
-            raise ValueError(f"`prog_bar` must be a bool, got {prog_bar!r}")
-        if plot_every_n_epochs is not None:
-            check_int("plot_every_n_epochs", plot_every_n_epochs, 1)
-        if isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= WANDB_MAX_BINS:
-            raise ValueError(f"`bins` must be an integer in [1, {WANDB_MAX_BINS}], got {bins!r}")
+        check_arguments(locals())
         self.every_n_steps = every_n_steps
         self.plot_every_n_steps = plot_every_n_steps
         self.per_solve = per_solve
@@ -437,20 +211,27 @@ class SolverStatsMonitor(Monitor):
         #: Per epoch: ``epoch``, ``steps``, ``nfe_per_step``, ``nfe_backward_per_step``,
         #: ``accepted_per_step``, ``rejected_per_step``, ``dt_min``, ``dt_max``, ``warnings``.
         self.history: list[dict[str, Any]] = []
-        #: Every warning: ``step``, ``epoch``, ``kinds`` and the printed ``message`` (rank zero's).
+        #: Every warning: ``step``, ``epoch``, ``kinds`` and the ``message`` (rank zero's).
         self.warnings: list[dict[str, Any]] = []
         #: The values logged at the last logged step (reduced across ranks).
         self.last_metrics: dict[str, float] = {}
         #: Path of the checkpoint saved by ``on_warning="stop"``.
         self.stop_checkpoint: str | None = None
-        self._dt_window: deque[float] = deque(maxlen=window)
-        self._nfe_window: deque[float] = deque(maxlen=window)
-        self._adj_window: deque[float] = deque(maxlen=adjoint_steps)
-        self._pending = _Step()
+        self._checks = EarlyWarning(
+            dt_fraction, nfe_factor, adjoint_orders, adjoint_steps,
+            window=window, warmup_steps=warmup_steps,
+        )  # fmt: skip
+        self._pending = StepSolves()
         self._in_warning = False
         self._methods: set[str] = set()
-        self._warned: set[str] = set()
-        self._reset_epoch(-1)
+        self._said = SayOnce()
+        self._zero_steps_said = False
+        #: The epoch's totals (torchmetrics syncs them over ranks); the steps since the last
+        #: flush are added up in plain floats first (:meth:`_flush`), so that a training step
+        #: costs no Metric update.
+        self._epoch_counts = EpochCounts()
+        self._epoch = -1
+        self._reset_buffer()
 
     @property
     @override
@@ -466,254 +247,67 @@ class SolverStatsMonitor(Monitor):
 
     @property
     def needs(self) -> Need:  # type: ignore[override]
-        """The solver counts (and the chains, for a subclass that sets ``needs_chains``)."""
-        return Need(stats=True, chains=bool(self.needs_chains))
+        """The solver counts (and the chains, for a subclass that sets ``needs_chains``);
+        built once (the module asks at every training step)."""
+        chains = bool(self.needs_chains)
+        cached = self.__dict__.get("_needs")
+        if cached is None or cached.chains != chains:
+            cached = self._needs = Need(stats=True, chains=chains)
+        return cached
 
     @override
     def need(self, trainer: pl.Trainer) -> Need | None:
         """Every training batch: the epoch sums and the early warnings read every step."""
         return self.needs
 
-    # ------------------------------------------------------------------ collection
-    def _reset_epoch(self, epoch: int) -> None:
+    # ------------------------------------------------------------------ the epoch totals
+    def _reset_buffer(self) -> None:
+        self._buf = [0.0] * (len(COUNTS) + 1)  # COUNTS, then the measured steps
+        self._buf_dt = [_INF, -_INF]
+        self._buf_warnings = 0
+
+    def _flush(self, force: bool = False) -> None:
+        """The steps added up since the last flush into the epoch's Metric (``force``: also
+        when there are none, so that the Metric counts as updated before ``compute``)."""
+        if force or self._buf[-1] or self._buf_warnings:
+            self._epoch_counts.update(self._buf, *self._buf_dt, self._buf_warnings)
+        self._reset_buffer()
+
+    def _new_epoch(self, epoch: int) -> None:
+        self._reset_buffer()
+        self._epoch_counts.reset()
         self._epoch = epoch
-        self._epoch_sums = {name: 0.0 for name in (*_COUNTS, "steps", "warnings")}
-        self._epoch_dt = [_INF, -_INF]
 
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            rank_zero_warn(message)
-
-    def _warn_zero_steps(self, trainer: pl.Trainer, step: _Step) -> None:
-        """One warning (per monitor) at the first step whose fixed-grid solves took
-        zero-length steps (rank zero's solves; :func:`zero_length_steps`)."""
-        hit = [s for s in step.solves if s.zero_steps]
-        if not hit or "zero_steps" in self._warned:
-            return
-        extra = sum(s.zero_steps for s in hit)
-        nfe = sum(s.nfe * s.zero_steps / max(len(s.steps), 1) for s in hit)
-        methods = ", ".join(sorted({s.method for s in hit}))
-        self._warn_once(
-            "zero_steps",
-            f"SolverStatsMonitor: at step {logger_step(trainer)}, {len(hit)} of "
-            f"{len(step.solves)} {methods} solves took a step of length 0 ({extra} steps, "
-            f"about {nfe:.0f} of the step's {step.total('nfe')} field evaluations): torchdiffeq "
-            "builds the fixed grid as t0 + i * step_size in the times' float precision, and "
-            "where (t1 - t0) / step_size rounds to just above an integer it adds a point a hair "
-            "before t1. Fix: a grid that ends on t1, e.g. options={'grid_constructor': lambda "
-            "f, y0, t: torch.linspace(t[0], t[-1], n + 1)} (README, Monitors). Warned once.",
-        )
-
+    # ------------------------------------------------------------------ collection
     def _collect(self, pl_module: pl.LightningModule) -> None:
         record = getattr(pl_module, "ode_step", None)
         if record is None:
-            self._warn_once(
-                "module",
+            self._said.warn(
                 "SolverStatsMonitor: the module records no solves (`ode_step`); it needs an "
-                "ode_reg.RegularizedODEModule whose training step calls ode_reg.odeint",
+                "ode_reg.RegularizedODEModule whose training step calls ode_reg.odeint"
             )
             return
-        step = self._pending
-        for solve in record.solves:
-            s = solve.stats
-            step.solves.append(
-                _Solve(
-                    nfe=s.nfe,
-                    nfe_backward=s.nfe_backward,
-                    accepted=s.accepted,
-                    rejected=s.rejected,
-                    steps=s.step_sizes,
-                    method=solve.method,
-                    field=solve.field,
-                    check_min=_check_min(solve),
-                    zero_steps=zero_length_steps(solve),
-                )
-            )
-            self._methods.add(solve.method)
-        for g, adj in enumerate(getattr(record, "adjoints", None) or []):
-            if adj is None:
-                continue
-            ratio = _profile_ratio(adj)
-            if ratio is not None and (step.adjoint_ratio is None or ratio > step.adjoint_ratio):
-                step.adjoint_ratio, step.adjoint_chain = ratio, g
+        summaries = record.solves
+        self._pending.solves.extend(summaries)
+        for s in summaries:
+            if s.method not in self._methods:
+                self._methods.add(s.method)
+        if record.adjoints:
+            self._pending.add_adjoints(record.adjoints)
 
-    # ------------------------------------------------------------------ the checks
-    def _check(self, step: _Step) -> dict[str, list[float]]:
-        """Rank-local checks of one step against the running medians (then updates them)."""
-        fired: dict[str, list[float]] = {}
-        checks_on = len(self._nfe_window) >= self.warmup_steps
-        mins = [(s.check_min, i) for i, s in enumerate(step.solves) if s.check_min is not None]
-        if mins:
-            low, where = min(mins)
-            if self.dt_fraction is not None and checks_on and len(self._dt_window) > 0:
-                med = median_value(self._dt_window)
-                if med > 0 and low < self.dt_fraction * med:
-                    fired["dt"] = [low / med, low, med, float(where)]
-            self._dt_window.append(low)
-        if step.solves:
-            nfe = float(step.total("nfe") + step.total("nfe_backward"))
-            if self.nfe_factor is not None and checks_on:
-                med = median_value(self._nfe_window)
-                if med > 0 and nfe > self.nfe_factor * med:
-                    where = max(
-                        range(len(step.solves)),
-                        key=lambda i: step.solves[i].nfe + step.solves[i].nfe_backward,
-                    )
-                    fired["nfe"] = [nfe / med, nfe, med, float(where)]
-            self._nfe_window.append(nfe)
-        if step.adjoint_ratio is not None:
-            orders = math.log10(max(step.adjoint_ratio, 1.0))
-            if self.adjoint_orders is not None and checks_on and self._adj_window:
-                rise = orders - min(self._adj_window)
-                if rise >= self.adjoint_orders:
-                    fired["adjoint"] = [
-                        rise,
-                        step.adjoint_ratio,
-                        10 ** min(self._adj_window),
-                        float(step.adjoint_chain),
-                    ]
-            self._adj_window.append(orders)
-        return fired
-
-    def _decide(self, trainer: pl.Trainer, fired: dict[str, list[float]]) -> list[dict] | None:
-        """The collective decision; when it fires, every rank's findings (one row per rank)."""
-        world = trainer.world_size
-        if world <= 1:
-            return [fired] if fired else None
-        if self.dt_fraction is None and self.nfe_factor is None and self.adjoint_orders is None:
-            return None  # no check: no collective either (the same on every rank)
-        if not trainer.strategy.reduce_boolean_decision(bool(fired), all=False):
-            return None
-        kinds = ("dt", "nfe", "adjoint")
-        row = torch.zeros(world, len(kinds), 5, dtype=torch.float64)
-        r = trainer.global_rank
-        for j, kind in enumerate(kinds):
-            if kind in fired:
-                row[r, j, 0] = 1.0
-                row[r, j, 1:] = torch.tensor(fired[kind], dtype=torch.float64)
-        device = trainer.strategy.root_device
-        table = trainer.strategy.reduce(row.to(device), reduce_op="sum").cpu()
-        out = []
-        for rank in range(world):
-            found = {
-                kind: table[rank, j, 1:].tolist()
-                for j, kind in enumerate(kinds)
-                if table[rank, j, 0] > 0
-            }
-            out.append(found)
-        return out
-
-    def _message(
-        self, trainer: pl.Trainer, step: int, found: list[dict], solves: list[_Solve]
-    ) -> tuple[str, list[str]]:
-        parts, kinds = [], []
-        world = trainer.world_size
-
-        def where(index: float, rank: int) -> str:
-            i = int(index)
-            text = f"solve {i}"
-            if rank == trainer.global_rank and 0 <= i < len(solves):
-                text += f" ({solves[i].method}, field {solves[i].field})"
-            return text + (f" on rank {rank}" if world > 1 else "")
-
-        for rank, kinds_here in enumerate(found):
-            if "dt" in kinds_here:
-                ratio, low, med, i = kinds_here["dt"]
-                parts.append(
-                    f"smallest step size {_g(low)} is {_g(ratio)}x its running median "
-                    f"{_g(med)} (threshold {self.dt_fraction}x) in {where(i, rank)}"
-                )
-                kinds.append("dt")
-            if "nfe" in kinds_here:
-                ratio, nfe, med, i = kinds_here["nfe"]
-                parts.append(
-                    f"{nfe:.0f} field evaluations are {_g(ratio)}x their running median "
-                    f"{med:.0f} (threshold {self.nfe_factor}x; most in {where(i, rank)})"
-                )
-                kinds.append("nfe")
-            if "adjoint" in kinds_here:
-                rise, ratio, low, g = kinds_here["adjoint"]
-                parts.append(
-                    f"adjoint ratio max/min {_g(ratio)} rose {rise:.2g} orders of magnitude "
-                    f"above {_g(low)} within {self.adjoint_steps} steps (threshold "
-                    f"{self.adjoint_orders}) in chain {int(g)}"
-                    + (f" on rank {rank}" if world > 1 else "")
-                )
-                kinds.append("adjoint")
-        head = (
-            f"ode_reg SolverStatsMonitor: solver warning at training step {step} "
-            f"(epoch {trainer.current_epoch}): "
-        )
-        tails = []
-        if {"dt", "nfe"} & set(kinds):
-            tails.append("the solver may be about to fail (step-size underflow, too many steps)")
-        if "adjoint" in kinds:
-            tails.append("gradients through the solve may explode or vanish")
-        return head + "; ".join(parts) + "; " + " and ".join(tails), sorted(set(kinds))
-
-    # ------------------------------------------------------------------ reduction
-    def _reduce_step(self, trainer: pl.Trainer, step: _Step) -> tuple[dict[str, float], list]:
-        """Whole-step figures, equal on every rank (collectives under DDP), and the step sizes
-        of all ranks as ``(solve index, |dt|)`` pairs."""
-        n = self.per_solve
-        vals: dict[str, Tensor] = {}
-        ops: dict[str, str] = {}
-
-        def put(key: str, value: float, op: str) -> None:
-            vals[key] = torch.tensor(float(value), dtype=torch.float64)
-            ops[key] = op
-
-        for name in _COUNTS:
-            put(name, step.total(name), "sum")
-        sizes = step.steps
-        put("dt_min", min(sizes, default=_INF), "min")
-        put("dt_max", max(sizes, default=-_INF), "max")
-        put("solves", len(step.solves), "max")
-        put("_len", len(sizes), "max")
-        for i in range(n):
-            s = step.solves[i] if i < len(step.solves) else None
-            for name in _COUNTS:
-                put(f"{i}/{name}", getattr(s, name) if s else 0, "sum")
-            put(f"{i}/dt_min", min(s.steps, default=_INF) if s else _INF, "min")
-            put(f"{i}/dt_max", max(s.steps, default=-_INF) if s else -_INF, "max")
-        out = {k: float(v) for k, v in reduce_values(trainer, vals, ops).items()}
-        pairs = [(i, d) for i, s in enumerate(step.solves) for d in s.steps]
-        if trainer.world_size > 1:
-            length = int(out["_len"])
-            local = torch.full((2, max(length, 1)), float("nan"), dtype=torch.float64)
-            if pairs:
-                local[:, : len(pairs)] = torch.tensor(pairs, dtype=torch.float64).T
-            device = trainer.strategy.root_device
-            gathered = trainer.strategy.all_gather(local.to(device)).cpu()
-            flat = gathered.permute(1, 0, 2).reshape(2, -1)
-            keep = torch.isfinite(flat[1])
-            pairs = [(int(i), float(d)) for i, d in flat[:, keep].T.tolist()]
-        return out, pairs
-
-    def _step_metrics(self, out: dict[str, float], pairs: list) -> dict[str, float]:
-        metrics: dict[str, float] = {f"solver/{name}": out[name] for name in _COUNTS}
-        metrics["solver/solves"] = out["solves"]
-        sizes = [d for _, d in pairs]
-        if sizes:
-            metrics["solver/dt_min"] = out["dt_min"]
-            metrics["solver/dt_median"] = median_value(sizes)
-            metrics["solver/dt_max"] = out["dt_max"]
-        for i in range(min(self.per_solve, int(out["solves"]))):
-            for name in _COUNTS:
-                metrics[f"solver/solve{i}/{name}"] = out[f"{i}/{name}"]
-            mine = [d for j, d in pairs if j == i]
-            if mine:
-                metrics[f"solver/solve{i}/dt_min"] = out[f"{i}/dt_min"]
-                metrics[f"solver/solve{i}/dt_median"] = median_value(mine)
-                metrics[f"solver/solve{i}/dt_max"] = out[f"{i}/dt_max"]
-        return metrics
+    def _warn_zero_steps(self, trainer: pl.Trainer, step: StepSolves) -> None:
+        """One warning (per monitor) at the first step whose fixed-grid solves took
+        zero-length steps (rank zero's solves; :func:`zero_length_steps`)."""
+        message = zero_steps_message(logger_step(trainer), step.solves)
+        if message is not None:
+            self._zero_steps_said = True
+            rank_zero_warn(message)
 
     # ------------------------------------------------------------------ hooks
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._epoch != trainer.current_epoch:
-            self._reset_epoch(trainer.current_epoch)
+            self._new_epoch(trainer.current_epoch)
 
     @override
     def on_train_batch_end(
@@ -725,39 +319,43 @@ class SolverStatsMonitor(Monitor):
         batch_idx: int,
     ) -> None:
         self._collect(pl_module)
-        if pl_module.automatic_optimization:
-            should_accumulate = getattr(trainer.fit_loop, "_should_accumulate", None)
-            if should_accumulate is not None and should_accumulate():
-                return  # the optimizer step's other micro-batches are still to come
-        step, self._pending = self._pending, _Step()
-        measured = bool(step.solves)
-        if trainer.world_size > 1:  # every rank takes the same branch (collectives below)
+        if accumulating(trainer):
+            return  # the optimizer step's other micro-batches are still to come
+        step, self._pending = self._pending, StepSolves()
+        solves = step.solves
+        world = trainer.world_size
+        measured = bool(solves)
+        if world > 1:  # every rank takes the same branch (collectives below)
             measured = trainer.strategy.reduce_boolean_decision(measured, all=False)
         if not measured:
             # Say it or do it: no ode_reg solve this step (the module says so once): nothing
             # was measured, so no solver/* value is logged and the epoch sums are untouched.
             return
-        self._warn_zero_steps(trainer, step)
-        sums = self._epoch_sums
-        for name in _COUNTS:
-            sums[name] += step.total(name)
-        sums["steps"] += 1
-        sizes = step.steps
-        if sizes:
-            self._epoch_dt = [min(self._epoch_dt[0], min(sizes)), max(self._epoch_dt[1], *sizes)]
-        found = self._decide(trainer, self._check(step))
+        counts, low, high, mins, zero = tally(step)
+        if zero and not self._zero_steps_said:
+            self._warn_zero_steps(trainer, step)
+        buf, dt = self._buf, self._buf_dt
+        for i, c in enumerate(counts):
+            buf[i] += c
+        buf[4] += 1
+        dt[0], dt[1] = min(dt[0], low), max(dt[1], high)
+        found = decide(trainer, self._checks.check(step, mins), self._checks.any_check)
+        now = logger_step(trainer)
         every = resolve_every_n(trainer, self.every_n_steps)
-        scalars_due = is_due(trainer, every)
+        hist = self.plot_every_n_steps
         # W&B / TensorBoard histograms cost about a millisecond, a PNG figure about 0.1 s:
         # by default the PNG files are drawn 10x less often (an explicit cadence is for both).
-        native_due = is_due(trainer, self.plot_every_n_steps or 10 * every)
-        png_due = is_due(trainer, self.plot_every_n_steps or PNG_FACTOR * 10 * every)
-        plot_due = native_due or png_due
-        now = logger_step(trainer)
-        metrics: dict[str, float] = {}
+        scalars_due = due(now, every)
+        native_due = due(now, hist or 10 * every)
+        png_due = due(now, hist or PNG_FACTOR * 10 * every)
+        if found is None and not (scalars_due or native_due or png_due):
+            self._in_warning = False
+            return  # the common step: counted, checked, nothing to log
         if found is not None:
-            sums["warnings"] += 1
-            message, kinds = self._message(trainer, now, found, step.solves)
+            self._buf_warnings += 1
+            message, kinds = self._checks.message(
+                now, int(trainer.current_epoch), found, solves, trainer.global_rank, world
+            )
             self.warnings.append(
                 {
                     "step": now,
@@ -766,20 +364,17 @@ class SolverStatsMonitor(Monitor):
                     "message": message,
                 }
             )
-            if not self._in_warning and trainer.is_global_zero:
-                print(message, file=sys.stderr, flush=True)
+            if not self._in_warning:
+                rank_zero_warn(message)
         self._in_warning = found is not None
-        pairs: list = []
-        if scalars_due or plot_due or found is not None:
-            out, pairs = self._reduce_step(trainer, step)
-            if scalars_due or found is not None:
-                metrics = self._step_metrics(out, pairs)
-        if metrics:
+        out, pairs = reduce_step(trainer, step, self.per_solve)
+        if scalars_due or found is not None:
+            metrics = step_metrics(out, pairs, self.per_solve)
             metrics["solver/warning"] = 1.0 if found is not None else 0.0
             metrics["solver/warnings"] = float(len(self.warnings))
             self.last_metrics = dict(metrics)
             self._log(trainer, pl_module, metrics)
-        if plot_due and pairs and trainer.is_global_zero and has_plot_sink(trainer):
+        if (native_due or png_due) and pairs and trainer.is_global_zero and has_plot_sink(trainer):
             self._log_step_sizes(trainer, [d for _, d in pairs], now, native_due, png_due)
         if found is not None and self.on_warning == "stop":
             self._stop(trainer, now)
@@ -787,47 +382,31 @@ class SolverStatsMonitor(Monitor):
     def _log(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, float]
     ) -> None:
-        """All keys to the loggers (rank zero, at the logger step); the main ones also to
-        ``callback_metrics`` (``pl_module.log`` costs about 0.5 ms a key: the per-solve keys
-        and the rest go to the loggers only, as :func:`log_scalars` would send them)."""
+        """All keys to the loggers (rank zero, at the logger step, one ``log_metrics`` call);
+        the main ones also to ``callback_metrics``."""
         main = {k: metrics[k] for k in _CALLBACK_METRICS if k in metrics}
-        log_scalars(trainer, pl_module, main, prog_bar=("solver/nfe",) if self.prog_bar else ())
-        if trainer.is_global_zero and trainer.loggers:
-            step = logger_step(trainer)
-            rest = {k: float(v) for k, v in metrics.items() if k not in main}
-            for logger in trainer.loggers:
-                logger.log_metrics(rest, step=step)
+        rest = {k: float(v) for k, v in metrics.items() if k not in main}
+        prog_bar = ("solver/nfe",) if self.prog_bar else ()
+        log_scalars(trainer, pl_module, main, prog_bar=prog_bar, extra=rest)
 
     def _log_step_sizes(
         self, trainer: pl.Trainer, sizes: list[float], step: int, native: bool, png: bool
     ) -> None:
-        """``log10 |dt|`` of the step's accepted steps as a histogram (rank zero): W&B
-        (``wandb.Histogram``, at most 512 bins) and TensorBoard when ``native`` is due, a
-        labelled PNG under a file logger's folder when ``png`` is."""
+        """``log10 |dt|`` of the step's accepted steps as a histogram (rank zero,
+        :func:`log_histogram`): W&B and TensorBoard when ``native`` is due, a labelled PNG under
+        a file logger's folder when ``png`` is."""
         v = torch.tensor(sizes, dtype=torch.float64)
-        v = v[torch.isfinite(v) & (v > 0)].log10()
-        if v.numel() == 0:
-            return
-        key, bins = "solver/step_size_log10", min(self.bins, WANDB_MAX_BINS)
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                if not native:
-                    continue
-                import wandb
-
-                hist = wandb.Histogram(v.numpy(), num_bins=bins)
-                logger.log_metrics({key: hist}, step=step)  # type: ignore[dict-item]
-            elif isinstance(logger, TensorBoardLogger):
-                if native:
-                    logger.experiment.add_histogram(key, v.numpy(), global_step=step)
-            elif png and (log_dir := _file_dir(logger)) is not None:
-                fig = histogram_figure(
-                    v,
-                    bins=bins,
-                    title=f"accepted step sizes, training step {step}, all solves",
-                    xlabel="log10 |dt| of an accepted step (dt in ODE time units)",
-                )
-                save_figure(fig, plot_path(log_dir, key, step))
+        log_histogram(
+            trainer,
+            "solver/step_size_log10",
+            v[v > 0].log10(),
+            step,
+            bins=self.bins,
+            xlabel="log10 |dt| of an accepted step (dt in ODE time units)",
+            title=f"accepted step sizes, training step {step}, all solves",
+            native=native,
+            files=png,
+        )
 
     def _stop(self, trainer: pl.Trainer, step: int) -> None:
         folder = self.checkpoint_dir
@@ -840,40 +419,26 @@ class SolverStatsMonitor(Monitor):
         trainer.save_checkpoint(path)  # every rank calls it (the decision was collective)
         self.stop_checkpoint = path
         trainer.should_stop = True
-        if trainer.is_global_zero:
-            print(
-                f"ode_reg SolverStatsMonitor: stopping the run at training step {step}; "
-                f"checkpoint saved to {path}",
-                file=sys.stderr,
-                flush=True,
-            )
+        rank_zero_info(
+            f"ode_reg SolverStatsMonitor: stopping the run at training step {step}; "
+            f"checkpoint saved to {path}"
+        )
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        sums = self._epoch_sums
-        steps = int(sums["steps"])
-        vals = {name: torch.tensor(sums[name], dtype=torch.float64) for name in _COUNTS}
-        vals["dt_min"] = torch.tensor(self._epoch_dt[0], dtype=torch.float64)
-        vals["dt_max"] = torch.tensor(self._epoch_dt[1], dtype=torch.float64)
-        ops = {**dict.fromkeys(_COUNTS, "sum"), "dt_min": "min", "dt_max": "max"}
-        out = {k: float(v) for k, v in reduce_values(trainer, vals, ops).items()}
+        self._epoch_counts.to(pl_module.device)
+        self._flush(force=True)
+        # A collective under DDP (torchmetrics syncs the states): every rank, every epoch.
+        totals = self._epoch_counts.compute()
+        steps = int(totals["steps"])
         if steps == 0:
+            self._new_epoch(-1)
             return
-        entry: dict[str, Any] = {"epoch": int(trainer.current_epoch), "steps": steps}
-        for name in _COUNTS:
-            entry[f"{name}_per_step"] = out[name] / steps
-        entry["dt_min"] = out["dt_min"] if math.isfinite(out["dt_min"]) else None
-        entry["dt_max"] = out["dt_max"] if math.isfinite(out["dt_max"]) else None
-        entry["warnings"] = int(sums["warnings"])
+        entry, epoch_keys = epoch_entry(totals, int(trainer.current_epoch))
         if self.history and self.history[-1]["epoch"] == entry["epoch"]:
             self.history[-1] = entry
         else:
             self.history.append(entry)
-        epoch_keys = {f"solver/epoch_{n}_per_step": entry[f"{n}_per_step"] for n in _COUNTS}
-        for name in ("dt_min", "dt_max"):
-            if entry[name] is not None:
-                epoch_keys[f"solver/epoch_{name}"] = entry[name]
-        epoch_keys["solver/epoch_warnings"] = float(entry["warnings"])
         # Two keys also to callback_metrics (Lightning logs them at the epoch end); all of
         # them to the loggers directly, at the epoch's last step (pl_module.log costs ~1 ms
         # a key).
@@ -887,8 +452,7 @@ class SolverStatsMonitor(Monitor):
         every = self.plot_every_n_epochs
         if every is not None and (entry["epoch"] + 1) % every == 0:
             self._plot_nfe(trainer)
-        self._reset_epoch(trainer.current_epoch)
-        self._epoch = -1
+        self._new_epoch(-1)
 
     def _plot_nfe(self, trainer: pl.Trainer) -> None:
         h = self.history
@@ -911,15 +475,13 @@ class SolverStatsMonitor(Monitor):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        self._flush()
         return {
             "history": [dict(e) for e in self.history],
             "warnings": [dict(w) for w in self.warnings],
-            "dt_window": list(self._dt_window),
-            "nfe_window": list(self._nfe_window),
-            "adj_window": list(self._adj_window),
+            **self._checks.state_dict(),
             "epoch": self._epoch,
-            "epoch_sums": dict(self._epoch_sums),
-            "epoch_dt": list(self._epoch_dt),
+            "epoch_counts": metric_state(self._epoch_counts),
             "methods": sorted(self._methods),
         }
 
@@ -927,10 +489,8 @@ class SolverStatsMonitor(Monitor):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [dict(e) for e in state_dict["history"]]
         self.warnings = [dict(w) for w in state_dict["warnings"]]
-        self._dt_window = deque(state_dict["dt_window"], maxlen=self.window)
-        self._nfe_window = deque(state_dict["nfe_window"], maxlen=self.window)
-        self._adj_window = deque(state_dict["adj_window"], maxlen=self.adjoint_steps)
-        self._epoch = int(state_dict["epoch"])
-        self._epoch_sums = dict(state_dict["epoch_sums"])
-        self._epoch_dt = list(state_dict["epoch_dt"])
+        self._checks.load_state_dict(state_dict)
+        self._new_epoch(int(state_dict["epoch"]))
+        if "epoch_counts" in state_dict:
+            restore_metric_state(self._epoch_counts, state_dict["epoch_counts"])
         self._methods = set(state_dict.get("methods", ()))

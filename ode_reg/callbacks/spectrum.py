@@ -37,7 +37,7 @@ from ode_reg.functional.spectra import (
     spectral_abscissa,
     spectral_radius,
 )
-from ode_reg.metrics import MeanSpectralAbscissa
+from ode_reg.metrics import MeanSpectralAbscissa, RunningMax
 from ode_reg.plotting import eigenvalue_figure
 from ode_reg.trajectory import Trajectory
 
@@ -100,7 +100,7 @@ def _rows_alone(field: Any, t: Tensor, flat: Tensor, rows: list[int]) -> bool:
     with torch.no_grad():
         try:
             part = field(t, flat[rows])
-        except Exception:  # noqa: BLE001 - e.g. a held per-sample input of the whole batch
+        except (RuntimeError, ValueError, IndexError):  # e.g. a held input of the whole batch
             return False
         if not isinstance(part, Tensor) or part.shape != (len(rows), flat.shape[1]):
             return False
@@ -130,21 +130,9 @@ def _same_field(parts: list[tuple[Any, Tensor, Tensor, Any]]) -> bool:
                     other, ref, rtol=1e-5, atol=scale
                 ):
                     return False
-        except Exception:  # noqa: BLE001 - a field that takes no stacked batch: keep them apart
+        except (RuntimeError, ValueError, IndexError):  # no stacked batch: keep them apart
             return False
     return True
-
-
-def _skew_matrices(pl_module: torch.nn.Module) -> list[Tensor]:
-    from ode_reg.dynamics import AntisymmetricODEFunc, SkewLinearODEFunc
-
-    out = []
-    for m in pl_module.modules():
-        if isinstance(m, AntisymmetricODEFunc):
-            out.append(m.weight - m.weight.mT)
-        elif isinstance(m, SkewLinearODEFunc):
-            out.append(m.A - m.A.mT)
-    return out
 
 
 class SpectrumMonitor(PreStepMonitor):
@@ -185,10 +173,8 @@ class SpectrumMonitor(PreStepMonitor):
     - ``spectrum/abscissa_epoch_mean``: a :class:`~ode_reg.metrics.MeanSpectralAbscissa` of the
       step values, logged ``on_epoch`` (its state is kept in the checkpoint: a run resumed
       mid-epoch logs the uninterrupted value);
-    - with ``structure=True``: ``spectrum/skew_real_max``, ``max |Re lambda(W - W^T)|`` over
-      every :class:`~ode_reg.dynamics.AntisymmetricODEFunc` (and ``A - A^T`` of every
-      :class:`~ode_reg.dynamics.SkewLinearODEFunc`), which should be ~0; for orthogonal flows
-      (weights ``W_k`` on the trajectory), with ``Q_k = W_k^T W_K``:
+    - with ``structure=True``, for orthogonal flows (weights ``W_k`` on the trajectory), with
+      ``Q_k = W_k^T W_K``:
       ``spectrum/flow_q_min_real`` (``min Re lambda(Q_k)``, the quantity the spectral
       constraint bounds below by ``gamma``) and ``spectrum/flow_q_circle_dist``
       (``max ||lambda| - 1|``, ~0 for orthogonal ``W_k``).
@@ -226,6 +212,10 @@ class SpectrumMonitor(PreStepMonitor):
         >>> monitor = SpectrumMonitor(every_n_steps=50, num_samples=4, num_checkpoints=3)
         >>> trainer = L.Trainer(callbacks=[monitor])
     """
+
+    #: ``spectrum/abscissa_running_max``: the largest abscissa since the start (a
+    #: ``MaxMetric``).
+    running_max_abscissa = RunningMax(float("-inf"), nan_strategy="ignore")
 
     def __init__(
         self,
@@ -269,7 +259,6 @@ class SpectrumMonitor(PreStepMonitor):
         self.dense_max_dim = dense_max_dim
         self.krylov_dim = krylov_dim
         self.restarts = restarts
-        self.running_max_abscissa = float("-inf")
         self.epoch_mean = MeanSpectralAbscissa()
         #: The eigenvalues of the last computation (``None`` before): ``"jacobian"``
         #: ``(n, d)`` complex (Ritz values ``(n, krylov_dim)`` with the Krylov method),
@@ -354,8 +343,7 @@ class SpectrumMonitor(PreStepMonitor):
         record = getattr(pl_module, "ode_step", None)
         with torch.enable_grad():
             if record is not None:
-                chains = getattr(record, "chains", None) or record.groups
-                for traj in chains:
+                for traj in record.groups:
                     eigs, method = self._chain_eigs(traj)
                     jac_eigs.extend(eigs)
                     methods.append(method)
@@ -367,12 +355,6 @@ class SpectrumMonitor(PreStepMonitor):
                 values["spectrum/abscissa_mean"] = per.mean()
                 values["spectrum/radius"] = torch.cat([spectral_radius(e) for e in jac_eigs]).max()
             if self.structure:
-                skews = _skew_matrices(pl_module)
-                if skews:
-                    worst = [
-                        torch.linalg.eigvals(s.detach().double()).real.abs().max() for s in skews
-                    ]
-                    values["spectrum/skew_real_max"] = torch.stack(worst).max()
                 if record is not None:
                     for tr in record.trajectories:
                         if tr.weights is None or not _is_orthogonal_flow(tr.func):
@@ -414,7 +396,7 @@ class SpectrumMonitor(PreStepMonitor):
             metrics: dict[str, Tensor | float] = dict(values)
             if "spectrum/abscissa" in values:
                 a = values["spectrum/abscissa"]
-                self.running_max_abscissa = max(self.running_max_abscissa, float(a))
+                type(self).running_max_abscissa.fold(self, float(a))
                 metrics["spectrum/abscissa_running_max"] = self.running_max_abscissa
                 self.epoch_mean.update(a.detach())
             log_scalars(trainer, pl_module, metrics)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ode_reg._checks import check_int, check_range
-from ode_reg.dynamics._activations import ACTIVATIONS, get_activation
+from ode_reg.dynamics._activations import get_activation
 
 __all__ = ["AntisymmetricODEFunc"]
 
@@ -148,9 +148,10 @@ class AntisymmetricODEFunc(nn.Module):
         self._input = u
 
     def ode_reg_snapshot(self) -> dict[str, object]:
-        """The held input signal; :func:`ode_reg.integrate` restores it when the field is
-        evaluated after the solve (sensitivities, skew-Jacobian penalty, spectra), so each
-        step of an ODE-RNN is evaluated with its own input."""
+        """The held input signal (:class:`~ode_reg.protocol.HoldsInputs`):
+        :func:`ode_reg.integrate` restores it when the field is evaluated after the solve
+        (sensitivities, skew-Jacobian penalty, spectra), so each step of an ODE-RNN is
+        evaluated with its own input."""
         return {"_input": self._input}
 
     def input_at(self, t: Tensor) -> Tensor | None:
@@ -184,7 +185,3 @@ class AntisymmetricODEFunc(nn.Module):
         if self.gate_bias is not None:
             gate = gate + self.gate_bias
         return torch.sigmoid(gate) * out
-
-
-#: Activation names accepted by :class:`AntisymmetricODEFunc` (and :class:`OrthogonalFlow`).
-ACCEPTED_ACTIVATIONS = tuple(sorted(ACTIVATIONS))

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ode_reg._checks import check_int, check_range
 from ode_reg.dynamics._activations import get_activation
+from ode_reg.protocol import DEFAULT_ATOL, DEFAULT_RTOL, IntegratorCall, SelfIntegratingField
 
 __all__ = ["STEPS", "OrthogonalFlow"]
 
@@ -33,7 +33,7 @@ def _num_steps(span: float, step_size: float) -> int:
     return max(1, math.ceil(abs(span) / step_size * (1.0 - 1e-9)))
 
 
-class OrthogonalFlow(nn.Module):
+class OrthogonalFlow(SelfIntegratingField, nn.Module):
     """``dz/dt = sigma(W_t z)``, ``dW/dt = W b_theta(W, t)``, acting row-wise on ``z (B, dim)``.
 
     **Generator** ``b_theta``: by default ``b_theta(W, t) = skew(B0 + t B1)`` with
@@ -49,15 +49,19 @@ class OrthogonalFlow(nn.Module):
     ``[-pi, pi]``. ``C`` is a fixed buffer (default) or, with ``learn_initial=True``, a
     parameter: ``W_0`` is then learnable and orthogonal by construction.
 
-    **Integration** (by :func:`ode_reg.integrate`, which calls :meth:`ode_reg_integrate`):
+    **Integration** (:class:`~ode_reg.protocol.SelfIntegratingField`: by :meth:`ode_reg_integrate`
+    on every call of :func:`ode_reg.integrate`, :func:`ode_reg.odeint` and
+    :func:`ode_reg.odeint_adjoint`, in training and evaluation alike; ``odeint_adjoint``
+    differentiates through these steps):
     each checkpoint interval is cut into ``ceil(interval / step_size)`` equal sub-steps ``h``.
     ``z`` advances by classical RK4 with ``W`` at the stage times: for ``step="exp"``
     ``W_{n+1/2} = W_n exp(h/2 b(W_n, t_n))``, ``W_{n+1} = W_n exp(h b(W_{n+1/2}, t_n + h/2))``
     (the exponential midpoint rule, second order, on the group); ``step="cayley"`` uses
     ``cay(X) = (I - X/2)^{-1} (I + X/2)`` in place of ``exp``; ``step="rk4"`` is the baseline
     that drifts: classical RK4 on the pair ``(z, W)``. The step size is ``step_size`` unless
-    ``options={"step_size": h}`` is passed to ``integrate``; the only accepted ``method`` is
-    ``"rk4"`` (the rule for ``z``).
+    ``options={"step_size": h}`` is passed; the only accepted ``method`` is ``"rk4"`` (the rule
+    for ``z``). The step is fixed: ``rtol``/``atol`` other than the defaults, ``event_fn`` and
+    the ``adjoint_*`` keywords are refused by name.
 
     **Precision**: ``W`` is integrated in ``weight_dtype`` (default float64) and cast to the
     state's dtype where it meets ``z``. In float32, 1000 products of 64 x 64 orthogonal factors
@@ -256,29 +260,43 @@ class OrthogonalFlow(nn.Module):
         return self._act(z @ weight.to(z.dtype).mT)
 
     def ode_reg_integrate(
-        self, y0: Tensor, grid: Tensor, *, method: str | None, options: dict[str, Any] | None
+        self, y0: Tensor, grid: Tensor, call: IntegratorCall
     ) -> tuple[list[Tensor], list[Tensor]]:
-        """Advance ``(z, W)`` over the checkpoint ``grid``; the protocol of :func:`ode_reg.integrate`.
+        """Advance ``(z, W)`` over the checkpoint ``grid`` (:class:`SelfIntegratingField`).
 
         Args:
             y0: initial state ``(B, dim)``; ``states[0]`` is this very tensor.
             grid: increasing 1-D checkpoint times; ``grid[0]`` is the start.
-            method: ``"rk4"`` (the rule for ``z``) or ``None``.
-            options: ``None`` or ``{"step_size": h}`` overriding ``step_size``.
+            call: ``method`` must be ``"rk4"`` (the rule for ``z``) or ``None``; ``options``
+                ``None`` or ``{"step_size": h}`` overriding ``step_size``; ``rtol``/``atol``
+                the defaults (the step is fixed); ``record`` does not matter (the states are
+                on the autograd path either way).
 
         Returns:
             ``(states, weights)``: ``z_k`` and ``W_k`` (in ``y0``'s dtype) at every grid time,
             all on the autograd path from the parameters and ``y0``.
 
         Raises:
-            ValueError: on another ``method``, unknown ``options`` keys or a step size ``<= 0``.
+            ValueError: on another ``method``, unknown ``options`` keys, a step size ``<= 0``,
+                or a ``rtol``/``atol`` that is not the default.
         """
+        method = call.method
         if method not in (None, "rk4"):
             raise ValueError(
                 "`method` must be 'rk4' for OrthogonalFlow (z advances by RK4, W by the "
                 f"`step` rule {self.step!r}), got {method!r}"
             )
-        opts = dict(options or {})
+        for name, value, default in (
+            ("rtol", call.rtol, DEFAULT_RTOL),
+            ("atol", call.atol, DEFAULT_ATOL),
+        ):
+            if value != default:
+                raise ValueError(
+                    f"`{name}` has no effect on OrthogonalFlow, which steps with a fixed "
+                    f"`step_size` ({self.step_size:g}; options={{'step_size': h}} sets it), got "
+                    f"{value!r}"
+                )
+        opts = dict(call.options or {})
         step_size = opts.pop("step_size", self.step_size)
         if opts:
             raise ValueError(

@@ -8,10 +8,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchdiffeq._impl.odeint import odeint as _td_odeint
 
 from ode_reg._checks import check_int, check_range
-from ode_reg.trajectory import IntegrationError
+from ode_reg._probe import odeint_error
+from ode_reg._probe import td_odeint as _td_odeint
+from ode_reg.protocol import IntegratorCall, SelfIntegratingField
 
 __all__ = ["SkewLinearODEFunc"]
 
@@ -32,7 +33,7 @@ def _as_times(name: str, t: float | Tensor, like: Tensor) -> Tensor:
     return out
 
 
-class SkewLinearODEFunc(nn.Module):
+class SkewLinearODEFunc(SelfIntegratingField, nn.Module):
     """``dz/dt = alpha (A - A^T) z`` with ``dA/dt = g(A)``, acting row-wise on ``z (B, dim)``.
 
     For every ``g``, ``|z(t)| = |z(0)|`` and ``z(t) = Q_t z(0)`` with
@@ -45,12 +46,17 @@ class SkewLinearODEFunc(nn.Module):
     ``Q_t = matrix_exp(alpha (t - t0) (A - A^T))``. With a ``g``, ``A(t)`` solves
     ``dA/dt = g(A)``, ``A(t0) = A``:
 
-    - :func:`ode_reg.integrate` solves ``(z, A)`` jointly with the requested torchdiffeq
-      method on each checkpoint interval and records ``A_k`` as the trajectory's ``weights``
-      (``weights_orthogonal = False``); ``A_k`` depend on ``theta`` through autograd, not on
-      ``z``, so the sensitivity density ``y_k = a_k df(t_k, z_k)/dtheta`` is exact. Solver
-      tolerances may be passed as ``options["rtol"]``/``options["atol"]`` (defaults
-      ``1e-7``/``1e-9``, those of ``integrate``); ``adjoint=True`` is not used on this path.
+    - the field integrates itself (:class:`~ode_reg.protocol.SelfIntegratingField`) on every
+      call of :func:`ode_reg.integrate`, :func:`ode_reg.odeint` and
+      :func:`ode_reg.odeint_adjoint`: ``(z, A)`` are solved jointly by torchdiffeq with the
+      call's ``method``, ``options``, ``rtol`` and ``atol`` (``event_fn`` and the
+      ``adjoint_*`` keywords are refused by name). Outside a recorded step (and without
+      grad) that is one solve over the requested times, the same as
+      ``torchdiffeq.odeint(f, (z0, f.A), t)[0]``; a recorded solve (grad on) restarts at
+      each checkpoint so that every ``z_k`` is on the autograd path, and records ``A_k`` as
+      the trajectory's ``weights`` (``weights_orthogonal = False``). ``A_k`` depend on
+      ``theta`` through autograd, not on ``z``, so the sensitivity density
+      ``y_k = a_k df(t_k, z_k)/dtheta`` is exact.
     - ``forward(t, (z, A))`` (a tuple state) returns ``(dz/dt, g(A))``, for
       ``torchdiffeq.odeint`` on the pair.
     - ``forward(t, z)`` (a tensor) first integrates ``A`` from ``t0`` to ``t`` with RK4 of step
@@ -204,47 +210,57 @@ class SkewLinearODEFunc(nn.Module):
         q = torch.stack(out)
         return q.reshape(*tt.shape, self.dim, self.dim)
 
-    # --- ode_reg.integrate protocol (used only when g is given) ---------------------------
+    # --- the SelfIntegratingField protocol (used only when g is given) --------------------
 
     @property
-    def ode_reg_integrate(self) -> Callable[..., Any] | None:
-        """The joint ``(z, A)`` integrator used by :func:`ode_reg.integrate` when ``g`` is given.
+    def integrates_itself(self) -> bool:
+        """Whether ``(z, A)`` are integrated jointly (``g`` given); with ``g=None`` the field is
+        an ordinary autonomous field (and ``odeint_adjoint`` solves the adjoint ODE)."""
+        return self.g is not None
 
-        ``None`` when ``g`` is None: ``integrate`` then treats :meth:`forward` as an ordinary
-        field (and ``adjoint=True`` is available).
-        """
-        return None if self.g is None else self._integrate_jointly
-
-    def _integrate_jointly(
-        self, y0: Tensor, grid: Tensor, *, method: str | None, options: dict[str, Any] | None
+    def ode_reg_integrate(
+        self, y0: Tensor, grid: Tensor, call: IntegratorCall
     ) -> tuple[list[Tensor], list[Tensor]]:
-        opts = dict(options or {})
-        rtol = opts.pop("rtol", 1e-7)
-        atol = opts.pop("atol", 1e-9)
+        """Solve ``(z, A)`` jointly with torchdiffeq over ``grid``.
+
+        Args:
+            y0: initial state ``(B, dim)``.
+            grid: increasing checkpoint times.
+            call: torchdiffeq's ``method`` (``None``: ``"dopri5"``), ``options``, ``rtol`` and
+                ``atol``, all passed on; with ``record`` the solve restarts at each grid time,
+                so that each ``z_k`` is on the autograd path (else one solve, its values at
+                the grid times).
+
+        Returns:
+            ``(states, weights)``: ``z_k`` and ``A_k`` at the grid times.
+
+        Raises:
+            IntegrationError: if an adaptive solver fails (with the time reached).
+        """
+        kw = {
+            "method": call.method or "dopri5",
+            "options": call.options,
+            "rtol": call.rtol,
+            "atol": call.atol,
+        }
         a = self.weight_at(grid[0])
+        if not call.record:
+            zs, As = self._solve((y0, a.to(y0.dtype)), grid, kw)
+            return [y0, *zs[1:].unbind(0)], [a, *As[1:].unbind(0)]
         z = y0
         states, weights = [y0], [a]
         for k in range(1, grid.numel()):
-            ta, tb = grid[k - 1], grid[k]
-            try:
-                zs, As = _td_odeint(
-                    self,
-                    (z, a.to(z.dtype)),
-                    torch.stack([ta, tb]),
-                    method=method or "dopri5",
-                    options=opts or None,
-                    rtol=rtol,
-                    atol=atol,
-                )
-            except AssertionError as exc:
-                raise IntegrationError(
-                    f"solver '{method}' failed on [{ta.item():g}, {tb.item():g}] for field "
-                    f"SkewLinearODEFunc: {exc or 'assertion in solver'}; reached t = {ta.item():g}"
-                ) from exc
+            zs, As = self._solve((z, a.to(z.dtype)), grid[k - 1 : k + 1], kw)
             z, a = zs[-1], As[-1]
             states.append(z)
             weights.append(a)
         return states, weights
+
+    def _solve(self, y0: tuple[Tensor, Tensor], times: Tensor, kw: dict[str, Any]) -> Any:
+        try:
+            return _td_odeint(self, y0, times, **kw)
+        except AssertionError as exc:
+            raise odeint_error(exc, kw["method"], self) from exc
 
     def ode_reg_field_at(self, t: Tensor, z: Tensor, weight: Tensor) -> Tensor:
         """``f(t, z)`` given ``A(t) = weight`` (used for the sensitivity density)."""

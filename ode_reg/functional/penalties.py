@@ -7,17 +7,28 @@ Frobenius norm) are integrals over time with units, zero exactly for ``f = 0``.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from ode_reg._checks import check_gamma, check_int, check_range, check_square
+from ode_reg._once import say_once
 
 
 def _log_norm(x: Tensor, dims: tuple[int, ...], eps: float) -> Tensor:
     # 0.5 * log(|x|^2 + eps): smooth at x = 0, equal to log|x| for |x|^2 >> eps.
     return 0.5 * torch.log(x.pow(2).sum(dim=dims) + eps)
+
+
+def _log_ratio_mse(logn: Tensor, ref: int) -> Tensor:
+    """``mean_{k != ref} (logn_k - logn_ref)^2`` over dim 0 (and the rest): the magnitude terms'
+    common form."""
+    diff = logn - logn[ref]
+    keep = torch.ones(logn.shape[0], dtype=torch.bool, device=logn.device)
+    keep[ref] = False
+    return diff[keep].pow(2).mean()
 
 
 def _check_reference(reference: int, n: int) -> int:
@@ -68,11 +79,7 @@ def adjoint_magnitude_penalty(adjoints: Tensor, reference: int = -1, eps: float 
     # Each sample relative to its own reference norm (a constant: the ratios are unchanged),
     # so that eps guards relative to the sample's scale, whatever the loss weighs it.
     scale = sq[ref].detach().clamp_min(torch.finfo(sq.dtype).tiny)
-    logn = 0.5 * torch.log(sq / scale + eps)
-    diff = logn - logn[ref]
-    mask = torch.ones(adjoints.shape[0], dtype=torch.bool, device=adjoints.device)
-    mask[ref] = False
-    return diff[mask].pow(2).mean()
+    return _log_ratio_mse(0.5 * torch.log(sq / scale + eps), ref)
 
 
 def sensitivity_magnitude_penalty(sens: Tensor, reference: int = -1, eps: float = 1e-20) -> Tensor:
@@ -99,11 +106,7 @@ def sensitivity_magnitude_penalty(sens: Tensor, reference: int = -1, eps: float 
     _check_stack("sens", sens, 2)
     check_range("eps", eps, 0.0, low_open=True)
     ref = _check_reference(reference, sens.shape[0])
-    logn = _log_norm(sens.flatten(1), (1,), eps)
-    diff = logn - logn[ref]
-    mask = torch.ones(sens.shape[0], dtype=torch.bool, device=sens.device)
-    mask[ref] = False
-    return diff[mask].pow(2).mean()
+    return _log_ratio_mse(_log_norm(sens.flatten(1), (1,), eps), ref)
 
 
 def directional_penalty(
@@ -231,13 +234,17 @@ def skew_jacobian_penalty(
         span = float((times[-1] - times[0]).abs())
     check_range("span", span, 0.0)
     vs = rademacher_probes(states.unbind(0), probes, generator)
-    try:
-        total = skew_sum_vmap(lambda t, x, _values: func(t, x), times, states, vs)
-    except Exception:  # noqa: BLE001 - a field vmap cannot trace: checkpoint by checkpoint
-        fields = [lambda x, _t=t: func(_t, x) for t in times.unbind(0)]
-        total = skew_sum_loop(fields, states, vs)
-    d = states[0, 0].numel()
-    return span**2 * total / (states.shape[0] * probes * d)
+    with torch.enable_grad():
+        zs = states if states.requires_grad else states.detach().requires_grad_(True)
+        out = evaluate_stacked(
+            lambda t, z, _values: func(t, z),
+            times,
+            zs,
+            fallback=lambda k, z: func(times[k], z),
+            name=getattr(func, "__qualname__", type(func).__name__),
+        )
+        estimates = skew_hutchinson(out, zs, vs)
+    return span**2 * estimates.mean()
 
 
 def rademacher_probes(
@@ -254,55 +261,108 @@ def rademacher_probes(
     return vs.reshape(len(states), probes, *states[0].shape)
 
 
-def skew_sum_vmap(
-    evaluate: Callable[..., Tensor],
+def skew_hutchinson(out: Tensor, states: Tensor, vs: Tensor, mask: Tensor | None = None) -> Tensor:
+    """The Hutchinson estimate of ``|sym J|_F^2 / d`` at each of ``n`` states: the one
+    implementation of ``R_skew``'s estimator (MATH.md, regularizer 5).
+
+    Per state ``k``: ``(1 / P) sum_p |m * S v_{k,p}|^2 / c`` with ``S = 1/2 (J + J^T)``,
+    ``J = d out_k / d z_k`` (block diagonal over samples for a field that acts on each sample
+    independently), ``m`` the ``mask`` (``None``: every coordinate) and ``c`` the number of
+    coordinates it keeps in one state (``B d``: the sum over samples of ``|S_i v_i|^2 / d``
+    divided by ``B``, i.e. the batch mean of ``|S_i v_i|^2 / d``). ``J^T v`` is a
+    vector-Jacobian product with the cotangent ``u = v`` held as a leaf, and ``J v`` the VJP of
+    the linear map ``u -> J^T u`` in ``u`` (double VJP): two backward calls per probe for all
+    ``n`` states together; unbiased since ``E[v v^T] = I``.
+
+    Args:
+        out: ``(n, ...)`` the field at the states, a function of ``states`` (one evaluation of
+            all of them: :func:`evaluate_stacked`).
+        states: ``(n, ...)`` the states ``out`` was evaluated at (requires grad).
+        vs: ``(n, P, ...)`` probes (:func:`rademacher_probes`; masked or not).
+        mask: ``(...)`` or broadcastable 0/1 weights of the coordinates to keep.
+
+    Returns:
+        ``(n,)`` per-state estimates, differentiable in what ``out`` depends on.
+    """
+    n, probes = vs.shape[0], vs.shape[1]
+    count = states[0].numel() if mask is None else float(mask.expand_as(states[0]).sum())
+    if not out.requires_grad:
+        return out.new_zeros(n)
+    total = out.new_zeros(n)
+    for p in range(probes):
+        v = vs[:, p]
+        # u = v as a leaf: J^T u is J^T v, and (J^T u linear in u) its VJP in u with v is J v.
+        u = v.detach().clone().requires_grad_(True)
+        (jtv,) = torch.autograd.grad(out, states, u, create_graph=True, retain_graph=True)
+        (jv,) = torch.autograd.grad(jtv, u, v, create_graph=True, retain_graph=True)
+        sv = 0.5 * (jv + jtv)
+        if mask is not None:
+            sv = sv * mask
+        total = total + sv.pow(2).flatten(1).sum(1)
+    return total / (probes * count)
+
+
+#: Fields whose stacked (``vmap``) evaluation failed once: evaluated checkpoint by checkpoint
+#: from then on, without trying again (weak keys: a field that goes away is forgotten).
+_UNSTACKABLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def announce_fallback(name: str, err: BaseException, transform: str, instead: str) -> None:
+    """Say once per field name and transform that ``transform`` failed on the field and what is
+    done instead, with the cost (one line)."""
+    text = str(err).strip()
+    first = text.splitlines()[0][:160] if text else ""
+    say_once(
+        f"ode_reg: {transform} cannot trace the field {name} ({type(err).__name__}: {first}); "
+        f"{instead}",
+        key=f"{transform}:{name}",
+    )
+
+
+def announce_unstackable(name: str, err: BaseException) -> None:
+    """:func:`announce_fallback` for the stacked evaluation at all checkpoints (``vmap``)."""
+    announce_fallback(
+        name,
+        err,
+        "torch.func.vmap",
+        "the field is evaluated one checkpoint at a time instead of at all checkpoints in one "
+        "call (same values; one field call and one backward node per checkpoint: slower for "
+        "many checkpoints)",
+    )
+
+
+def evaluate_stacked(
+    evaluate: Callable[[Tensor, Tensor, Sequence[Tensor]], Tensor],
     times: Tensor,
     states: Tensor,
-    vs: Tensor,
     values: Sequence[Tensor] = (),
+    *,
+    fallback: Callable[[int, Tensor], Tensor],
+    name: str,
+    key: object = None,
 ) -> Tensor:
-    """``sum_{k,p} mean_i |1/2 (J + J^T) v_{k,p,i}|^2`` in one ``vmap`` over checkpoints.
+    """The field at ``n`` states in one ``torch.func.vmap`` call over (time, state, values),
+    as one autograd tensor ``(n, ...)`` of ``states`` (and of everything the field reads).
 
-    ``evaluate(t, z, values)`` is the field at one checkpoint, ``values`` its per-checkpoint
-    tensors (stacked along dim 0, like ``times``, ``states`` and ``vs``). Raises whatever
-    ``vmap`` raises on a field it cannot trace.
+    A field that ``vmap`` cannot trace (data-dependent control flow, ``.item()``, an
+    ``autograd.grad`` inside the field such as a CNF's divergence) raises ``RuntimeError`` or
+    ``NotImplementedError`` in ``vmap``: it is then evaluated one state at a time with
+    ``fallback(k, states[k])`` (same values; one call per state instead of one in all), said
+    once per field name with that cost, and (when ``key`` is given: the field object) not
+    tried in ``vmap`` again. An error of the field itself is raised again by the fallback.
     """
-
-    def one(t: Tensor, z: Tensor, v: Tensor, *vals: Tensor) -> Tensor:
-        def f(x: Tensor) -> Tensor:
-            return evaluate(t, x, vals)
-
-        out, vjp = torch.func.vjp(f, z)
-        # J v as the VJP of the (linear) map u -> J^T u: cheaper here than forward mode, and
-        # the same value.
-        _, vjp_of_vjp = torch.func.vjp(lambda u: vjp(u)[0], torch.zeros_like(out))
-        total = z.new_zeros(())
-        for p in range(v.shape[0]):
-            (jtv,) = vjp(v[p])
-            (jv,) = vjp_of_vjp(v[p])
-            sv = 0.5 * (jv + jtv)
-            total = total + sv.pow(2).flatten(1).sum(1).mean()
-        return total
-
-    return torch.func.vmap(one)(times, states, vs, *values).sum()
-
-
-def skew_sum_loop(
-    fields: Sequence[Callable[[Tensor], Tensor]], states: Tensor, vs: Tensor
-) -> Tensor:
-    """The same sum as :func:`skew_sum_vmap`, one checkpoint and one probe at a time;
-    ``fields[k](z)`` is the field at checkpoint ``k``."""
-    total = states.new_zeros(())
-    for k, f in enumerate(fields):
-        z = states[k]
-        if not z.requires_grad:
-            z = z.detach().requires_grad_(True)
-        for v in vs[k]:
-            out, jv = torch.func.jvp(f, (z,), (v,))
-            (jtv,) = torch.autograd.grad(out, z, v, create_graph=True)
-            sv = 0.5 * (jv + jtv)
-            total = total + sv.pow(2).flatten(1).sum(1).mean()
-    return total
+    stackable = key is None or not _UNSTACKABLE.get(key, False)
+    if stackable:
+        try:
+            return torch.func.vmap(lambda t, z, *vals: evaluate(t, z, vals))(times, states, *values)
+        except (RuntimeError, NotImplementedError) as err:
+            if key is not None:
+                try:
+                    _UNSTACKABLE[key] = True
+                except TypeError:  # not weak-referenceable: try again next time
+                    pass
+            announce_unstackable(name, err)
+    return torch.stack([fallback(k, states[k]) for k in range(states.shape[0])])
 
 
 # --------------------------------------------------------------------------- RNODE's terms

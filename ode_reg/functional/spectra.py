@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from ode_reg.functional.penalties import announce_fallback
+
 __all__ = [
     "jacobian",
     "jacobian_eigvals",
@@ -100,7 +102,17 @@ def jacobian(func: Callable[[Tensor, Tensor], Tensor], t: float | Tensor, z: Ten
 
     try:
         jac = torch.func.jacrev(summed)(z).movedim(0, 1)  # (d_out, B, d_in) -> (B, d_out, d_in)
-    except Exception:  # noqa: BLE001 - any torch.func tracing failure: use plain autograd
+    except (RuntimeError, NotImplementedError) as err:  # what torch.func raises on a field
+        # it cannot trace (data-dependent control flow, .item(), autograd.grad inside): plain
+        # autograd, one output coordinate at a time; said once per field. A genuine error of
+        # the field is raised again there.
+        announce_fallback(
+            getattr(func, "__qualname__", type(func).__name__),
+            err,
+            "torch.func.jacrev",
+            "its Jacobian is taken by plain autograd instead (same values; d backward passes "
+            "instead of one vectorized one)",
+        )
         jac = _jacobian_loop(func, tt, z)
     b, d = z.shape
     if jac.shape != (b, d, d):
