@@ -348,7 +348,8 @@ def test_data_module_trainer_error_names_the_cli_flag_before_wandb_starts(
     with pytest.raises(ConfigError) as info:
         run(["fit", "--config", str(recipe)])
     message = str(info.value)
-    assert message.startswith("DigitsDataModule: --data.init_args.pixel_noise_std 0.4 draws")
+    sigma = yaml.safe_load(recipe.read_text())["data"]["init_args"]["pixel_noise_std"]
+    assert message.startswith(f"DigitsDataModule: --data.init_args.pixel_noise_std {sigma:g} draws")
     assert "--trainer.reload_dataloaders_every_n_epochs 1" in message
     assert len(message.splitlines()) <= 3
     assert not list(tmp_path.rglob("offline-run-*")) and not list(tmp_path.rglob("latest-run"))

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
+from sklearn.model_selection import train_test_split
 from torch import Tensor
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
@@ -53,6 +54,43 @@ def check_fraction(name: str, value: float, n_total: int, min_count: int, min_re
             f"`{name}` must hold out between {min_count} and {n_total - min_rest} of "
             f"{n_total} samples, got {value!r} ({held_out} samples)"
         )
+
+
+def check_split_fractions(
+    test_fraction: float, val_fraction: float, n_total: int, min_count: int
+) -> None:
+    """Raise ``ValueError`` unless the two fractions of :func:`stratified_splits` each leave at
+    least ``min_count`` samples on both sides (the test side of ``n_total`` samples, then the
+    validation side of the rest).
+    """
+    check_fraction("test_fraction", test_fraction, n_total, min_count, 2 * min_count)
+    n_rest = n_total - math.ceil(test_fraction * n_total)
+    check_fraction("val_fraction", val_fraction, n_rest, min_count, min_count)
+
+
+def stratified_splits(
+    labels: np.ndarray, test_fraction: float, val_fraction: float, seed: int
+) -> dict[str, np.ndarray]:
+    """Indices of the train / val / test splits of samples labelled ``labels``, by class.
+
+    ``test_fraction`` of all samples is held out for testing and ``val_fraction`` of the rest
+    for validation, both with ``sklearn.model_selection.train_test_split(stratify=...,
+    random_state=seed)``.
+
+    Example::
+
+        >>> idx = stratified_splits(np.repeat([0, 1], 50), 0.2, 0.25, seed=0)
+        >>> {k: len(v) for k, v in idx.items()}
+        {'train': 60, 'val': 20, 'test': 20}
+    """
+    index = np.arange(len(labels))
+    rest, test = train_test_split(
+        index, test_size=test_fraction, stratify=labels, random_state=seed
+    )
+    train, val = train_test_split(
+        rest, test_size=val_fraction, stratify=labels[rest], random_state=seed
+    )
+    return {"train": train, "val": val, "test": test}
 
 
 class EpochShuffle(RandomSampler):
@@ -297,3 +335,47 @@ class SplitDataModule(LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """Test batches ``(x, y)`` in a fixed order."""
         return self._loader("test", shuffle=False)
+
+
+class GeneratedDataModule(SplitDataModule):
+    """Base class of the data made on the fly: ``n_train`` / ``n_val`` / ``n_test`` samples,
+    each split drawn from its own stream :func:`split_rng` by :meth:`_make`.
+
+    Subclasses validate their own arguments, call ``super().__init__`` and implement
+    ``_make(n, rng) -> (x, y)``.
+
+    Args:
+        n_train: training samples, an integer >= 1.
+        n_val: validation samples, an integer >= 1.
+        n_test: test samples, an integer >= 1.
+        batch_size: samples per batch, an integer >= 1.
+        num_workers: ``DataLoader`` worker processes, an integer >= 0.
+        seed: seed of the data and of the training-set shuffling, an integer >= 0.
+
+    Raises:
+        ValueError: if an argument lies outside the range above (the message names it).
+    """
+
+    def __init__(
+        self,
+        n_train: int,
+        n_val: int,
+        n_test: int,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        check_int("n_train", n_train, 1)
+        check_int("n_val", n_val, 1)
+        check_int("n_test", n_test, 1)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
+        self.n_train = n_train
+        self.n_val = n_val
+        self.n_test = n_test
+
+    def _make(self, n: int, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def _generate(self) -> dict[str, tuple[Tensor, Tensor]]:
+        sizes = {"train": self.n_train, "val": self.n_val, "test": self.n_test}
+        return {s: self._make(sizes[s], split_rng(self.seed, s)) for s in SPLITS}

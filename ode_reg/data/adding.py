@@ -7,10 +7,10 @@ import torch
 from torch import Tensor
 
 from ode_reg._checks import check_int
-from ode_reg.data._base import SPLITS, SplitDataModule, split_rng
+from ode_reg.data._base import GeneratedDataModule
 
 
-class AddingDataModule(SplitDataModule):
+class AddingDataModule(GeneratedDataModule):
     """Sequences of (value, marker) pairs; the target is the sum of the two marked values.
 
     Each step carries a value drawn from U(0, 1) and a marker in {0, 1}. Exactly one marker is
@@ -67,15 +67,9 @@ class AddingDataModule(SplitDataModule):
         seed: int = 0,
     ) -> None:
         check_int("seq_len", seq_len, 2)
-        check_int("n_train", n_train, 1)
-        check_int("n_val", n_val, 1)
-        check_int("n_test", n_test, 1)
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
+        super().__init__(n_train, n_val, n_test, batch_size, num_workers, seed)
         self.save_hyperparameters()
         self.seq_len = seq_len
-        self.n_train = n_train
-        self.n_val = n_val
-        self.n_test = n_test
 
     def _make(self, n: int, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
         t = self.seq_len
@@ -91,7 +85,3 @@ class AddingDataModule(SplitDataModule):
         x = torch.from_numpy(np.stack([values, markers], axis=-1))
         y = torch.from_numpy(target[:, None])
         return x, y
-
-    def _generate(self) -> dict[str, tuple[Tensor, Tensor]]:
-        sizes = {"train": self.n_train, "val": self.n_val, "test": self.n_test}
-        return {s: self._make(sizes[s], split_rng(self.seed, s)) for s in SPLITS}

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ode_reg._checks import check_int
-from ode_reg.data._base import SPLITS, SplitDataModule, split_rng
+from ode_reg.data._base import GeneratedDataModule
 
 
-class CopyingDataModule(SplitDataModule):
+class CopyingDataModule(GeneratedDataModule):
     """Remember ``n_copy`` symbols over ``delay`` steps and reproduce them after a marker.
 
     Standard formulation (Arjovsky, Shah & Bengio 2016), with ``T = delay``, ``K = n_copy``
@@ -81,17 +81,11 @@ class CopyingDataModule(SplitDataModule):
         check_int("delay", delay, 1)
         check_int("n_symbols", n_symbols, 2)
         check_int("n_copy", n_copy, 1)
-        check_int("n_train", n_train, 1)
-        check_int("n_val", n_val, 1)
-        check_int("n_test", n_test, 1)
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
+        super().__init__(n_train, n_val, n_test, batch_size, num_workers, seed)
         self.save_hyperparameters()
         self.delay = delay
         self.n_symbols = n_symbols
         self.n_copy = n_copy
-        self.n_train = n_train
-        self.n_val = n_val
-        self.n_test = n_test
         self.seq_len = delay + 2 * n_copy
         self.input_dim = n_symbols + 2
         self.num_classes = n_symbols + 1
@@ -113,7 +107,3 @@ class CopyingDataModule(SplitDataModule):
         target[:, -k:] = symbols
         x = F.one_hot(torch.from_numpy(tokens), self.input_dim).to(torch.float32)
         return x, torch.from_numpy(target)
-
-    def _generate(self) -> dict[str, tuple[Tensor, Tensor]]:
-        sizes = {"train": self.n_train, "val": self.n_val, "test": self.n_test}
-        return {s: self._make(sizes[s], split_rng(self.seed, s)) for s in SPLITS}

@@ -7,12 +7,16 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from ode_reg._checks import check_int, check_range
-from ode_reg.data._base import SplitDataModule, check_fraction, split_rng
+from ode_reg.data._base import (
+    SplitDataModule,
+    check_split_fractions,
+    split_rng,
+    stratified_splits,
+)
 
 #: The accepted values of ``DigitsDataModule(order=...)``.
 ORDERS = ("pixel", "permuted", "noise_padded")
@@ -129,9 +133,7 @@ class DigitsDataModule(SplitDataModule):
             )
         check_int("permutation_seed", permutation_seed, 0)
         check_range("pixel_noise_std", pixel_noise_std, 0.0)
-        check_fraction("test_fraction", test_fraction, _N_DIGITS, _N_CLASSES, 2 * _N_CLASSES)
-        n_rest = _N_DIGITS - int(np.ceil(test_fraction * _N_DIGITS))
-        check_fraction("val_fraction", val_fraction, n_rest, _N_CLASSES, _N_CLASSES)
+        check_split_fractions(test_fraction, val_fraction, _N_DIGITS, _N_CLASSES)
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
         self.save_hyperparameters()
         self.order = order
@@ -160,14 +162,10 @@ class DigitsDataModule(SplitDataModule):
         digits = load_digits()
         images = digits.data.astype(np.float64) / 16.0  # (1797, 64) in [0, 1]
         labels = digits.target.astype(np.int64)
-        index = np.arange(len(labels))
-        rest, test = train_test_split(
-            index, test_size=self.test_fraction, stratify=labels, random_state=self.seed
+        self.split_indices = stratified_splits(
+            labels, self.test_fraction, self.val_fraction, self.seed
         )
-        train, val = train_test_split(
-            rest, test_size=self.val_fraction, stratify=labels[rest], random_state=self.seed
-        )
-        self.split_indices = {"train": train, "val": val, "test": test}
+        train = self.split_indices["train"]
         self.mean = float(images[train].mean())
         self.std = float(images[train].std())
         standardized = ((images - self.mean) / self.std).astype(np.float32)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 from sklearn.datasets import make_moons
-from sklearn.model_selection import train_test_split
 from torch import Tensor
 
 from ode_reg._checks import check_int, check_range
-from ode_reg.data._base import SplitDataModule, check_fraction
+from ode_reg.data._base import SplitDataModule, check_split_fractions, stratified_splits
 
 _N_CLASSES = 2
 
@@ -71,9 +70,7 @@ class TwoMoonsDataModule(SplitDataModule):
     ) -> None:
         check_int("n_samples", n_samples, 40)
         check_range("noise", noise, 0.0)
-        check_fraction("test_fraction", test_fraction, n_samples, 10, 20)
-        n_rest = n_samples - int(np.ceil(test_fraction * n_samples))
-        check_fraction("val_fraction", val_fraction, n_rest, 10, 10)
+        check_split_fractions(test_fraction, val_fraction, n_samples, 10)
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
         self.save_hyperparameters()
         self.n_samples = n_samples
@@ -85,14 +82,8 @@ class TwoMoonsDataModule(SplitDataModule):
         points, labels = make_moons(self.n_samples, noise=self.noise, random_state=self.seed)
         points = points.astype(np.float32)
         labels = labels.astype(np.int64)
-        index = np.arange(self.n_samples)
-        rest, test = train_test_split(
-            index, test_size=self.test_fraction, stratify=labels, random_state=self.seed
-        )
-        train, val = train_test_split(
-            rest, test_size=self.val_fraction, stratify=labels[rest], random_state=self.seed
-        )
+        splits = stratified_splits(labels, self.test_fraction, self.val_fraction, self.seed)
         return {
             split: (torch.from_numpy(points[idx]), torch.from_numpy(labels[idx]))
-            for split, idx in (("train", train), ("val", val), ("test", test))
+            for split, idx in splits.items()
         }

@@ -13,6 +13,7 @@ from ode_reg.dynamics.antisymmetric import AntisymmetricODEFunc
 from ode_reg.dynamics.orthogonal_flow import OrthogonalFlow
 from ode_reg.dynamics.skew_linear import SkewLinearODEFunc
 from ode_reg.models._checkpoint import RegularizersInCheckpoint
+from ode_reg.models._steps import SupervisedSteps
 from ode_reg.models.fields import UnstructuredODEFunc
 from ode_reg.module import RegularizedODEModule
 from ode_reg.regularizers import Regularizer
@@ -20,7 +21,7 @@ from ode_reg.regularizers import Regularizer
 FLOWS = ("skew_linear", "antisymmetric", "orthogonal_flow", "unstructured")
 
 
-class FlowClassifier(RegularizersInCheckpoint, RegularizedODEModule):
+class FlowClassifier(SupervisedSteps, RegularizersInCheckpoint, RegularizedODEModule):
     """``logits = D z(T)``, ``z(0) = init_scale * E x``: linear encoder and decoder around a flow.
 
     With linear ``E`` and ``D`` the flow carries all the nonlinearity. The skew-linear flow is
@@ -95,8 +96,8 @@ class FlowClassifier(RegularizersInCheckpoint, RegularizedODEModule):
             self.field = UnstructuredODEFunc(hidden_dim)
         self.decoder = nn.Linear(hidden_dim, num_classes)
         self.register_buffer("span", torch.tensor([0.0, horizon]), persistent=False)
-        self.val_acc = torchmetrics.Accuracy("multiclass", num_classes=num_classes)
-        self.test_acc = torchmetrics.Accuracy("multiclass", num_classes=num_classes)
+        self.val_metric = torchmetrics.Accuracy("multiclass", num_classes=num_classes)
+        self.test_metric = torchmetrics.Accuracy("multiclass", num_classes=num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         z0 = self.hparams.init_scale * self.encoder(x)
@@ -115,26 +116,6 @@ class FlowClassifier(RegularizersInCheckpoint, RegularizedODEModule):
 
     def _loss(self, out: Tensor, y: Tensor) -> Tensor:
         return nn.functional.cross_entropy(out, y)
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        loss = self._loss(self(x), y)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
-        return loss
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
-        out = self(x)
-        self.log("val/loss", self._loss(out, y), prog_bar=True, sync_dist=True)
-        self.val_acc.update(out.argmax(-1), y)
-        self.log("val/acc", self.val_acc, prog_bar=True)
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
-        out = self(x)
-        self.log("test/loss", self._loss(out, y), sync_dist=True)
-        self.test_acc.update(out.argmax(-1), y)
-        self.log("test/acc", self.test_acc)
 
     def configure_optimizers(self) -> Any:
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)

@@ -11,9 +11,15 @@ from ode_reg._checks import check_int
 from ode_reg.dynamics.skew_linear import SkewLinearODEFunc
 from ode_reg.functional.orthogonal import cayley
 
-__all__ = ["MAPS", "OrthogonalRNN", "henaff_generator", "mod_relu"]
+__all__ = ["MAPS", "OrthogonalRNN", "check_map", "henaff_generator", "mod_relu"]
 
 MAPS = ("exp", "cayley")
+
+
+def check_map(orthogonal_map: str) -> None:
+    """Raise ``ValueError`` unless ``orthogonal_map`` is one of :data:`MAPS`."""
+    if orthogonal_map not in MAPS:
+        raise ValueError(f"`orthogonal_map` must be one of {MAPS}, got {orthogonal_map!r}")
 
 
 def mod_relu(z: Tensor, bias: Tensor) -> Tensor:
@@ -106,8 +112,7 @@ class OrthogonalRNN(nn.Module):
     ) -> None:
         check_int("input_dim", input_dim, 1)
         check_int("hidden_dim", hidden_dim, 1)
-        if orthogonal_map not in MAPS:
-            raise ValueError(f"`orthogonal_map` must be one of {MAPS}, got {orthogonal_map!r}")
+        check_map(orthogonal_map)
         if init not in ("henaff", "identity"):
             raise ValueError(f"`init` must be 'henaff' or 'identity', got {init!r}")
         super().__init__()

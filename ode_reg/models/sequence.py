@@ -11,8 +11,9 @@ from torch import Tensor, nn
 from ode_reg._checks import check_int, check_range
 from ode_reg.dynamics.antisymmetric import AntisymmetricODEFunc
 from ode_reg.models._checkpoint import RegularizersInCheckpoint
+from ode_reg.models._steps import SupervisedSteps
 from ode_reg.models.fields import UnstructuredODEFunc
-from ode_reg.models.orthogonal_rnn import MAPS, OrthogonalRNN
+from ode_reg.models.orthogonal_rnn import OrthogonalRNN, check_map
 from ode_reg.module import RegularizedODEModule
 from ode_reg.regularizers import Regularizer
 
@@ -23,7 +24,7 @@ TASKS = ("classification", "regression", "sequence")
 SOLVERS = ("euler", "midpoint", "rk4")
 
 
-class SequenceModel(RegularizersInCheckpoint, RegularizedODEModule):
+class SequenceModel(SupervisedSteps, RegularizersInCheckpoint, RegularizedODEModule):
     """An ODE-RNN: the hidden state follows a field for ``step`` time units per input step.
 
     At sequence step ``s`` the input ``x[:, s]`` is held (zero-order hold) while
@@ -103,8 +104,7 @@ class SequenceModel(RegularizersInCheckpoint, RegularizedODEModule):
         if solver not in SOLVERS:
             raise ValueError(f"`solver` must be one of {SOLVERS}, got {solver!r}")
         check_int("substeps", substeps, 1)
-        if orthogonal_map not in MAPS:
-            raise ValueError(f"`orthogonal_map` must be one of {MAPS}, got {orthogonal_map!r}")
+        check_map(orthogonal_map)
         check_range("lr", lr, 0.0, low_open=True)
         check_range("weight_decay", weight_decay, 0.0)
         check_int("cosine_epochs", cosine_epochs, 0)
@@ -188,27 +188,7 @@ class SequenceModel(RegularizersInCheckpoint, RegularizedODEModule):
         elif self.task == "regression":
             metric.update(out, y)
         else:
-            metric.update(out.argmax(-1), y)
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        loss = self._loss(self(x), y)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
-        return loss
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
-        out = self(x)
-        self.log("val/loss", self._loss(out, y), prog_bar=True, sync_dist=True)
-        self._update(self.val_metric, out, y)
-        self.log(f"val/{self.metric_name}", self.val_metric, prog_bar=True)
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x, y = batch
-        out = self(x)
-        self.log("test/loss", self._loss(out, y), sync_dist=True)
-        self._update(self.test_metric, out, y)
-        self.log(f"test/{self.metric_name}", self.test_metric)
+            super()._update(metric, out, y)
 
     def configure_optimizers(self) -> Any:
         opt = torch.optim.Adam(
