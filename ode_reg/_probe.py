@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torchdiffeq
 from torch import Tensor, nn
 from torchdiffeq._impl.adjoint import odeint_adjoint as td_odeint_adjoint
 from torchdiffeq._impl.misc import _check_inputs, _flat_to_shape
@@ -23,6 +24,7 @@ from torchdiffeq._impl.odeint import odeint as td_odeint
 from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 from torchdiffeq._impl.solvers import AdaptiveStepsizeODESolver, FixedGridODESolver
 
+from ode_reg._once import say_once
 from ode_reg._trajectory_data import SolverStats
 
 __all__ = [
@@ -42,6 +44,11 @@ __all__ = [
     "td_odeint",
     "td_odeint_adjoint",
 ]
+
+#: The torchdiffeq versions whose ``integrate`` loops :func:`odeint_rows` mirrors (checked
+#: bit for bit by tests/test_solution_rows.py); with another version the recorded solve runs
+#: torchdiffeq's own loop, said once.
+ROWS_MIRROR_VERSIONS = ("0.2.5",)
 
 _CALLBACKS = ("callback_step", "callback_accept_step", "callback_reject_step")
 _ALL_CALLBACKS = (*_CALLBACKS, *(n + "_adjoint" for n in _CALLBACKS))
@@ -228,6 +235,15 @@ def odeint_rows(func: Callable[..., Any], y0: Any, t: Tensor, **kwargs: Any) -> 
     torchdiffeq's code unchanged. The keywords are ``torchdiffeq.odeint``'s.
     """
     if kwargs.get("event_fn") is not None:
+        return td_odeint(func, y0, t, **kwargs)
+    if torchdiffeq.__version__ not in ROWS_MIRROR_VERSIONS:
+        say_once(
+            f"ode_reg: torchdiffeq {torchdiffeq.__version__} is not a version whose integrate "
+            f"loop ode_reg mirrors ({', '.join(ROWS_MIRROR_VERSIONS)}); recorded solves run "
+            "torchdiffeq's own loop (same values; a slower backward with many output times). "
+            f"Fix: pip install torchdiffeq=={ROWS_MIRROR_VERSIONS[-1]}",
+            key="odeint_rows:version",
+        )
         return td_odeint(func, y0, t, **kwargs)
     defaults = td_odeint.__kwdefaults__  # torchdiffeq's own keywords and their defaults
     unknown = sorted(set(kwargs) - set(defaults))

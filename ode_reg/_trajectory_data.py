@@ -176,9 +176,10 @@ class Trajectory:
             (``grad_leaf``).
         components: for a tuple state, the components the terms' per-sample rows are built
             from (``None``: every component with the batch dimension; see :meth:`samples`).
-        end_edge: the autograd edge of the value torchdiffeq copied into the solution's last
-            row (plain tensor states; else ``None``): a VJP from it equals one from
-            ``solution[-1]`` without walking the buffer's other rows.
+        end_edge: the autograd edge of the solution's last row (the last value stacked by the
+            recorded solve, or copied into torchdiffeq's buffer; plain tensor states; else
+            ``None``): a VJP from it equals one from ``solution[-1]`` without walking the other
+            rows.
         solve_kwargs: the keywords ``ode_reg.odeint`` solved with (``rtol``, ``atol``,
             ``options`` as the caller gave them, before the forced checkpoint step ends), so
             that a term can re-solve part of the batch the same way

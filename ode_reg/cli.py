@@ -169,9 +169,8 @@ def configure_threads() -> int:
     """One intra-op thread unless ``OMP_NUM_THREADS`` or ``ODE_REG_NUM_THREADS`` says otherwise.
 
     The recipes' recurrent matmuls are small (hidden 64-128, batch 32-64): a second thread
-    gains little, and on a busy 2-core machine OpenMP's spinning threads made an epoch of the
-    `digits` recipe about twice as slow (28 s against 54 s for two epochs, measured side by
-    side). Returns the number of threads set.
+    gains little, and on a busy 2-core machine OpenMP's spinning threads made steps slower, not
+    faster (BENCHMARKS.md, the paragraph on threads). Returns the number of threads set.
     """
     import torch
 

@@ -313,8 +313,8 @@ class SensitivityMagnitude(_SensitivityTerm):
             only on how ``df/dtheta`` itself depends on the parameters, at the step's adjoints
             and states. A stronger approximation, off by default, and the cheap one: with
             ``detach_states`` as well, no second backward through the trajectory is needed
-            (the adjoints and the task gradient come from one plain backward; about 1.1-1.2x
-            the plain step instead of about 2.3x, BENCHMARKS.md). ``recipes/ablation.py``
+            (the adjoints and the task gradient come from one plain backward; its cost against
+            the exact term's is in BENCHMARKS.md). ``recipes/ablation.py``
             reports its effect beside the exact term.
         **kwargs: ``every_n_steps``, ``warmup_steps``, ``name``.
 

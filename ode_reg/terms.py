@@ -285,10 +285,9 @@ class ChainContext:
                     slots.append(j)
             grads: Sequence[Tensor | None] = []
             if inputs and target.requires_grad:
-                # From the value torchdiffeq copied into the solution's last row (the same
-                # derivative: the copy is the identity), not from the row: a VJP from the row
-                # would reach every earlier state through the buffer's row copies and carry zero
-                # cotangents through all interpolated outputs (also in the double backward).
+                # From the edge into the solution's last row (the same derivative: stacking or
+                # copying is the identity), not from the row: a VJP from the row would carry
+                # zero cotangents through all other outputs (also in the double backward).
                 edge = rec.traj.end_edge if _is_end(rec, k) and self._from_end_edge else None
                 grads = torch.autograd.grad(
                     [target if edge is None else edge],

@@ -146,3 +146,20 @@ def test_end_edge_is_the_last_rows_own_edge():
     assert torch.allclose(via_edge, via_row, rtol=1e-12, atol=1e-14)
     assert not torch.allclose(via_edge, via_all)  # the seed matters: not a trivial zero
     assert _last_row_edge(torch.zeros(3, 2)) is None
+
+
+def test_another_torchdiffeq_version_runs_its_own_loop_and_says_so_once(monkeypatch):
+    """The mirrored loops are torchdiffeq 0.2.5's: with any other version the recorded solve is
+    torchdiffeq's own call (CopySlices back, same values), said once with the fix."""
+    import ode_reg._once
+
+    monkeypatch.setattr(torchdiffeq, "__version__", "9.9.9")
+    monkeypatch.setattr(ode_reg._once, "SAID", ode_reg._once.SayOnce())
+    t, kw = CASES["dopri5_100"]
+    y0 = torch.randn(4, 5, dtype=F64, requires_grad=True)
+    with pytest.warns(UserWarning, match="torchdiffeq 9.9.9 is not a version") as caught:
+        ys = integrate(Field(5, F64), y0, t.to(F64), **kw).ys
+        integrate(Field(5, F64), y0, t.to(F64), **kw)
+    assert sum("is not a version" in str(w.message) for w in caught) == 1
+    assert "CopySlices" in _graph_kinds(ys)
+    assert torch.equal(ys, torchdiffeq.odeint(Field(5, F64), y0, t.to(F64), **kw))

@@ -104,7 +104,7 @@ class SolverStatsMonitor(Monitor):
     Plots (rank zero; W&B, TensorBoard, or PNG files under a file logger's ``log_dir``, as the
     other monitors): ``solver/step_size_log10``, a histogram of ``log10 |dt|`` of the step's
     accepted steps (all ranks, at most 512 bins for W&B) every ``plot_every_n_steps``
-    (by default 10x less often as PNG files: a figure costs ~0.1 s), and
+    (by default 10x less often as PNG files, which cost more: BENCHMARKS.md), and
     ``solver/nfe_per_epoch``, the forward (and adjoint backward) field evaluations per training
     step against the epoch, every ``plot_every_n_epochs`` epochs and at the end of training.
     :attr:`history` keeps the per-epoch figures
@@ -142,8 +142,8 @@ class SolverStatsMonitor(Monitor):
         every_n_steps: log the scalars every n training steps (``>= 1``); ``None`` follows
             ``Trainer(log_every_n_steps=...)``.
         plot_every_n_steps: histogram cadence (``>= 1``); ``None`` is ``10 * every_n_steps``
-            for W&B and TensorBoard and ``100 * every_n_steps`` for PNG files (one figure
-            costs about 0.1 s of matplotlib).
+            for W&B and TensorBoard and ``100 * every_n_steps`` for PNG files (a matplotlib
+            figure's cost: BENCHMARKS.md).
         per_solve: log per-solve keys for the first this many solves of a step (``>= 0``).
         dt_fraction: step-size threshold, in ``(0, 1)``; ``None`` turns the check off.
         nfe_factor: field-evaluation threshold, in ``(1, inf)``; ``None`` turns it off.
@@ -158,7 +158,7 @@ class SolverStatsMonitor(Monitor):
         prog_bar: show ``solver/nfe`` in the progress bar.
         bins: bins of the step-size histogram, in ``[1, 512]``.
         plot_every_n_epochs: draw the NFE-per-epoch plot every n epochs (``>= 1``) and at the
-            end of training; ``None``: only at the end (one plot costs about 0.2 s).
+            end of training; ``None``: only at the end.
 
     Raises:
         ValueError: if an argument is out of its range (the message names it and the range).
@@ -343,7 +343,7 @@ class SolverStatsMonitor(Monitor):
         now = logger_step(trainer)
         every = resolve_every_n(trainer, self.every_n_steps)
         hist = self.plot_every_n_steps
-        # W&B / TensorBoard histograms cost about a millisecond, a PNG figure about 0.1 s:
+        # W&B / TensorBoard histograms are cheap, a PNG figure is not (BENCHMARKS.md):
         # by default the PNG files are drawn 10x less often (an explicit cadence is for both).
         scalars_due = due(now, every)
         native_due = due(now, hist or 10 * every)
@@ -440,8 +440,8 @@ class SolverStatsMonitor(Monitor):
         else:
             self.history.append(entry)
         # Two keys also to callback_metrics (Lightning logs them at the epoch end); all of
-        # them to the loggers directly, at the epoch's last step (pl_module.log costs ~1 ms
-        # a key).
+        # them to the loggers directly, at the epoch's last step (a pl_module.log call per key
+        # per step would cost more than the monitor itself).
         for key in _EPOCH_CALLBACK_METRICS:
             pl_module.log(key, epoch_keys[key], on_step=False, on_epoch=True, batch_size=1)
         if trainer.is_global_zero and trainer.loggers:
