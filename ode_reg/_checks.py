@@ -9,6 +9,7 @@ refused value as attributes (``ode-reg`` reads them to name the setting in a con
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -111,3 +112,27 @@ def check_skew(name: str, m: Tensor, tol: float | None = None) -> None:
             tuple(m.shape),
             f"`{name}` must be {accepted}, got max |A + A^T| = {err:.3g}",
         )
+
+
+def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
+    """Raise :class:`ArgumentError` unless ``value`` is one of ``choices``.
+
+    Example::
+
+        >>> check_choice("order", "pixel", ("pixel", "permuted"))
+    """
+    if value not in choices:
+        raise ArgumentError(
+            name, f"one of {choices}", value, f"`{name}` must be one of {choices}, got {value!r}"
+        )
+
+
+def check_bool(name: str, value: object) -> None:
+    """Raise :class:`ArgumentError` unless ``value`` is ``True`` or ``False``.
+
+    Example::
+
+        >>> check_bool("gated", True)
+    """
+    if not isinstance(value, bool):
+        raise ArgumentError(name, "True or False", value, f"`{name}` must be a bool, got {value!r}")

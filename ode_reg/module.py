@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from ode_reg._checks import check_bool, check_choice
 from ode_reg._nonfinite import (
     drop_marked_step,
     forget_step_values,
@@ -302,14 +303,9 @@ class RegularizedODEMixin:
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"`nonfinite` must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
-        if not isinstance(shared_backward, bool):
-            raise ValueError(f"`shared_backward` must be True or False, got {shared_backward!r}")
-        if not isinstance(capture_torchdiffeq, bool):
-            raise ValueError(
-                f"`capture_torchdiffeq` must be True or False, got {capture_torchdiffeq!r}"
-            )
+        check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+        check_bool("shared_backward", shared_backward)
+        check_bool("capture_torchdiffeq", capture_torchdiffeq)
         self.regularizers = regularizers  # type: ignore[assignment]
         self.nonfinite = nonfinite
         self.shared_backward = shared_backward

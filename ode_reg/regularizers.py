@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ode_reg._checks import check_gamma, check_int, check_range
+from ode_reg._checks import check_bool, check_gamma, check_int, check_range
 from ode_reg.functional import (
     adjoint_magnitude_penalty,
     directional_penalty,
@@ -60,8 +60,7 @@ def check_reference(reference: int) -> int:
 def check_flags(**flags: bool) -> None:
     """Each keyword must be ``True`` or ``False`` (a ``ValueError`` naming it otherwise)."""
     for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise ValueError(f"`{name}` must be True or False, got {value!r}")
+        check_bool(name, value)
 
 
 class Regularizer(nn.Module):

@@ -1,9 +1,12 @@
-"""Render issue 21's performance table from its record into BENCHMARKS.md and the README.
+"""Render recorded tables into BENCHMARKS.md and the README.
 
-Each document holds the table between ``<!-- issue-table:begin record=PATH -->`` and
+Issue 21's performance table sits between ``<!-- issue-table:begin record=PATH -->`` and
 ``<!-- issue-table:end -->``; the block's body is :func:`benchmarks.issue_table.markdown` of the
 JSON record at ``PATH`` (written by ``python -m benchmarks`` / ``python -m
-benchmarks.issue_table``). Nothing in the block is typed by hand.
+benchmarks.issue_table``). A study's table sits between
+``<!-- result-table:begin source=PATH -->`` and ``<!-- result-table:end -->``; its body is the
+first markdown table of the file at ``PATH`` (``results/ablation.md``, written by the study's
+script). Nothing in a block is typed by hand.
 
 Usage::
 
@@ -31,6 +34,47 @@ BLOCK = re.compile(
     r"(<!-- issue-table:begin record=(?P<record>\S+) -->\n)(?P<body>.*?)(<!-- issue-table:end -->)",
     flags=re.S,
 )
+RESULT_BLOCK = re.compile(
+    r"(<!-- result-table:begin source=(?P<source>\S+) -->\n)(?P<body>.*?)(<!-- result-table:end -->)",
+    flags=re.S,
+)
+
+
+def first_table(markdown_text: str) -> str:
+    """The first markdown table of ``markdown_text`` (its consecutive ``|`` lines).
+
+    Raises:
+        ValueError: if the text holds no table.
+
+    Example::
+
+        >>> first_table("# t\n\n| a |\n|---|\n| 1 |\n\nafter")
+        '| a |\n|---|\n| 1 |'
+    """
+    lines, rows = markdown_text.splitlines(), []
+    for line in lines:
+        if line.startswith("|"):
+            rows.append(line)
+        elif rows:
+            break
+    if not rows:
+        raise ValueError("no markdown table in the source")
+    return "\n".join(rows)
+
+
+def render_results(text: str, read: Any = None) -> str:
+    """``text`` with every result-table block's body replaced by its source's first table.
+
+    Args:
+        text: a document.
+        read: ``path -> text`` (default: read the file under the repository root).
+    """
+    read = read or (lambda path: (ROOT / path).read_text())
+
+    def fill(m: re.Match[str]) -> str:
+        return m.group(1) + first_table(read(m.group("source"))) + "\n" + m.group(4)
+
+    return RESULT_BLOCK.sub(fill, text)
 
 
 def render(text: str, load: Any = None) -> str:
@@ -71,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in DOCS:
         path = ROOT / name
         text = path.read_text()
-        new = render(text)
+        new = render_results(render(text))
         if new != text:
             stale.append(name)
             if not args.check:

@@ -163,3 +163,18 @@ def test_guard_still_poisons_the_term_with_a_non_finite_adjoint() -> None:
         loss = zs[1].sum() * float("nan") + zs[-1].sum()
     out = step_terms(loss, rec.records, [AdjointMagnitude()], step=0, params=list(lin.parameters()))
     assert not torch.isfinite(out.values["adjoint_magnitude"])
+
+
+def test_readme_result_tables_are_their_sources_tables() -> None:
+    """A study's table in the README is the first table of its results file, nothing typed."""
+    render = _render_script()
+    text = (ROOT / "README.md").read_text()
+    blocks = list(render.RESULT_BLOCK.finditer(text))
+    assert blocks, "README has no result-table block"
+    for m in blocks:
+        source = (ROOT / m.group("source")).read_text()
+        assert m.group("body") == render.first_table(source) + "\n"
+        assert m.group("body").count("\n") >= 3  # header, rule and at least one row
+    assert render.render_results(text) == text
+    with pytest.raises(ValueError, match="no markdown table"):
+        render.first_table("# a title\n\nno table here\n")

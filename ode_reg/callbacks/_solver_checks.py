@@ -18,7 +18,7 @@ from torch import Tensor
 from torchdiffeq._impl.odeint import SOLVERS
 from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
 
-from ode_reg._checks import check_int, check_range
+from ode_reg._checks import check_bool, check_choice, check_int, check_range
 from ode_reg.callbacks._logging import WANDB_MAX_BINS
 from ode_reg.functional.indices import spread_indices
 from ode_reg.trajectory import DEFAULT_CHECKPOINTS, SolveSummary
@@ -247,14 +247,12 @@ def check_arguments(args: dict[str, Any]) -> None:
         raise ValueError(
             f"`warmup_steps` must be an integer in [1, window={window}], got {warmup_steps!r}"
         )
-    if on_warning not in ON_WARNING:
-        raise ValueError(f"`on_warning` must be one of {ON_WARNING}, got {on_warning!r}")
+    check_choice("on_warning", on_warning, ON_WARNING)
     if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
         raise ValueError(
             f"`checkpoint_dir` must be a path or None, got {type(checkpoint_dir).__name__}"
         )
-    if not isinstance(prog_bar, bool):
-        raise ValueError(f"`prog_bar` must be a bool, got {prog_bar!r}")
+    check_bool("prog_bar", prog_bar)
     if plot_every_n_epochs is not None:
         check_int("plot_every_n_epochs", plot_every_n_epochs, 1)
     if isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= WANDB_MAX_BINS:

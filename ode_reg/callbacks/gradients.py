@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 from torchmetrics import Metric
 from typing_extensions import override
 
-from ode_reg._checks import check_int
+from ode_reg._checks import check_bool, check_int
 from ode_reg._once import SayOnce
 from ode_reg.adjoint import sensitivities as compute_sensitivities
 from ode_reg.callbacks._logging import (
@@ -234,8 +234,7 @@ class GradientNormMonitor(PreStepMonitor):
             ("adjoint_profile", adjoint_profile),
             ("compute_sensitivities", compute_sensitivities),
         ):
-            if not isinstance(flag, bool):
-                raise ValueError(f"`{name}` must be a bool, got {flag!r}")
+            check_bool(name, flag)
         self.every_n_steps = every_n_steps
         self.plot_every_n_steps = plot_every_n_steps
         self.norm_type = p

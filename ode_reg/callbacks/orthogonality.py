@@ -13,7 +13,7 @@ from torch.nn.utils import parametrize
 from torchmetrics import Metric
 from typing_extensions import override
 
-from ode_reg._checks import check_int
+from ode_reg._checks import check_bool, check_int
 from ode_reg.callbacks._logging import (
     PreStepMonitor,
     is_due,
@@ -224,8 +224,7 @@ class OrthogonalityMonitor(PreStepMonitor):
             ("per_matrix", per_matrix),
             ("prog_bar", prog_bar),
         ):
-            if not isinstance(flag, bool):
-                raise ValueError(f"`{name}` must be a bool, got {flag!r}")
+            check_bool(name, flag)
         if not (modules or flows):
             raise ValueError("`modules` and `flows` cannot both be False: nothing to monitor")
         self.every_n_steps = every_n_steps

@@ -16,7 +16,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from typing_extensions import override
 
-from ode_reg._checks import check_int
+from ode_reg._checks import check_bool, check_choice, check_int
 from ode_reg.callbacks._logging import (
     WANDB_MAX_BINS,
     PreStepMonitor,
@@ -242,10 +242,8 @@ class SpectrumMonitor(PreStepMonitor):
         check_int("bins", bins, 1)
         if bins > WANDB_MAX_BINS:
             raise ValueError(f"`bins` must lie in [1, {WANDB_MAX_BINS}], got {bins}")
-        if not isinstance(structure, bool):
-            raise ValueError(f"`structure` must be a bool, got {structure!r}")
-        if method not in METHODS:
-            raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
+        check_bool("structure", structure)
+        check_choice("method", method, METHODS)
         check_int("dense_max_dim", dense_max_dim, 1)
         check_int("krylov_dim", krylov_dim, 2)
         check_int("restarts", restarts, 0)

@@ -30,7 +30,7 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
-from ode_reg._checks import check_int, check_range
+from ode_reg._checks import check_choice, check_int, check_range
 
 #: The split names, in the order of their random streams.
 SPLITS = ("train", "val", "test")
@@ -293,8 +293,7 @@ class SplitDataModule(LightningDataModule):
         Raises:
             ValueError: if ``split`` is not one of the three names.
         """
-        if split not in SPLITS:
-            raise ValueError(f"`split` must be one of {SPLITS}, got {split!r}")
+        check_choice("split", split, SPLITS)
         self.setup()
         return getattr(self, f"{split}_set")
 

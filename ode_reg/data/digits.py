@@ -10,7 +10,7 @@ from sklearn.datasets import load_digits
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from ode_reg._checks import check_int, check_range
+from ode_reg._checks import check_choice, check_int, check_range
 from ode_reg.data._base import (
     SplitDataModule,
     check_split_fractions,
@@ -116,8 +116,7 @@ class DigitsDataModule(SplitDataModule):
         resample_noise: bool = False,
         pixel_noise_std: float = 0.0,
     ) -> None:
-        if order not in ORDERS:
-            raise ValueError(f"`order` must be one of {ORDERS}, got {order!r}")
+        check_choice("order", order, ORDERS)
         if resample_noise and order != "noise_padded":
             raise ValueError(
                 f"`resample_noise` must be False for order={order!r} (only 'noise_padded' "

@@ -8,6 +8,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from ode_reg._checks import check_choice
+
 
 def _identity(x: Tensor) -> Tensor:
     return x
@@ -28,6 +30,5 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 
 def get_activation(name: str, argname: str = "activation") -> Callable[[Tensor], Tensor]:
     """Look up an activation by name; ``ValueError`` naming ``argname`` when unknown."""
-    if not isinstance(name, str) or name not in ACTIVATIONS:
-        raise ValueError(f"`{argname}` must be one of {sorted(ACTIVATIONS)}, got {name!r}")
+    check_choice(argname, name, sorted(ACTIVATIONS))
     return ACTIVATIONS[name]

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ode_reg._checks import check_int, check_range
+from ode_reg._checks import check_bool, check_int, check_range
 from ode_reg.dynamics._activations import get_activation
 
 __all__ = ["AntisymmetricODEFunc"]
@@ -82,11 +82,9 @@ class AntisymmetricODEFunc(nn.Module):
         act = get_activation(activation)
         if input_dim is not None:
             check_int("input_dim", input_dim, 1)
-        if not isinstance(gated, bool):
-            raise ValueError(f"`gated` must be a bool, got {gated!r}")
+        check_bool("gated", gated)
         check_range("recurrent_std", recurrent_std, 0.0)
-        if not isinstance(bias, bool):
-            raise ValueError(f"`bias` must be a bool, got {bias!r}")
+        check_bool("bias", bias)
         super().__init__()
         self.dim = dim
         self.gamma = float(gamma)

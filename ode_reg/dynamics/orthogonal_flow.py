@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ode_reg._checks import check_int, check_range
+from ode_reg._checks import check_bool, check_choice, check_int, check_range
 from ode_reg.dynamics._activations import get_activation
 from ode_reg.protocol import DEFAULT_ATOL, DEFAULT_RTOL, IntegratorCall, SelfIntegratingField
 
@@ -114,14 +114,12 @@ class OrthogonalFlow(SelfIntegratingField, nn.Module):
     ) -> None:
         check_int("dim", dim, 1)
         act = get_activation(activation)
-        if not isinstance(step, str) or step not in STEPS:
-            raise ValueError(f"`step` must be one of {list(STEPS)}, got {step!r}")
+        check_choice("step", step, list(STEPS))
         check_range("step_size", step_size, 0.0, low_open=True)
         if b is not None and not callable(b):
             raise ValueError(f"`b` must be None or a callable b(W, t), got {type(b).__name__}")
         check_range("b_std", b_std, 0.0)
-        if not isinstance(learn_initial, bool):
-            raise ValueError(f"`learn_initial` must be a bool, got {learn_initial!r}")
+        check_bool("learn_initial", learn_initial)
         if weight_dtype is not None and (
             not isinstance(weight_dtype, torch.dtype) or not weight_dtype.is_floating_point
         ):

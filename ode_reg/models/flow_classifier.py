@@ -8,7 +8,7 @@ import torch
 import torchmetrics
 from torch import Tensor, nn
 
-from ode_reg._checks import check_int, check_range
+from ode_reg._checks import check_choice, check_int, check_range
 from ode_reg.dynamics.antisymmetric import AntisymmetricODEFunc
 from ode_reg.dynamics.orthogonal_flow import OrthogonalFlow
 from ode_reg.dynamics.skew_linear import SkewLinearODEFunc
@@ -73,8 +73,7 @@ class FlowClassifier(SupervisedSteps, RegularizersInCheckpoint, RegularizedODEMo
     ) -> None:
         check_int("input_dim", input_dim, 1)
         check_int("num_classes", num_classes, 2)
-        if flow not in FLOWS:
-            raise ValueError(f"`flow` must be one of {FLOWS}, got {flow!r}")
+        check_choice("flow", flow, FLOWS)
         check_int("hidden_dim", hidden_dim, 1)
         check_range("horizon", horizon, 0.0, low_open=True)
         check_range("alpha", alpha)

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ode_reg._checks import check_int
+from ode_reg._checks import check_choice, check_int
 from ode_reg.dynamics.skew_linear import SkewLinearODEFunc
 from ode_reg.functional.orthogonal import cayley
 
@@ -18,8 +18,7 @@ MAPS = ("exp", "cayley")
 
 def check_map(orthogonal_map: str) -> None:
     """Raise ``ValueError`` unless ``orthogonal_map`` is one of :data:`MAPS`."""
-    if orthogonal_map not in MAPS:
-        raise ValueError(f"`orthogonal_map` must be one of {MAPS}, got {orthogonal_map!r}")
+    check_choice("orthogonal_map", orthogonal_map, MAPS)
 
 
 def mod_relu(z: Tensor, bias: Tensor) -> Tensor:

@@ -8,7 +8,7 @@ import torch
 import torchmetrics
 from torch import Tensor, nn
 
-from ode_reg._checks import check_int, check_range
+from ode_reg._checks import check_choice, check_int, check_range
 from ode_reg.dynamics.antisymmetric import AntisymmetricODEFunc
 from ode_reg.models._checkpoint import RegularizersInCheckpoint
 from ode_reg.models._steps import SupervisedSteps
@@ -93,16 +93,13 @@ class SequenceModel(SupervisedSteps, RegularizersInCheckpoint, RegularizedODEMod
     ) -> None:
         check_int("input_dim", input_dim, 1)
         check_int("output_dim", output_dim, 1)
-        if task not in TASKS:
-            raise ValueError(f"`task` must be one of {TASKS}, got {task!r}")
-        if cell not in CELLS:
-            raise ValueError(f"`cell` must be one of {CELLS}, got {cell!r}")
+        check_choice("task", task, TASKS)
+        check_choice("cell", cell, CELLS)
         check_int("hidden_dim", hidden_dim, 1)
         check_range("step", step, 0.0, low_open=True)
         check_range("gamma", gamma, 0.0)
         check_range("recurrent_std", recurrent_std, 0.0)
-        if solver not in SOLVERS:
-            raise ValueError(f"`solver` must be one of {SOLVERS}, got {solver!r}")
+        check_choice("solver", solver, SOLVERS)
         check_int("substeps", substeps, 1)
         check_map(orthogonal_map)
         check_range("lr", lr, 0.0, low_open=True)
