@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ode_reg._batched import group_points
-from ode_reg.functional.penalties import announce_unstackable
+from ode_reg.functional.penalties import UNTRACEABLE, known_unstackable, mark_unstackable
 from ode_reg.functional.sensitivity import sensitivity_at_leaf, sensitivity_density
 from ode_reg.trajectory import Trajectory
 
@@ -286,23 +286,23 @@ def _sensitivities_batched(
     if sub is None or not sub.reaches_only_through(traj, params):
         return None
     full = create_graph and not detach_states
-    try:
-        groups = stacked_evaluations(traj, params, sub, full)
-    except _UNTRACEABLE as err:
-        announce_unstackable(_field_name(traj), err)
+    field = _field(traj)
+    groups = None
+    if not known_unstackable(field):
+        try:
+            groups = stacked_evaluations(traj, params, sub, full)
+        except UNTRACEABLE as err:
+            mark_unstackable(field, type(field).__name__, err)
+    if groups is None:
         if not full:
             return None
         return _sensitivities_aliased(traj, adjoints, params, sub)
     return _sensitivities_vmap(traj, adjoints, params, groups, create_graph)
 
 
-#: What ``torch.func.vmap`` raises on a field it cannot trace (data-dependent control flow,
-#: ``.item()``, an ``autograd.grad`` inside the field, an operator without a batching rule).
-_UNTRACEABLE = (RuntimeError, NotImplementedError)
-
-
-def _field_name(traj: Trajectory) -> str:
-    return type((traj.funcs or (traj.func,))[0]).__name__
+def _field(traj: Trajectory) -> object:
+    """The (first) field of the trajectory: what a failed stacked evaluation is remembered by."""
+    return (traj.funcs or (traj.func,))[0]
 
 
 def _pull_back(

@@ -27,12 +27,14 @@ from torch import Tensor, nn
 
 from ode_reg._batched import PointGroup, group_points
 from ode_reg._once import say_once
-from ode_reg.adjoint import _UNTRACEABLE, StackedEvaluation, _Substitution, stacked_evaluations
+from ode_reg.adjoint import StackedEvaluation, _Substitution, stacked_evaluations
 from ode_reg.functional.indices import spread_indices
 from ode_reg.functional.penalties import (
-    announce_unstackable,
+    UNTRACEABLE,
     evaluate_stacked,
     field_norm_rows,
+    known_unstackable,
+    mark_unstackable,
     rademacher_probes,
     skew_hutchinson,
 )
@@ -249,10 +251,12 @@ class StepRecorder:
             self._substitutable[key] = ok
         if not ok:
             return None
+        if known_unstackable(func):
+            return None
         try:
             groups = stacked_evaluations(traj, params, sub)
-        except _UNTRACEABLE as err:
-            announce_unstackable(type(func).__name__, err)
+        except UNTRACEABLE as err:
+            mark_unstackable(func, type(func).__name__, err)
             return None
         return BatchedEvaluation(params, groups)
 

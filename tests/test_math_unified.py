@@ -258,3 +258,41 @@ def test_a_field_that_failed_in_vmap_is_not_tried_again(monkeypatch):
         second = run()
     torch.testing.assert_close(second, first)
     torch.testing.assert_close(first, torch.stack([f(times[k], zs[k]) for k in range(3)]))
+
+
+def test_sensitivities_of_an_untraceable_field_do_not_retry_vmap(monkeypatch):
+    """``ode_reg.sensitivities`` remembers a field whose stacked evaluation failed, as the skew
+    term does: the next call goes straight to the per-checkpoint aliases (no second vmap trace
+    at every step), with the same values and one message."""
+    monkeypatch.setattr(ode_reg._once, "SAID", ode_reg._once.SayOnce())
+    f = Tanh(d=2, seed=14)
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = f
+
+        def forward(self, t, z):
+            return (2.0 if float(t) > 0.5 else 1.0) * self.inner(t, z)  # data-dependent
+
+    field = Branchy()
+
+    def run():
+        y0 = torch.tensor([[0.3, -0.5], [0.8, 0.1]], dtype=F64)
+        t = torch.tensor([0.0, 1.0], dtype=F64)
+        traj = integrate(field, y0, t, method="rk4", options={"step_size": 0.25}, checkpoints=4)
+        a = adjoints(traj.ys[-1].pow(2).sum(), traj, create_graph=True)
+        return sensitivities(traj, a, create_graph=True)
+
+    with pytest.warns(UserWarning, match="cannot trace the field Branchy"):
+        first = run()
+    assert penalties_mod.known_unstackable(field)
+
+    def no_vmap(*args, **kwargs):
+        raise AssertionError("vmap tried again")
+
+    monkeypatch.setattr(torch.func, "vmap", no_vmap)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once only
+        again = run()
+    torch.testing.assert_close(again, first, rtol=0, atol=0)

@@ -40,7 +40,7 @@ from torch.optim import Optimizer
 from torchmetrics import Metric
 from typing_extensions import override
 
-from ode_reg._once import SAID
+from ode_reg._once import say_once
 from ode_reg.metrics import metric_state, restore_metric_state
 from ode_reg.plan import Monitor, due
 from ode_reg.plotting import histogram_figure, save_figure
@@ -182,10 +182,6 @@ def plot_path(log_dir: str, key: str, step: int) -> str:
     return os.path.join(log_dir, "plots", *safe.split("/"), f"step_{step:07d}.png")
 
 
-#: Warned once per process.
-_said = SAID
-
-
 def has_plot_sink(trainer: pl.Trainer) -> bool:
     """Whether any of the trainer's loggers can take images (else plots are skipped)."""
     return any(
@@ -220,7 +216,7 @@ def log_figure(trainer: pl.Trainer, key: str, fig: Figure, step: int | None = No
         if log_dir is not None:
             written.append(save_figure(fig, plot_path(log_dir, key, step)))
         elif not isinstance(logger, TensorBoardLogger):
-            _said.warn(
+            say_once(
                 f"ode_reg monitors: logger {type(logger).__name__} takes no images and has no "
                 "`log_dir`; plots are not saved for it"
             )

@@ -302,9 +302,32 @@ def skew_hutchinson(out: Tensor, states: Tensor, vs: Tensor, mask: Tensor | None
     return total / (probes * count)
 
 
+#: What ``torch.func`` raises on a field it cannot trace (data-dependent control flow,
+#: ``.item()``, an ``autograd.grad`` inside the field, an operator without a batching rule).
+UNTRACEABLE = (RuntimeError, NotImplementedError)
+
 #: Fields whose stacked (``vmap``) evaluation failed once: evaluated checkpoint by checkpoint
 #: from then on, without trying again (weak keys: a field that goes away is forgotten).
 _UNSTACKABLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def known_unstackable(key: object) -> bool:
+    """Whether the stacked evaluation of the field ``key`` failed before (``None``: never)."""
+    try:
+        return key is not None and _UNSTACKABLE.get(key, False)
+    except TypeError:  # not weak-referenceable: never remembered
+        return False
+
+
+def mark_unstackable(key: object, name: str, err: BaseException) -> None:
+    """Remember that the stacked evaluation of ``key`` failed (not tried again while the field
+    lives) and say so once (:func:`announce_unstackable`)."""
+    if key is not None:
+        try:
+            _UNSTACKABLE[key] = True
+        except TypeError:  # not weak-referenceable: try again next time
+            pass
+    announce_unstackable(name, err)
 
 
 def announce_fallback(name: str, err: BaseException, transform: str, instead: str) -> None:
@@ -351,17 +374,11 @@ def evaluate_stacked(
     once per field name with that cost, and (when ``key`` is given: the field object) not
     tried in ``vmap`` again. An error of the field itself is raised again by the fallback.
     """
-    stackable = key is None or not _UNSTACKABLE.get(key, False)
-    if stackable:
+    if not known_unstackable(key):
         try:
             return torch.func.vmap(lambda t, z, *vals: evaluate(t, z, vals))(times, states, *values)
-        except (RuntimeError, NotImplementedError) as err:
-            if key is not None:
-                try:
-                    _UNSTACKABLE[key] = True
-                except TypeError:  # not weak-referenceable: try again next time
-                    pass
-            announce_unstackable(name, err)
+        except UNTRACEABLE as err:
+            mark_unstackable(key, name, err)
     return torch.stack([fallback(k, states[k]) for k in range(states.shape[0])])
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ode_reg.functional.penalties import announce_fallback
+from ode_reg.functional.penalties import UNTRACEABLE, announce_fallback
 
 __all__ = [
     "jacobian",
@@ -102,10 +102,8 @@ def jacobian(func: Callable[[Tensor, Tensor], Tensor], t: float | Tensor, z: Ten
 
     try:
         jac = torch.func.jacrev(summed)(z).movedim(0, 1)  # (d_out, B, d_in) -> (B, d_out, d_in)
-    except (RuntimeError, NotImplementedError) as err:  # what torch.func raises on a field
-        # it cannot trace (data-dependent control flow, .item(), autograd.grad inside): plain
-        # autograd, one output coordinate at a time; said once per field. A genuine error of
-        # the field is raised again there.
+    except UNTRACEABLE as err:  # plain autograd, one output coordinate at a time; said once
+        # per field. A genuine error of the field is raised again there.
         announce_fallback(
             getattr(func, "__qualname__", type(func).__name__),
             err,
